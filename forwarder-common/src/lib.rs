@@ -1,0 +1,180 @@
+//! Map keys and values shared by the eBPF programs and userspace.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so its bytes are fully
+//! defined on both sides. Addresses and ports are kept in network byte order
+//! (`u32::from_ne_bytes(octets)`, `u16::from_ne_bytes(bytes)`), exactly as
+//! they sit in the packet, so the datapath never swaps bytes.
+#![cfg_attr(not(test), no_std)]
+
+use core::mem::size_of;
+
+pub mod csum;
+
+/// Map names. A layout change bumps the suffix so an old pinned map is never
+/// reused with a new layout.
+pub mod map_names {
+    pub const SERVICES: &str = "SVC4_V1";
+    pub const BACKENDS: &str = "BACKEND4_V1";
+    pub const CONNTRACK: &str = "CT4_V1";
+    pub const NODE_IPS: &str = "NODE_IP4_V1";
+    pub const STATS: &str = "STATS_V1";
+}
+
+/// Program names, as seen by `bpftool prog` and `Ebpf::program_mut`.
+pub mod program_names {
+    pub const XDP_NODE: &str = "fwd_xdp_node";
+    pub const TC_POD: &str = "fwd_tc_pod";
+}
+
+/// Default capacities; userspace may override them at load time.
+pub const SERVICES_MAX: u32 = 65_536;
+pub const BACKENDS_MAX: u32 = 65_536;
+pub const CONNTRACK_MAX: u32 = 262_144;
+pub const NODE_IPS_MAX: u32 = 256;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Key of the services map.
+///
+/// Slot 0 is the frontend itself and holds the backend count; slots
+/// `1..=count` each hold one backend id (Cilium's layout). A NodePort frontend
+/// has `addr == 0` and matches any address in `NODE_IP4_V1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SvcKey {
+    /// Frontend address, network order; 0 for a NodePort.
+    pub addr: u32,
+    /// Frontend port, network order.
+    pub port: u16,
+    pub slot: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl SvcKey {
+    pub const fn new(addr: u32, port: u16, proto: u8, slot: u16) -> Self {
+        Self { addr, port, slot, proto, _pad: [0; 3] }
+    }
+}
+
+/// Value of the services map: slot 0 uses `count`, other slots `backend_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SvcValue {
+    pub backend_id: u32,
+    /// Number of backend slots (slot 0 only).
+    pub count: u16,
+    pub _pad: u16,
+}
+
+impl SvcValue {
+    pub const fn frontend(count: u16) -> Self {
+        Self { backend_id: 0, count, _pad: 0 }
+    }
+
+    pub const fn slot(backend_id: u32) -> Self {
+        Self { backend_id, count: 0, _pad: 0 }
+    }
+}
+
+/// Value of the backends map, keyed by a `u32` backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Backend {
+    /// Pod address, network order.
+    pub addr: u32,
+    /// Target port, network order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Direction of a conntrack entry.
+pub const CT_FORWARD: u8 = 0;
+pub const CT_REPLY: u8 = 1;
+
+/// Key of the conntrack map: the flow as it is seen in the packet.
+///
+/// A forward entry is keyed by `client -> frontend`; a reply entry by
+/// `backend -> client`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// `CT_FORWARD` or `CT_REPLY`.
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the conntrack map: the address to write into the packet.
+///
+/// Forward entries hold the chosen backend (the new destination), reply
+/// entries hold the frontend (the new source). Keeping the address here, not
+/// only the id, keeps an established flow on its backend when the service's
+/// backends change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+}
+
+/// Per-CPU counters (`STATS_V1` index). Drops are counted by reason; a few
+/// non-drop events are counted too, so tests and metrics can tell the
+/// datapath did the work.
+pub mod stat {
+    /// A first fragment addressed to a Service: later fragments carry no
+    /// ports, so the datagram cannot be translated consistently.
+    pub const DROP_FRAGMENT: u32 = 0;
+    /// A service slot points at a backend id that is not in the backends map.
+    pub const DROP_NO_BACKEND: u32 = 1;
+    /// The Service has no ready endpoints.
+    pub const DROP_NO_ENDPOINTS: u32 = 2;
+    /// The conntrack entry could not be created.
+    pub const DROP_CT_INSERT: u32 = 3;
+    /// A packet rewrite helper failed (TC only).
+    pub const DROP_REWRITE: u32 = 4;
+    /// Malformed IPv4 header (IHL < 5, length shorter than header): passed
+    /// to the kernel stack, which discards it, never rewritten.
+    pub const MALFORMED_PASSED: u32 = 5;
+    /// Frontend -> backend translations.
+    pub const DNAT: u32 = 6;
+    /// Backend -> client reverse translations.
+    pub const REVERSE_NAT: u32 = 7;
+    pub const COUNT: u32 = 8;
+
+    /// Metric label of each counter, indexed by its value.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "drop_fragment",
+        "drop_no_backend",
+        "drop_no_endpoints",
+        "drop_ct_insert",
+        "drop_rewrite",
+        "malformed_passed",
+        "dnat",
+        "reverse_nat",
+    ];
+}
+
+const _: () = assert!(size_of::<SvcKey>() == 12);
+const _: () = assert!(size_of::<SvcValue>() == 8);
+const _: () = assert!(size_of::<Backend>() == 8);
+const _: () = assert!(size_of::<CtKey>() == 16);
+const _: () = assert!(size_of::<CtValue>() == 12);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all types are repr(C), Copy, and have no implicit padding.
+    unsafe impl aya::Pod for super::SvcKey {}
+    unsafe impl aya::Pod for super::SvcValue {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+}

@@ -1,0 +1,24 @@
+//! forwarder's kernel programs.
+//!
+//! - `fwd_xdp_node` (XDP, node interfaces): DNAT of packets for a Service
+//!   frontend to a backend.
+//! - `fwd_tc_pod` (TC ingress, pod-facing interfaces): the same DNAT for pod
+//!   clients, and reverse NAT of backend replies.
+#![no_std]
+#![no_main]
+
+mod lb;
+mod maps;
+mod parse;
+mod tc;
+mod xdp;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,34 @@
+//! Map definitions. Names must match `forwarder_common::map_names`.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use forwarder_common::{
+    BACKENDS_MAX, Backend, CONNTRACK_MAX, CtKey, CtValue, NODE_IPS_MAX, SERVICES_MAX, SvcKey,
+    SvcValue, stat,
+};
+
+#[map(name = "SVC4_V1")]
+pub static SERVICES: HashMap<SvcKey, SvcValue> = HashMap::with_max_entries(SERVICES_MAX, 0);
+
+#[map(name = "BACKEND4_V1")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(BACKENDS_MAX, 0);
+
+/// LRU so a full table evicts the coldest flow instead of refusing new ones.
+#[map(name = "CT4_V1")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
+
+/// Local node addresses that serve NodePorts (value unused).
+#[map(name = "NODE_IP4_V1")]
+pub static NODE_IPS: HashMap<u32, u32> = HashMap::with_max_entries(NODE_IPS_MAX, 0);
+
+#[map(name = "STATS_V1")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *counter += 1 };
+    }
+}

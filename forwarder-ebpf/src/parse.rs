@@ -1,0 +1,115 @@
+//! Header parsing shared by XDP and TC: bounds-checked, IHL-aware.
+use core::mem::size_of;
+
+use forwarder_common::{PROTO_TCP, PROTO_UDP};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+
+/// The fields of a TCP/UDP over IPv4 packet that NAT reads, in network order.
+pub struct Flow {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// First fragment of a fragmented datagram (MF set, offset 0).
+    pub first_fragment: bool,
+    /// Offset of the L4 header (from IHL, so IP options are skipped).
+    pub l4_off: usize,
+}
+
+pub enum Parsed {
+    Flow(Flow),
+    /// Not TCP/UDP over IPv4, or a non-first fragment (no ports to match).
+    Other,
+    /// The headers do not fit in the readable data.
+    Truncated,
+    /// IPv4 header that the kernel stack will reject anyway.
+    Malformed,
+}
+
+pub const L3_OFF: usize = EthHdr::LEN;
+pub const IP_CHECK_OFF: usize = L3_OFF + 10;
+pub const IP_SADDR_OFF: usize = L3_OFF + 12;
+pub const IP_DADDR_OFF: usize = L3_OFF + 16;
+pub const TCP_CHECK_OFF: usize = 16;
+pub const UDP_CHECK_OFF: usize = 6;
+/// Largest header span parsing needs: Ethernet, IPv4 with options, TCP.
+pub const MAX_HDR_LEN: usize = EthHdr::LEN + 60 + TcpHdr::LEN;
+
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+
+/// Checked pointer to a `T` at `off` within `[start, end)`.
+#[inline(always)]
+pub fn ptr_at<T>(start: usize, end: usize, off: usize) -> Option<*mut T> {
+    if start + off + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+#[inline(always)]
+pub fn l4_check_off(proto: u8) -> usize {
+    if proto == PROTO_TCP { TCP_CHECK_OFF } else { UDP_CHECK_OFF }
+}
+
+#[inline(always)]
+pub fn parse(start: usize, end: usize) -> Parsed {
+    let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
+        return Parsed::Truncated;
+    };
+    // SAFETY: bounds checked above; unaligned read of a packet field.
+    let ether_type = unsafe { core::ptr::addr_of!((*eth).ether_type).read_unaligned() };
+    if ether_type != EtherType::Ipv4 as u16 {
+        return Parsed::Other;
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, L3_OFF) else {
+        return Parsed::Truncated;
+    };
+    // SAFETY: bounds checked above; Ipv4Hdr is all byte arrays (align 1).
+    let ip = unsafe { &*ip };
+    let ihl = usize::from(ip.vihl & 0x0f) << 2;
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || usize::from(u16::from_be_bytes(ip.tot_len)) < ihl
+    {
+        return Parsed::Malformed;
+    }
+    let frags = u16::from_be_bytes(ip.frags);
+    if frags & IP_OFFSET_MASK != 0 {
+        return Parsed::Other;
+    }
+    let proto = ip.proto;
+    let l4_off = L3_OFF + ihl;
+    let (sport, dport) = match proto {
+        PROTO_TCP => {
+            let Some(tcp) = ptr_at::<TcpHdr>(start, end, l4_off) else {
+                return Parsed::Truncated;
+            };
+            // SAFETY: bounds checked above.
+            let tcp = unsafe { &*tcp };
+            (u16::from_ne_bytes(tcp.source), u16::from_ne_bytes(tcp.dest))
+        }
+        PROTO_UDP => {
+            let Some(udp) = ptr_at::<UdpHdr>(start, end, l4_off) else {
+                return Parsed::Truncated;
+            };
+            // SAFETY: bounds checked above.
+            let udp = unsafe { &*udp };
+            (u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst))
+        }
+        _ => return Parsed::Other,
+    };
+    Parsed::Flow(Flow {
+        saddr: u32::from_ne_bytes(ip.src_addr),
+        daddr: u32::from_ne_bytes(ip.dst_addr),
+        sport,
+        dport,
+        proto,
+        first_fragment: frags & IP_MF != 0,
+        l4_off,
+    })
+}

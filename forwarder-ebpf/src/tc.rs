@@ -1,0 +1,89 @@
+//! TC ingress on pod-facing interfaces: DNAT for pod clients, reverse NAT
+//! of backend replies.
+//!
+//! Pods hand the stack CHECKSUM_PARTIAL packets, so checksums are updated
+//! with the kernel helpers, which know the skb's checksum state.
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use forwarder_common::{PROTO_UDP, stat};
+
+use crate::{
+    lb::{self, Nat},
+    maps::count,
+    parse::{self, Flow, Parsed},
+};
+
+#[classifier]
+pub fn fwd_tc_pod(ctx: TcContext) -> i32 {
+    match try_tc_pod(&ctx) {
+        Ok(action) => action,
+        // As in XDP: an untranslatable Service packet is dropped and counted.
+        Err(reason) => {
+            count(reason);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+fn try_tc_pod(ctx: &TcContext) -> Result<i32, u32> {
+    let Some(flow) = parse_linear(ctx) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    if let Some(nat) = lb::service_dnat(&flow)? {
+        rewrite(ctx, &flow, &nat, Side::Destination)?;
+        count(stat::DNAT);
+    } else if let Some(nat) = lb::reverse_nat(&flow)? {
+        rewrite(ctx, &flow, &nat, Side::Source)?;
+        count(stat::REVERSE_NAT);
+    }
+    Ok(TC_ACT_OK as i32)
+}
+
+/// Parses the headers, pulling them into the linear area first when the
+/// skb is non-linear.
+#[inline(always)]
+fn parse_linear(ctx: &TcContext) -> Option<Flow> {
+    let parsed = match parse::parse(ctx.data(), ctx.data_end()) {
+        Parsed::Truncated if ctx.len() as usize > ctx.data_end() - ctx.data() => {
+            let want = (ctx.len() as usize).min(parse::MAX_HDR_LEN);
+            ctx.pull_data(want as u32).ok()?;
+            parse::parse(ctx.data(), ctx.data_end())
+        }
+        parsed => parsed,
+    };
+    match parsed {
+        Parsed::Flow(flow) => Some(flow),
+        Parsed::Malformed => {
+            count(stat::MALFORMED_PASSED);
+            None
+        }
+        Parsed::Other | Parsed::Truncated => None,
+    }
+}
+
+enum Side {
+    Source,
+    Destination,
+}
+
+#[inline(always)]
+fn rewrite(ctx: &TcContext, flow: &Flow, nat: &Nat, side: Side) -> Result<(), u32> {
+    let (addr_off, port_off, old_addr, old_port) = match side {
+        Side::Source => (parse::IP_SADDR_OFF, flow.l4_off, flow.saddr, flow.sport),
+        Side::Destination => (parse::IP_DADDR_OFF, flow.l4_off + 2, flow.daddr, flow.dport),
+    };
+    let check_off = flow.l4_off + parse::l4_check_off(flow.proto);
+    let udp_zero = if flow.proto == PROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
+    let pseudo = u64::from(BPF_F_PSEUDO_HDR);
+    let err = |_| stat::DROP_REWRITE;
+    ctx.l4_csum_replace(check_off, old_addr.into(), nat.addr.into(), pseudo | udp_zero | 4)
+        .map_err(err)?;
+    ctx.l4_csum_replace(check_off, old_port.into(), nat.port.into(), udp_zero | 2).map_err(err)?;
+    ctx.l3_csum_replace(parse::IP_CHECK_OFF, old_addr.into(), nat.addr.into(), 4).map_err(err)?;
+    ctx.store(addr_off, &nat.addr, 0).map_err(err)?;
+    ctx.store(port_off, &nat.port, 0).map_err(err)?;
+    Ok(())
+}

@@ -1,0 +1,64 @@
+//! XDP on node interfaces: Service DNAT with direct packet writes.
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use forwarder_common::{PROTO_UDP, csum, stat};
+
+use crate::{
+    lb::{self, Nat},
+    maps::count,
+    parse::{self, Flow, Parsed},
+};
+
+#[xdp]
+pub fn fwd_xdp_node(ctx: XdpContext) -> u32 {
+    match try_xdp_node(&ctx) {
+        Ok(action) => action,
+        // A Service packet we could not translate must not reach the stack
+        // with its frontend address: drop it, counted by reason.
+        Err(reason) => {
+            count(reason);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+fn try_xdp_node(ctx: &XdpContext) -> Result<u32, u32> {
+    let flow = match parse::parse(ctx.data(), ctx.data_end()) {
+        Parsed::Flow(flow) => flow,
+        Parsed::Malformed => {
+            count(stat::MALFORMED_PASSED);
+            return Ok(xdp_action::XDP_PASS);
+        }
+        Parsed::Other | Parsed::Truncated => return Ok(xdp_action::XDP_PASS),
+    };
+    if let Some(nat) = lb::service_dnat(&flow)? {
+        rewrite_destination(ctx, &flow, &nat).ok_or(stat::DROP_REWRITE)?;
+        count(stat::DNAT);
+    }
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// Rewrites destination address and port, updating both checksums
+/// incrementally. XDP sees frames as they came off the wire, so the L4
+/// checksum is complete (not a CHECKSUM_PARTIAL pseudo-header sum).
+#[inline(always)]
+fn rewrite_destination(ctx: &XdpContext, flow: &Flow, nat: &Nat) -> Option<()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let ip_check = parse::ptr_at::<u16>(start, end, parse::IP_CHECK_OFF)?;
+    let daddr = parse::ptr_at::<u32>(start, end, parse::IP_DADDR_OFF)?;
+    let l4_check = parse::ptr_at::<u16>(start, end, flow.l4_off + parse::l4_check_off(flow.proto))?;
+    let dport = parse::ptr_at::<u16>(start, end, flow.l4_off + 2)?;
+    // SAFETY: every pointer was bounds checked; packet fields may be unaligned.
+    unsafe {
+        let old = ip_check.read_unaligned();
+        ip_check.write_unaligned(csum::replace4(old, flow.daddr, nat.addr));
+
+        let old = l4_check.read_unaligned();
+        let new = csum::replace2(csum::replace4(old, flow.daddr, nat.addr), flow.dport, nat.port);
+        let new = if flow.proto == PROTO_UDP { csum::udp_fixup(old, new) } else { new };
+        l4_check.write_unaligned(new);
+
+        daddr.write_unaligned(nat.addr);
+        dport.write_unaligned(nat.port);
+    }
+    Some(())
+}

@@ -1,0 +1,4 @@
+//! forwarder's userspace: loads the programs, translates Kubernetes objects
+//! into map entries and keeps the maps in sync.
+pub mod model;
+pub mod translate;

@@ -1,0 +1,191 @@
+//! Kubernetes objects -> desired datapath state. Pure: no I/O, no clock.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort},
+    discovery::v1::EndpointSlice,
+};
+
+use crate::model::{DesiredState, Endpoint, Frontend, Proto};
+
+/// Label linking an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Something in the input that was skipped, with enough context to fix it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    /// `namespace/name` of the object.
+    pub object: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Translation {
+    pub state: DesiredState,
+    pub skipped: Vec<Skipped>,
+}
+
+/// Builds the desired state from Services and EndpointSlices.
+///
+/// Ignored on purpose: ExternalName and headless Services, Services without
+/// a ClusterIP. Only endpoints that are ready (or whose readiness is unknown,
+/// which the API says to treat as ready) are used.
+pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation {
+    let mut out = Translation::default();
+    let mut owner: BTreeMap<Frontend, String> = BTreeMap::new();
+    let mut sorted: Vec<&Service> = services.iter().collect();
+    sorted.sort_by_key(|s| object_name(&s.metadata));
+    for service in sorted {
+        let name = object_name(&service.metadata);
+        let Some(cluster_ip) = cluster_ip(service, &name, &mut out.skipped) else {
+            continue;
+        };
+        let spec = service.spec.as_ref().expect("cluster_ip checked spec");
+        let exposes_node_port =
+            matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+        let own_slices = slices_of(service, slices);
+        for port in spec.ports.iter().flatten() {
+            let Some(proto) = protocol(port, &name, &mut out.skipped) else {
+                continue;
+            };
+            let Some(service_port) = port_number(port.port, "port", &name, &mut out.skipped) else {
+                continue;
+            };
+            let endpoints = endpoints_for(port, proto, &own_slices);
+            let mut frontends =
+                vec![Frontend { addr: Some(cluster_ip), port: service_port, proto }];
+            if exposes_node_port && let Some(node_port) = port.node_port {
+                if let Some(node_port) = port_number(node_port, "nodePort", &name, &mut out.skipped)
+                {
+                    frontends.push(Frontend { addr: None, port: node_port, proto });
+                }
+            }
+            for frontend in frontends {
+                if let Some(first) = owner.get(&frontend) {
+                    out.skipped.push(Skipped {
+                        object: name.clone(),
+                        reason: format!("frontend {frontend} is already used by {first}"),
+                    });
+                    continue;
+                }
+                owner.insert(frontend, name.clone());
+                out.state.services.insert(frontend, endpoints.clone());
+            }
+        }
+    }
+    out
+}
+
+fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or("<unnamed>")
+    )
+}
+
+fn cluster_ip(service: &Service, name: &str, skipped: &mut Vec<Skipped>) -> Option<Ipv4Addr> {
+    let spec = service.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let ip = spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty() && *ip != "None")?;
+    match ip.parse::<Ipv4Addr>() {
+        Ok(ip) => Some(ip),
+        Err(_) if ip.parse::<std::net::Ipv6Addr>().is_ok() => {
+            skipped.push(Skipped {
+                object: name.to_owned(),
+                reason: format!("clusterIP {ip} is IPv6; this dataplane serves IPv4 only"),
+            });
+            None
+        }
+        Err(_) => {
+            skipped.push(Skipped {
+                object: name.to_owned(),
+                reason: format!("clusterIP {ip:?} is not an IP address"),
+            });
+            None
+        }
+    }
+}
+
+fn protocol(port: &ServicePort, name: &str, skipped: &mut Vec<Skipped>) -> Option<Proto> {
+    match port.protocol.as_deref().unwrap_or("TCP") {
+        "TCP" => Some(Proto::Tcp),
+        "UDP" => Some(Proto::Udp),
+        other => {
+            skipped.push(Skipped {
+                object: name.to_owned(),
+                reason: format!("port {}: protocol {other} is not supported yet", port.port),
+            });
+            None
+        }
+    }
+}
+
+fn port_number(value: i32, field: &str, name: &str, skipped: &mut Vec<Skipped>) -> Option<u16> {
+    match u16::try_from(value) {
+        Ok(port) if port != 0 => Some(port),
+        _ => {
+            skipped.push(Skipped {
+                object: name.to_owned(),
+                reason: format!("{field} {value} is outside 1-65535"),
+            });
+            None
+        }
+    }
+}
+
+fn slices_of<'a>(service: &Service, slices: &'a [EndpointSlice]) -> Vec<&'a EndpointSlice> {
+    let (namespace, name) = (&service.metadata.namespace, &service.metadata.name);
+    slices
+        .iter()
+        .filter(|slice| {
+            slice.metadata.namespace == *namespace
+                && slice.address_type == "IPv4"
+                && slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) == name.as_ref()
+        })
+        .collect()
+}
+
+/// The ready endpoints of one Service port. The slice port is matched by
+/// name and protocol; its number is the resolved targetPort, which may
+/// differ from slice to slice for a named targetPort.
+fn endpoints_for(port: &ServicePort, proto: Proto, slices: &[&EndpointSlice]) -> Vec<Endpoint> {
+    let wanted_name = port.name.as_deref().unwrap_or("");
+    let mut found = BTreeSet::new();
+    for slice in slices {
+        let Some(target) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| {
+                p.name.as_deref().unwrap_or("") == wanted_name
+                    && p.protocol.as_deref().unwrap_or("TCP") == proto.to_string()
+            })
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+        else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let ready = endpoint.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if !ready {
+                continue;
+            }
+            for addr in &endpoint.addresses {
+                if let Ok(addr) = addr.parse::<Ipv4Addr>() {
+                    found.insert(Endpoint { addr, port: target });
+                }
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,193 @@
+use super::*;
+
+fn services(yaml: &str) -> Vec<Service> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| serde::Deserialize::deserialize(doc).expect("test Service parses"))
+        .collect()
+}
+
+fn slices(yaml: &str) -> Vec<EndpointSlice> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| serde::Deserialize::deserialize(doc).expect("test EndpointSlice parses"))
+        .collect()
+}
+
+fn fe(addr: Option<&str>, port: u16, proto: Proto) -> Frontend {
+    Frontend { addr: addr.map(|a| a.parse().unwrap()), port, proto }
+}
+
+fn ep(s: &str) -> Endpoint {
+    let (addr, port) = s.split_once(':').unwrap();
+    Endpoint { addr: addr.parse().unwrap(), port: port.parse().unwrap() }
+}
+
+const WEB: &str = "
+metadata: {name: web, namespace: demo}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: http, nodePort: 30080, protocol: TCP}
+  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
+";
+
+const WEB_SLICES: &str = "
+metadata: {name: web-a, namespace: demo, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
+endpoints:
+- {addresses: [10.244.1.2], conditions: {ready: true}}
+- {addresses: [10.244.1.3]}
+- {addresses: [10.244.1.4], conditions: {ready: false}}
+---
+metadata: {name: web-b, namespace: demo, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 9090, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.2.2], conditions: {ready: true}}
+---
+metadata: {name: other, namespace: demo, labels: {kubernetes.io/service-name: other}}
+addressType: IPv4
+ports: [{name: http, port: 7070, protocol: TCP}]
+endpoints: [{addresses: [10.244.9.9]}]
+---
+metadata: {name: web-elsewhere, namespace: prod, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 7070, protocol: TCP}]
+endpoints: [{addresses: [10.244.8.8]}]
+";
+
+struct Case {
+    name: &'static str,
+    services: &'static str,
+    slices: &'static str,
+    expect: Vec<(Frontend, Vec<&'static str>)>,
+    skipped: Vec<&'static str>,
+}
+
+#[test]
+fn translation_table() {
+    let cases = vec![
+        Case {
+            name: "clusterIP and nodePort; named targetPort resolved per slice; only ready endpoints",
+            services: WEB,
+            slices: WEB_SLICES,
+            expect: vec![
+                (fe(None, 30080, Proto::Tcp), vec!["10.244.1.2:8080", "10.244.1.3:8080", "10.244.2.2:9090"]),
+                (fe(Some("10.96.0.10"), 53, Proto::Udp), vec!["10.244.1.2:5353", "10.244.1.3:5353"]),
+                (fe(Some("10.96.0.10"), 80, Proto::Tcp), vec!["10.244.1.2:8080", "10.244.1.3:8080", "10.244.2.2:9090"]),
+            ],
+            skipped: vec![],
+        },
+        Case {
+            name: "ClusterIP type exposes no nodePort even if one is set",
+            services: "
+metadata: {name: web, namespace: demo}
+spec: {type: ClusterIP, clusterIP: 10.96.0.10, ports: [{name: http, port: 80, nodePort: 30080}]}
+",
+            slices: WEB_SLICES,
+            expect: vec![(fe(Some("10.96.0.10"), 80, Proto::Tcp), vec!["10.244.1.2:8080", "10.244.1.3:8080", "10.244.2.2:9090"])],
+            skipped: vec![],
+        },
+        Case {
+            name: "a Service without slices still has its frontend, with no endpoints",
+            services: "
+metadata: {name: lonely, namespace: demo}
+spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}
+",
+            slices: "",
+            expect: vec![(fe(Some("10.96.0.20"), 80, Proto::Tcp), vec![])],
+            skipped: vec![],
+        },
+        Case {
+            name: "unnamed port matches the unnamed slice port",
+            services: "
+metadata: {name: plain, namespace: demo}
+spec: {clusterIP: 10.96.0.21, ports: [{port: 80, targetPort: 8080}]}
+",
+            slices: "
+metadata: {name: plain-x, namespace: demo, labels: {kubernetes.io/service-name: plain}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.1.9, 10.244.1.9]}]
+",
+            expect: vec![(fe(Some("10.96.0.21"), 80, Proto::Tcp), vec!["10.244.1.9:8080"])],
+            skipped: vec![],
+        },
+        Case {
+            name: "ExternalName, headless and ClusterIP-less Services are ignored silently",
+            services: "
+metadata: {name: ext, namespace: demo}
+spec: {type: ExternalName, externalName: example.com, ports: [{port: 80}]}
+---
+metadata: {name: headless, namespace: demo}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+metadata: {name: pending, namespace: demo}
+spec: {ports: [{port: 80}]}
+",
+            slices: WEB_SLICES,
+            expect: vec![],
+            skipped: vec![],
+        },
+        Case {
+            name: "unsupported protocol and IPv6 are skipped with a reason; other ports stay",
+            services: "
+metadata: {name: mixed, namespace: demo}
+spec: {clusterIP: 10.96.0.30, ports: [{name: a, port: 80}, {name: s, port: 9, protocol: SCTP}]}
+---
+metadata: {name: v6, namespace: demo}
+spec: {clusterIP: 'fd00::1', ports: [{port: 80}]}
+---
+metadata: {name: junk, namespace: demo}
+spec: {clusterIP: 'ten.nine', ports: [{port: 80}]}
+",
+            slices: "",
+            expect: vec![(fe(Some("10.96.0.30"), 80, Proto::Tcp), vec![])],
+            skipped: vec![
+                "demo/junk: clusterIP \"ten.nine\" is not an IP address",
+                "demo/mixed: port 9: protocol SCTP is not supported yet",
+                "demo/v6: clusterIP fd00::1 is IPv6; this dataplane serves IPv4 only",
+            ],
+        },
+        Case {
+            name: "a nodePort claimed twice keeps the first Service by name",
+            services: "
+metadata: {name: b, namespace: demo}
+spec: {type: NodePort, clusterIP: 10.96.0.41, ports: [{port: 80, nodePort: 30001}]}
+---
+metadata: {name: a, namespace: demo}
+spec: {type: NodePort, clusterIP: 10.96.0.40, ports: [{port: 80, nodePort: 30001}]}
+",
+            slices: "",
+            expect: vec![
+                (fe(None, 30001, Proto::Tcp), vec![]),
+                (fe(Some("10.96.0.40"), 80, Proto::Tcp), vec![]),
+                (fe(Some("10.96.0.41"), 80, Proto::Tcp), vec![]),
+            ],
+            skipped: vec!["demo/b: frontend <node>:30001/TCP is already used by demo/a"],
+        },
+        Case {
+            name: "out-of-range port numbers are skipped",
+            services: "
+metadata: {name: big, namespace: demo}
+spec: {type: NodePort, clusterIP: 10.96.0.50, ports: [{port: 70000}, {name: n, port: 81, nodePort: 0}]}
+",
+            slices: "",
+            expect: vec![(fe(Some("10.96.0.50"), 81, Proto::Tcp), vec![])],
+            skipped: vec!["demo/big: port 70000 is outside 1-65535", "demo/big: nodePort 0 is outside 1-65535"],
+        },
+    ];
+    for case in cases {
+        let out = translate(&services(case.services), &slices(case.slices));
+        let expect: BTreeMap<Frontend, Vec<Endpoint>> = case
+            .expect
+            .into_iter()
+            .map(|(f, eps)| (f, eps.into_iter().map(ep).collect()))
+            .collect();
+        assert_eq!(out.state.services, expect, "case: {}", case.name);
+        let skipped: Vec<String> =
+            out.skipped.iter().map(|s| format!("{}: {}", s.object, s.reason)).collect();
+        assert_eq!(skipped, case.skipped, "case: {}", case.name);
+    }
+}
