@@ -2,3 +2,4 @@
 //! into map entries and keeps the maps in sync.
 pub mod model;
 pub mod translate;
+pub mod sync;

@@ -1,0 +1,153 @@
+use std::collections::BTreeSet;
+
+use super::{fake::FakeDatapath, *};
+
+fn fe(addr: &str, port: u16) -> Frontend {
+    Frontend { addr: Some(addr.parse().unwrap()), port, proto: Proto::Tcp }
+}
+
+fn state(entries: &[(Frontend, &[&str])]) -> DesiredState {
+    let services = entries
+        .iter()
+        .map(|(f, eps)| {
+            let eps = eps
+                .iter()
+                .map(|s| {
+                    let (a, p) = s.split_once(':').unwrap();
+                    Endpoint { addr: a.parse().unwrap(), port: p.parse().unwrap() }
+                })
+                .collect();
+            (*f, eps)
+        })
+        .collect();
+    DesiredState { services }
+}
+
+fn resolved(dp: &FakeDatapath) -> Vec<(String, Vec<String>)> {
+    dp.resolve().into_iter().collect()
+}
+
+#[test]
+fn encodes_keys_in_network_order() {
+    let mut dp = FakeDatapath::default();
+    let nodeport = Frontend { addr: None, port: 30080, proto: Proto::Udp };
+    Syncer::new().apply(&state(&[(nodeport, &["10.244.1.2:8080"])]), &mut dp);
+    let key = *dp.services.keys().next().unwrap();
+    assert_eq!(key.addr, 0);
+    assert_eq!(key.port.to_ne_bytes(), 30080u16.to_be_bytes());
+    assert_eq!(key.proto, 17);
+    let backend = dp.backends.values().next().unwrap();
+    assert_eq!(backend.addr.to_ne_bytes(), [10, 244, 1, 2]);
+    assert_eq!(backend.port.to_ne_bytes(), 8080u16.to_be_bytes());
+}
+
+#[test]
+fn unchanged_state_writes_nothing() {
+    let mut dp = FakeDatapath::default();
+    let mut syncer = Syncer::new();
+    let desired = state(&[(fe("10.96.0.10", 80), &["10.244.1.2:8080", "10.244.1.3:8080"])]);
+    let first = syncer.apply(&desired, &mut dp);
+    assert_eq!(first.writes, 5, "2 backends, 2 slots, 1 frontend: {:?}", dp.log);
+    let again = syncer.apply(&desired, &mut dp);
+    assert_eq!(again.writes, 0);
+    assert!(again.errors.is_empty());
+}
+
+#[test]
+fn shrinking_lowers_count_before_removing_slot_and_backend() {
+    let mut dp = FakeDatapath::default();
+    let mut syncer = Syncer::new();
+    let f = fe("10.96.0.10", 80);
+    syncer.apply(&state(&[(f, &["10.244.1.2:8080", "10.244.1.3:8080"])]), &mut dp);
+    dp.log.clear();
+    syncer.apply(&state(&[(f, &["10.244.1.2:8080"])]), &mut dp);
+    assert_eq!(
+        dp.log,
+        ["put svc 10.96.0.10:80/6#0", "remove svc 10.96.0.10:80/6#2", "remove backend 2"]
+    );
+    assert_eq!(resolved(&dp), [("10.96.0.10:80/6".into(), vec!["10.244.1.2:8080".into()])]);
+}
+
+#[test]
+fn removed_frontend_disappears_before_its_slots_and_backends() {
+    let mut dp = FakeDatapath::default();
+    let mut syncer = Syncer::new();
+    let (a, b) = (fe("10.96.0.10", 80), fe("10.96.0.11", 80));
+    syncer.apply(&state(&[(a, &["10.244.1.2:8080"]), (b, &["10.244.1.2:8080"])]), &mut dp);
+    assert_eq!(dp.backends.len(), 1, "the shared endpoint is one backend");
+    dp.log.clear();
+    syncer.apply(&state(&[(b, &["10.244.1.2:8080"])]), &mut dp);
+    assert_eq!(dp.log, ["remove svc 10.96.0.10:80/6#0", "remove svc 10.96.0.10:80/6#1"]);
+    assert_eq!(dp.backends.len(), 1, "still used by the other frontend");
+    syncer.apply(&DesiredState::default(), &mut dp);
+    assert!(dp.services.is_empty() && dp.backends.is_empty(), "{:?}", dp.log);
+}
+
+#[test]
+fn full_backend_map_keeps_previous_state_and_recovers() {
+    let mut dp = FakeDatapath { backends_capacity: Some(2), ..FakeDatapath::default() };
+    let mut syncer = Syncer::new();
+    let f = fe("10.96.0.10", 80);
+    syncer.apply(&state(&[(f, &["10.244.1.2:8080", "10.244.1.3:8080"])]), &mut dp);
+    let before = resolved(&dp);
+    let report = syncer.apply(
+        &state(&[(f, &["10.244.1.2:8080", "10.244.1.3:8080", "10.244.1.4:8080"])]),
+        &mut dp,
+    );
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert!(report.errors[0].contains("map full"), "{report:?}");
+    assert_eq!(resolved(&dp), before, "the frontend keeps its previous backends");
+
+    dp.backends_capacity = Some(3);
+    let report = syncer.apply(
+        &state(&[(f, &["10.244.1.2:8080", "10.244.1.3:8080", "10.244.1.4:8080"])]),
+        &mut dp,
+    );
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(resolved(&dp)[0].1.len(), 3);
+}
+
+#[test]
+fn random_changes_converge_and_never_expose_a_broken_service() {
+    // A fixed LCG keeps the sequence reproducible without extra crates.
+    let mut seed: u64 = 0x5eed;
+    let mut next = |n: u64| {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    let mut dp = FakeDatapath::default();
+    let mut syncer = Syncer::new();
+    for _ in 0..300 {
+        let mut services = BTreeMap::new();
+        for svc in 0..next(6) {
+            let endpoints: BTreeSet<Endpoint> = (0..next(5))
+                .map(|_| Endpoint { addr: Ipv4Addr::new(10, 244, 0, next(8) as u8), port: 8080 })
+                .collect();
+            services.insert(fe(&format!("10.96.0.{svc}"), 80), endpoints.into_iter().collect());
+        }
+        let desired = DesiredState { services };
+        let report = syncer.apply(&desired, &mut dp);
+        assert!(report.errors.is_empty(), "{report:?}");
+        let expect: Vec<(String, Vec<String>)> = desired
+            .services
+            .iter()
+            .map(|(f, eps)| (f.to_string().replace("/TCP", "/6"), eps.iter().map(ToString::to_string).collect()))
+            .collect();
+        assert_eq!(resolved(&dp), expect);
+        let used: BTreeSet<u32> =
+            dp.services.iter().filter(|(k, _)| k.slot > 0).map(|(_, v)| v.backend_id).collect();
+        assert_eq!(used, dp.backends.keys().copied().collect(), "no leaked backends");
+    }
+}
+
+#[test]
+fn node_ips_follow_desired_set() {
+    let mut dp = FakeDatapath::default();
+    let mut syncer = Syncer::new();
+    let a: Ipv4Addr = "192.168.0.1".parse().unwrap();
+    let b: Ipv4Addr = "192.168.0.2".parse().unwrap();
+    syncer.apply_node_ips(&[a, b].into(), &mut dp);
+    let report = syncer.apply_node_ips(&[b].into(), &mut dp);
+    assert_eq!(report.writes, 1);
+    assert_eq!(dp.node_ips, [b].into());
+}
