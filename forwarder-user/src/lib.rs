@@ -3,3 +3,6 @@
 pub mod model;
 pub mod translate;
 pub mod sync;
+pub mod dataplane;
+pub mod manifests;
+pub mod netlink;

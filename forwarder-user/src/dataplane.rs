@@ -1,0 +1,207 @@
+//! The loaded programs, their attachments, and the maps behind `Datapath`.
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use aya::{
+    Ebpf, EbpfError,
+    util::KernelVersion,
+    maps::{HashMap, MapData, MapError, PerCpuArray},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
+        xdp::XdpLinkId,
+    },
+};
+use forwarder_common::{Backend, SvcKey, SvcValue, map_names, program_names, stat};
+
+use crate::sync::{Datapath, MapWriteError};
+
+/// The eBPF object built by `build.rs`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the eBPF object failed")]
+    Load(#[from] EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    #[error("map {name} is missing from the object")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("attaching to {iface}: {source}")]
+    Attach { iface: String, source: ProgramError },
+}
+
+/// Typed handles to every map the programs use.
+pub struct Maps {
+    services: HashMap<MapData, SvcKey, SvcValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    node_ips: HashMap<MapData, u32, u32>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, DataplaneError> {
+    let map = ebpf.take_map(name).ok_or(DataplaneError::MissingMap { name })?;
+    T::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+}
+
+impl Maps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            services: take(ebpf, map_names::SERVICES)?,
+            backends: take(ebpf, map_names::BACKENDS)?,
+            node_ips: take(ebpf, map_names::NODE_IPS)?,
+            stats: take(ebpf, map_names::STATS)?,
+        })
+    }
+
+    /// Counters summed over CPUs, with their names.
+    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, MapError> {
+        (0..stat::COUNT)
+            .map(|i| {
+                let per_cpu = self.stats.get(&i, 0)?;
+                Ok((stat::NAMES[i as usize], per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+fn write_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapWriteError {
+    move |err| MapWriteError { map, op, reason: err.to_string() }
+}
+
+impl Datapath for Maps {
+    fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapWriteError> {
+        self.backends.insert(id, backend, 0).map_err(write_err(map_names::BACKENDS, "insert"))
+    }
+
+    fn remove_backend(&mut self, id: u32) -> Result<(), MapWriteError> {
+        self.backends.remove(&id).map_err(write_err(map_names::BACKENDS, "remove"))
+    }
+
+    fn put_service(&mut self, key: SvcKey, value: SvcValue) -> Result<(), MapWriteError> {
+        self.services.insert(key, value, 0).map_err(write_err(map_names::SERVICES, "insert"))
+    }
+
+    fn remove_service(&mut self, key: SvcKey) -> Result<(), MapWriteError> {
+        self.services.remove(&key).map_err(write_err(map_names::SERVICES, "remove"))
+    }
+
+    fn put_node_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError> {
+        let key = u32::from_ne_bytes(addr.octets());
+        self.node_ips.insert(key, 0, 0).map_err(write_err(map_names::NODE_IPS, "insert"))
+    }
+
+    fn remove_node_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError> {
+        let key = u32::from_ne_bytes(addr.octets());
+        self.node_ips.remove(&key).map_err(write_err(map_names::NODE_IPS, "remove"))
+    }
+}
+
+/// Loads the object and returns it with the programs loaded (not attached).
+pub fn load_object() -> Result<Ebpf, DataplaneError> {
+    let mut ebpf = Ebpf::load(OBJECT)?;
+    for name in [program_names::XDP_NODE, program_names::TC_POD] {
+        let program = ebpf.program_mut(name).ok_or(DataplaneError::Program {
+            name,
+            source: ProgramError::InvalidName { name: name.to_owned() },
+        })?;
+        let loaded = match program {
+            aya::programs::Program::Xdp(p) => p.load(),
+            aya::programs::Program::SchedClassifier(p) => p.load(),
+            _ => unreachable!("the object defines only XDP and TC programs"),
+        };
+        loaded.map_err(|source| DataplaneError::Program { name, source })?;
+    }
+    Ok(ebpf)
+}
+
+/// How an XDP program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttachMode {
+    Driver,
+    Generic,
+}
+
+/// Programs, maps and attachments of a running forwarder.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pub maps: Maps,
+    node_links: Vec<(String, XdpLinkId)>,
+    /// Pod-facing attachments by ifindex (names can be reused).
+    pod_links: BTreeMap<u32, (String, SchedClassifierLinkId)>,
+}
+
+impl Dataplane {
+    pub fn load() -> Result<Self, DataplaneError> {
+        let mut ebpf = load_object()?;
+        let maps = Maps::take(&mut ebpf)?;
+        Ok(Self { ebpf, maps, node_links: Vec::new(), pod_links: BTreeMap::new() })
+    }
+
+    fn xdp(&mut self) -> &mut Xdp {
+        let program = self.ebpf.program_mut(program_names::XDP_NODE).expect("loaded in load()");
+        program.try_into().expect("XDP program")
+    }
+
+    fn tc(&mut self) -> &mut SchedClassifier {
+        let program = self.ebpf.program_mut(program_names::TC_POD).expect("loaded in load()");
+        program.try_into().expect("TC program")
+    }
+
+    /// Attaches XDP in driver mode, falling back to generic mode.
+    pub fn attach_node_iface(&mut self, iface: &str) -> Result<XdpAttachMode, DataplaneError> {
+        let (link, mode) = match self.xdp().attach(iface, XdpMode::Driver) {
+            Ok(link) => (link, XdpAttachMode::Driver),
+            Err(driver_err) => {
+                tracing::warn!(%iface, error = %driver_err, "native XDP unavailable, using generic mode");
+                let link = self
+                    .xdp()
+                    .attach(iface, XdpMode::Skb)
+                    .map_err(|source| DataplaneError::Attach { iface: iface.to_owned(), source })?;
+                (link, XdpAttachMode::Generic)
+            }
+        };
+        self.node_links.push((iface.to_owned(), link));
+        Ok(mode)
+    }
+
+    pub fn pod_ifaces(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.pod_links.iter().map(|(index, (name, _))| (*index, name.as_str()))
+    }
+
+    /// Attaches the TC program to a pod-facing interface's ingress.
+    pub fn attach_pod_iface(&mut self, index: u32, name: &str) -> Result<(), DataplaneError> {
+        let attach_err = |source| DataplaneError::Attach { iface: name.to_owned(), source };
+        if aya::util::KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
+            // Before TCX, classifiers hang off a clsact qdisc; it may exist already.
+            let _ = aya::programs::tc::qdisc_add_clsact(name);
+        }
+        let link = self.tc().attach(name, TcAttachType::Ingress).map_err(attach_err)?;
+        self.pod_links.insert(index, (name.to_owned(), link));
+        Ok(())
+    }
+
+    /// Detaches from a pod-facing interface, which may already be gone.
+    pub fn detach_pod_iface(&mut self, index: u32) {
+        if let Some((name, link)) = self.pod_links.remove(&index)
+            && let Err(error) = self.tc().detach(link)
+        {
+            tracing::debug!(iface = %name, %error, "detach from a vanished interface");
+        }
+    }
+
+    /// Detaches every program; run on shutdown.
+    pub fn detach_all(&mut self) {
+        for index in self.pod_links.keys().copied().collect::<Vec<_>>() {
+            self.detach_pod_iface(index);
+        }
+        for (iface, link) in std::mem::take(&mut self.node_links) {
+            if let Err(error) = self.xdp().detach(link) {
+                tracing::warn!(%iface, %error, "XDP detach failed");
+            }
+        }
+    }
+}
