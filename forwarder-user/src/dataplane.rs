@@ -48,7 +48,7 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
 }
 
 impl Maps {
-    fn take(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
         Ok(Self {
             services: take(ebpf, map_names::SERVICES)?,
             backends: take(ebpf, map_names::BACKENDS)?,

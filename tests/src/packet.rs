@@ -1,0 +1,147 @@
+//! Builds Ethernet/IPv4/TCP|UDP frames with correct checksums, and checks
+//! the checksums of frames from scratch.
+use std::net::Ipv4Addr;
+
+use forwarder_common::{PROTO_TCP, PROTO_UDP, csum};
+
+#[derive(Clone, Debug)]
+pub struct Packet {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub payload: Vec<u8>,
+    /// Raw IPv4 options, a multiple of 4 bytes.
+    pub ip_options: Vec<u8>,
+    /// The IPv4 flags+fragment-offset field.
+    pub frag: u16,
+    /// Send UDP without a checksum (0).
+    pub no_udp_checksum: bool,
+}
+
+pub const MF: u16 = 0x2000;
+
+impl Packet {
+    fn new(proto: u8, src: &str, dst: &str) -> Self {
+        let (src, sport) = split(src);
+        let (dst, dport) = split(dst);
+        Self {
+            src,
+            dst,
+            sport,
+            dport,
+            proto,
+            payload: b"hello".to_vec(),
+            ip_options: Vec::new(),
+            frag: 0,
+            no_udp_checksum: false,
+        }
+    }
+
+    /// `Packet::tcp("192.168.1.2:40000", "10.96.0.10:80")`
+    pub fn tcp(src: &str, dst: &str) -> Self {
+        Self::new(PROTO_TCP, src, dst)
+    }
+
+    pub fn udp(src: &str, dst: &str) -> Self {
+        Self::new(PROTO_UDP, src, dst)
+    }
+
+    /// The same packet with other endpoints, e.g. the expected rewrite.
+    pub fn with_dst(&self, dst: &str) -> Self {
+        let (dst, dport) = split(dst);
+        Self { dst, dport, ..self.clone() }
+    }
+
+    pub fn with_src(&self, src: &str) -> Self {
+        let (src, sport) = split(src);
+        Self { src, sport, ..self.clone() }
+    }
+
+    /// A reply: addresses and ports swapped.
+    pub fn reversed(&self) -> Self {
+        Self { src: self.dst, dst: self.src, sport: self.dport, dport: self.sport, ..self.clone() }
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&self.sport.to_be_bytes());
+        l4.extend_from_slice(&self.dport.to_be_bytes());
+        if self.proto == PROTO_TCP {
+            l4.extend_from_slice(&1u32.to_be_bytes()); // seq
+            l4.extend_from_slice(&0u32.to_be_bytes()); // ack
+            l4.extend_from_slice(&[0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]); // doff=5 PSH|ACK
+        } else {
+            l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+        }
+        l4.extend_from_slice(&self.payload);
+        let check_at = if self.proto == PROTO_TCP { 16 } else { 6 };
+        if !(self.proto == PROTO_UDP && self.no_udp_checksum) {
+            let mut c = csum::compute(&l4, pseudo_sum(self.src, self.dst, self.proto, l4.len()));
+            if c == 0 && self.proto == PROTO_UDP {
+                c = 0xffff;
+            }
+            l4[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
+        }
+
+        let ihl = 20 + self.ip_options.len();
+        let mut ip = vec![0x40 | (ihl / 4) as u8, 0];
+        ip.extend_from_slice(&((ihl + l4.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&[0x12, 0x34]);
+        ip.extend_from_slice(&self.frag.to_be_bytes());
+        ip.extend_from_slice(&[64, self.proto, 0, 0]);
+        ip.extend_from_slice(&self.src.octets());
+        ip.extend_from_slice(&self.dst.octets());
+        ip.extend_from_slice(&self.ip_options);
+        let c = csum::compute(&ip, 0);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+
+        let mut frame = ethernet(0x0800);
+        frame.extend_from_slice(&ip);
+        frame.extend_from_slice(&l4);
+        frame
+    }
+}
+
+fn split(s: &str) -> (Ipv4Addr, u16) {
+    let (addr, port) = s.split_once(':').expect("address:port");
+    (addr.parse().expect("IPv4 address"), port.parse().expect("port"))
+}
+
+/// Ethernet header with fixed MACs and the given EtherType.
+pub fn ethernet(ether_type: u16) -> Vec<u8> {
+    let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+    frame.extend_from_slice(&ether_type.to_be_bytes());
+    frame
+}
+
+fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
+    let words = |a: Ipv4Addr| {
+        let o = a.octets();
+        u32::from(u16::from_be_bytes([o[0], o[1]])) + u32::from(u16::from_be_bytes([o[2], o[3]]))
+    };
+    words(src) + words(dst) + u32::from(proto) + len as u32
+}
+
+/// Verifies the IPv4 header checksum and the TCP/UDP checksum of `frame`
+/// from scratch (a UDP checksum of 0 means none).
+pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
+    let ip = &frame[14..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    if csum::compute(&ip[..ihl], 0) != 0 {
+        return Err("IPv4 header checksum is wrong".into());
+    }
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let (proto, l4) = (ip[9], &ip[ihl..total]);
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    if proto == PROTO_UDP && l4[6..8] == [0, 0] {
+        return Ok(());
+    }
+    if csum::compute(l4, pseudo_sum(src, dst, proto, l4.len())) != 0 {
+        return Err(format!("L4 checksum (proto {proto}) is wrong"));
+    }
+    Ok(())
+}

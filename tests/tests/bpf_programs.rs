@@ -1,0 +1,332 @@
+//! Kernel decisions as fixture tables run through BPF_PROG_TEST_RUN: input
+//! frame, seeded maps, expected verdict and expected output bytes.
+use std::net::Ipv4Addr;
+
+use aya::{
+    Ebpf,
+    maps::HashMap,
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use forwarder_common::{CtKey, CtValue, map_names, program_names, stat};
+use forwarder_tests::packet::{MF, Packet, ethernet, verify_checksums};
+use forwarder_user::{
+    dataplane::{Maps, load_object},
+    model::{DesiredState, Endpoint, Frontend, Proto},
+    sync::Syncer,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+const NODE_IP: &str = "192.168.10.1";
+const CLUSTER_IP: &str = "10.96.0.10";
+
+#[derive(Clone, Copy, Debug)]
+enum Prog {
+    Xdp,
+    Tc,
+}
+
+struct Harness {
+    ebpf: Ebpf,
+    maps: Maps,
+    syncer: Syncer,
+}
+
+fn frontend(addr: Option<&str>, port: u16, proto: Proto) -> Frontend {
+    Frontend { addr: addr.map(|a| a.parse().unwrap()), port, proto }
+}
+
+fn endpoint(s: &str) -> Endpoint {
+    let (a, p) = s.split_once(':').unwrap();
+    Endpoint { addr: a.parse().unwrap(), port: p.parse().unwrap() }
+}
+
+/// The Services every fixture starts with: NodePort 30080 and ClusterIP
+/// 10.96.0.10:80 for TCP and UDP, each with one backend so the expected
+/// bytes are exact.
+fn default_services() -> Vec<(Frontend, Vec<&'static str>)> {
+    vec![
+        (frontend(None, 30080, Proto::Tcp), vec!["10.244.1.2:8080"]),
+        (frontend(None, 30080, Proto::Udp), vec!["10.244.1.2:5353"]),
+        (frontend(Some(CLUSTER_IP), 80, Proto::Tcp), vec!["10.244.1.2:8080"]),
+        (frontend(Some(CLUSTER_IP), 53, Proto::Udp), vec!["10.244.1.2:5353"]),
+        (frontend(Some("10.96.0.99"), 80, Proto::Tcp), vec![]),
+    ]
+}
+
+impl Harness {
+    fn new() -> Self {
+        let mut ebpf = load_object().expect("eBPF object loads (are you root?)");
+        let maps = Maps::take(&mut ebpf).expect("maps present");
+        let mut harness = Self { ebpf, maps, syncer: Syncer::new() };
+        let report = harness
+            .syncer
+            .apply_node_ips(&[NODE_IP.parse().unwrap()].into(), &mut harness.maps);
+        assert!(report.errors.is_empty(), "{report:?}");
+        harness.set_services(&default_services());
+        harness
+    }
+
+    fn set_services(&mut self, services: &[(Frontend, Vec<&str>)]) {
+        let desired = DesiredState {
+            services: services
+                .iter()
+                .map(|(f, eps)| (*f, eps.iter().map(|e| endpoint(e)).collect()))
+                .collect(),
+        };
+        let report = self.syncer.apply(&desired, &mut self.maps);
+        assert!(report.errors.is_empty(), "{report:?}");
+    }
+
+    fn run(&self, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; input.len() + 256];
+        let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..TestRunOptions::default() };
+        let result = match prog {
+            Prog::Xdp => {
+                let p: &Xdp = self.ebpf.program(program_names::XDP_NODE).unwrap().try_into().unwrap();
+                p.test_run(opts)
+            }
+            Prog::Tc => {
+                let p: &SchedClassifier =
+                    self.ebpf.program(program_names::TC_POD).unwrap().try_into().unwrap();
+                p.test_run(opts)
+            }
+        }
+        .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn stats(&self) -> Vec<(&'static str, u64)> {
+        self.maps.stats().expect("stats readable").into_iter().filter(|(_, v)| *v > 0).collect()
+    }
+
+    fn conntrack_len(&mut self) -> usize {
+        let ct: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::CONNTRACK).unwrap()).unwrap();
+        ct.keys().count()
+    }
+}
+
+struct Step {
+    prog: Prog,
+    input: Vec<u8>,
+    verdict: u32,
+    /// `None`: the frame must come out unchanged.
+    output: Option<Vec<u8>>,
+}
+
+fn step(prog: Prog, input: &Packet, verdict: u32, output: Option<&Packet>) -> Step {
+    Step { prog, input: input.bytes(), verdict, output: output.map(Packet::bytes) }
+}
+
+fn raw(prog: Prog, input: Vec<u8>, verdict: u32) -> Step {
+    Step { prog, input, verdict, output: None }
+}
+
+struct Fixture {
+    name: &'static str,
+    steps: Vec<Step>,
+    /// Non-zero counters after the steps.
+    stats: Vec<(&'static str, u64)>,
+}
+
+fn fixtures() -> Vec<Fixture> {
+    use Prog::{Tc, Xdp};
+    let np_tcp = Packet::tcp("192.168.10.2:40000", "192.168.10.1:30080");
+    let np_udp = Packet::udp("192.168.10.2:40001", "192.168.10.1:30080");
+    let np_udp_nocsum = Packet { no_udp_checksum: true, ..np_udp.clone() };
+    let cip_tcp = Packet::tcp("10.244.1.9:41000", "10.96.0.10:80");
+    let cip_udp = Packet::udp("10.244.1.9:41001", "10.96.0.10:53");
+    let with_options = Packet { ip_options: vec![0x94, 0x04, 0, 0], ..np_tcp.clone() }; // Router Alert
+    let first_fragment = Packet { frag: MF, ..np_udp.clone() };
+    let later_fragment = Packet { frag: 185, ..Packet::udp("192.168.10.2:1", "10.96.0.10:53") };
+    let mut truncated_tcp = np_tcp.bytes();
+    truncated_tcp.truncate(14 + 20 + 10);
+    let mut bad_ihl = np_tcp.bytes();
+    bad_ihl[14] = 0x43;
+    let mut ipv6 = ethernet(0x86dd);
+    ipv6.extend_from_slice(&[0x60; 60]);
+
+    vec![
+        Fixture {
+            name: "NodePort TCP from the wire is DNATed to the backend",
+            steps: vec![step(Xdp, &np_tcp, XDP_PASS, Some(&np_tcp.with_dst("10.244.1.2:8080")))],
+            stats: vec![("dnat", 1)],
+        },
+        Fixture {
+            name: "NodePort UDP is DNATed",
+            steps: vec![step(Xdp, &np_udp, XDP_PASS, Some(&np_udp.with_dst("10.244.1.2:5353")))],
+            stats: vec![("dnat", 1)],
+        },
+        Fixture {
+            name: "UDP checksum 0 stays 0",
+            steps: vec![step(Xdp, &np_udp_nocsum, XDP_PASS, Some(&np_udp_nocsum.with_dst("10.244.1.2:5353")))],
+            stats: vec![("dnat", 1)],
+        },
+        Fixture {
+            name: "ClusterIP from the wire is DNATed by XDP",
+            steps: vec![step(Xdp, &cip_tcp, XDP_PASS, Some(&cip_tcp.with_dst("10.244.1.2:8080")))],
+            stats: vec![("dnat", 1)],
+        },
+        Fixture {
+            name: "ClusterIP TCP from a pod is DNATed by TC",
+            steps: vec![step(Tc, &cip_tcp, TC_ACT_OK, Some(&cip_tcp.with_dst("10.244.1.2:8080")))],
+            stats: vec![("dnat", 1)],
+        },
+        Fixture {
+            name: "ClusterIP UDP from a pod is DNATed by TC",
+            steps: vec![step(Tc, &cip_udp, TC_ACT_OK, Some(&cip_udp.with_dst("10.244.1.2:5353")))],
+            stats: vec![("dnat", 1)],
+        },
+        Fixture {
+            name: "NodePort reply is reverse-translated to the node address the client used",
+            steps: vec![
+                step(Xdp, &np_tcp, XDP_PASS, Some(&np_tcp.with_dst("10.244.1.2:8080"))),
+                step(
+                    Tc,
+                    &np_tcp.with_dst("10.244.1.2:8080").reversed(),
+                    TC_ACT_OK,
+                    Some(&np_tcp.reversed()),
+                ),
+            ],
+            stats: vec![("dnat", 1), ("reverse_nat", 1)],
+        },
+        Fixture {
+            name: "ClusterIP UDP reply is reverse-translated",
+            steps: vec![
+                step(Tc, &cip_udp, TC_ACT_OK, Some(&cip_udp.with_dst("10.244.1.2:5353"))),
+                step(Tc, &cip_udp.with_dst("10.244.1.2:5353").reversed(), TC_ACT_OK, Some(&cip_udp.reversed())),
+            ],
+            stats: vec![("dnat", 1), ("reverse_nat", 1)],
+        },
+        Fixture {
+            name: "a pod's packet that is no reply and no Service passes untouched",
+            steps: vec![step(Tc, &Packet::tcp("10.244.1.2:8080", "192.168.10.2:40000"), TC_ACT_OK, None)],
+            stats: vec![],
+        },
+        Fixture {
+            name: "NodePort port on an address that is not the node's passes untouched",
+            steps: vec![step(Xdp, &np_tcp.with_dst("192.168.99.9:30080"), XDP_PASS, None)],
+            stats: vec![],
+        },
+        Fixture {
+            name: "NodePort on loopback from the wire is never forwarded",
+            steps: vec![step(Xdp, &np_tcp.with_dst("127.0.0.1:30080"), XDP_PASS, None)],
+            stats: vec![],
+        },
+        Fixture {
+            name: "no matching Service port passes untouched",
+            steps: vec![
+                step(Xdp, &np_tcp.with_dst("192.168.10.1:22"), XDP_PASS, None),
+                step(Xdp, &cip_tcp.with_dst("10.96.0.10:81"), XDP_PASS, None),
+                step(Tc, &cip_tcp.with_dst("10.96.0.10:81"), TC_ACT_OK, None),
+            ],
+            stats: vec![],
+        },
+        Fixture {
+            name: "IP options: L4 found from IHL, options kept, checksums right",
+            steps: vec![step(Xdp, &with_options, XDP_PASS, Some(&with_options.with_dst("10.244.1.2:8080")))],
+            stats: vec![("dnat", 1)],
+        },
+        Fixture {
+            name: "first fragment to a Service is dropped and counted",
+            steps: vec![step(Xdp, &first_fragment, XDP_DROP, None), step(Tc, &first_fragment, TC_ACT_SHOT, None)],
+            stats: vec![("drop_fragment", 2)],
+        },
+        Fixture {
+            name: "later fragments carry no ports and pass",
+            steps: vec![step(Xdp, &later_fragment, XDP_PASS, None)],
+            stats: vec![],
+        },
+        Fixture {
+            name: "truncated headers pass untouched",
+            steps: vec![
+                raw(Xdp, truncated_tcp.clone(), XDP_PASS),
+                raw(Xdp, np_tcp.bytes()[..14 + 12].to_vec(), XDP_PASS),
+                raw(Tc, truncated_tcp, TC_ACT_OK),
+            ],
+            stats: vec![],
+        },
+        Fixture {
+            name: "IHL below 5 is never rewritten, passed to the stack and counted",
+            steps: vec![raw(Xdp, bad_ihl.clone(), XDP_PASS), raw(Tc, bad_ihl, TC_ACT_OK)],
+            stats: vec![("malformed_passed", 2)],
+        },
+        Fixture {
+            name: "non-IPv4 passes",
+            steps: vec![raw(Xdp, ipv6, XDP_PASS)],
+            stats: vec![],
+        },
+        Fixture {
+            name: "a Service without endpoints drops and counts",
+            steps: vec![
+                step(Xdp, &cip_tcp.with_dst("10.96.0.99:80"), XDP_DROP, None),
+                step(Tc, &cip_tcp.with_dst("10.96.0.99:80"), TC_ACT_SHOT, None),
+            ],
+            stats: vec![("drop_no_endpoints", 2)],
+        },
+    ]
+}
+
+#[test]
+fn fixture_table() {
+    for fixture in fixtures() {
+        let harness = Harness::new();
+        for (i, step) in fixture.steps.iter().enumerate() {
+            let context = format!("{} (step {i}, {:?})", fixture.name, step.prog);
+            let (verdict, out) = harness.run(step.prog, &step.input);
+            assert_eq!(verdict, step.verdict, "verdict: {context}");
+            let expected = step.output.as_ref().unwrap_or(&step.input);
+            assert_eq!(&out, expected, "output bytes: {context}");
+            if step.output.is_some() {
+                verify_checksums(&out).unwrap_or_else(|e| panic!("{e}: {context}"));
+            }
+        }
+        assert_eq!(harness.stats(), fixture.stats, "counters: {}", fixture.name);
+    }
+}
+
+#[test]
+fn established_flow_keeps_its_backend_when_backends_change() {
+    let mut harness = Harness::new();
+    let flow = Packet::tcp("192.168.10.2:40000", "192.168.10.1:30080");
+    let (_, out) = harness.run(Prog::Xdp, &flow.bytes());
+    assert_eq!(out, flow.with_dst("10.244.1.2:8080").bytes());
+
+    let mut services = default_services();
+    services[0].1 = vec!["10.244.1.3:8080"];
+    harness.set_services(&services);
+
+    let (_, out) = harness.run(Prog::Xdp, &flow.bytes());
+    assert_eq!(out, flow.with_dst("10.244.1.2:8080").bytes(), "established flow moved");
+    let new_flow = flow.with_src("192.168.10.2:40001");
+    let (_, out) = harness.run(Prog::Xdp, &new_flow.bytes());
+    assert_eq!(out, new_flow.with_dst("10.244.1.3:8080").bytes(), "new flow uses the new backend");
+    assert_eq!(harness.conntrack_len(), 4, "forward and reply entry per flow");
+}
+
+#[test]
+fn new_flows_spread_over_all_ready_backends() {
+    let mut harness = Harness::new();
+    let mut services = default_services();
+    services[0].1 = vec!["10.244.1.2:8080", "10.244.1.3:8080"];
+    harness.set_services(&services);
+    let mut hits = [0u32; 2];
+    for sport in 0..200u16 {
+        let flow = Packet::tcp(&format!("192.168.10.2:{}", 20000 + sport), "192.168.10.1:30080");
+        let (_, out) = harness.run(Prog::Xdp, &flow.bytes());
+        let dst = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+        hits[usize::from(dst.octets()[3] - 2)] += 1;
+    }
+    // Binomial(200, 0.5): outside 60..=140 has probability ~1e-8.
+    assert!(hits.iter().all(|h| (60..=140).contains(h)), "uneven spread: {hits:?}");
+}
+
+#[test]
+fn counters_are_named_for_every_reason() {
+    assert_eq!(stat::NAMES.len(), stat::COUNT as usize);
+}
