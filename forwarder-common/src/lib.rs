@@ -24,6 +24,7 @@ pub mod map_names {
 pub mod program_names {
     pub const XDP_NODE: &str = "fwd_xdp_node";
     pub const TC_POD: &str = "fwd_tc_pod";
+    pub const TC_REVERSE_NAT: &str = "fwd_tc_rnat";
 }
 
 /// Default capacities; userspace may override them at load time.

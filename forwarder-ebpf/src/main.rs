@@ -3,7 +3,9 @@
 //! - `fwd_xdp_node` (XDP, node interfaces): DNAT of packets for a Service
 //!   frontend to a backend.
 //! - `fwd_tc_pod` (TC ingress, pod-facing interfaces): the same DNAT for pod
-//!   clients, and reverse NAT of backend replies.
+//!   clients.
+//! - `fwd_tc_rnat` (TC egress, node and pod-facing interfaces): reverse NAT
+//!   of backend replies.
 #![no_std]
 #![no_main]
 

@@ -1,5 +1,9 @@
-//! TC ingress on pod-facing interfaces: DNAT for pod clients, reverse NAT
-//! of backend replies.
+//! TC programs:
+//! - `fwd_tc_pod`, ingress of pod-facing interfaces: DNAT for pod clients.
+//! - `fwd_tc_rnat`, egress of node and pod-facing interfaces: reverse NAT of
+//!   backend replies. It runs after routing: a reply whose new source is a
+//!   node address would otherwise be dropped as martian on input, and a
+//!   ClusterIP source would fail strict reverse-path filtering.
 //!
 //! Pods hand the stack CHECKSUM_PARTIAL packets, so checksums are updated
 //! with the kernel helpers, which know the skb's checksum state.
@@ -35,7 +39,28 @@ fn try_tc_pod(ctx: &TcContext) -> Result<i32, u32> {
     if let Some(nat) = lb::service_dnat(&flow)? {
         rewrite(ctx, &flow, &nat, Side::Destination)?;
         count(stat::DNAT);
-    } else if let Some(nat) = lb::reverse_nat(&flow)? {
+    }
+    Ok(TC_ACT_OK as i32)
+}
+
+#[classifier]
+pub fn fwd_tc_rnat(ctx: TcContext) -> i32 {
+    match try_tc_rnat(&ctx) {
+        Ok(action) => action,
+        // A reply we could not translate would reach the client from the
+        // backend's address, which it does not know: drop and count.
+        Err(reason) => {
+            count(reason);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+fn try_tc_rnat(ctx: &TcContext) -> Result<i32, u32> {
+    let Some(flow) = parse_linear(ctx) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    if let Some(nat) = lb::reverse_nat(&flow)? {
         rewrite(ctx, &flow, &nat, Side::Source)?;
         count(stat::REVERSE_NAT);
     }

@@ -103,7 +103,7 @@ impl Datapath for Maps {
 /// Loads the object and returns it with the programs loaded (not attached).
 pub fn load_object() -> Result<Ebpf, DataplaneError> {
     let mut ebpf = Ebpf::load(OBJECT)?;
-    for name in [program_names::XDP_NODE, program_names::TC_POD] {
+    for name in [program_names::XDP_NODE, program_names::TC_POD, program_names::TC_REVERSE_NAT] {
         let program = ebpf.program_mut(name).ok_or(DataplaneError::Program {
             name,
             source: ProgramError::InvalidName { name: name.to_owned() },
@@ -125,20 +125,27 @@ pub enum XdpAttachMode {
     Generic,
 }
 
+/// One TC attachment: which program, and its link.
+struct TcLink {
+    program: &'static str,
+    link: SchedClassifierLinkId,
+}
+
 /// Programs, maps and attachments of a running forwarder.
 pub struct Dataplane {
     ebpf: Ebpf,
     pub maps: Maps,
-    node_links: Vec<(String, XdpLinkId)>,
+    node_xdp: Vec<(String, XdpLinkId)>,
+    node_tc: Vec<(String, TcLink)>,
     /// Pod-facing attachments by ifindex (names can be reused).
-    pod_links: BTreeMap<u32, (String, SchedClassifierLinkId)>,
+    pod_tc: BTreeMap<u32, (String, Vec<TcLink>)>,
 }
 
 impl Dataplane {
     pub fn load() -> Result<Self, DataplaneError> {
         let mut ebpf = load_object()?;
         let maps = Maps::take(&mut ebpf)?;
-        Ok(Self { ebpf, maps, node_links: Vec::new(), pod_links: BTreeMap::new() })
+        Ok(Self { ebpf, maps, node_xdp: Vec::new(), node_tc: Vec::new(), pod_tc: BTreeMap::new() })
     }
 
     fn xdp(&mut self) -> &mut Xdp {
@@ -146,12 +153,38 @@ impl Dataplane {
         program.try_into().expect("XDP program")
     }
 
-    fn tc(&mut self) -> &mut SchedClassifier {
-        let program = self.ebpf.program_mut(program_names::TC_POD).expect("loaded in load()");
+    fn tc(&mut self, name: &'static str) -> &mut SchedClassifier {
+        let program = self.ebpf.program_mut(name).expect("loaded in load()");
         program.try_into().expect("TC program")
     }
 
-    /// Attaches XDP in driver mode, falling back to generic mode.
+    fn attach_tc(
+        &mut self,
+        iface: &str,
+        program: &'static str,
+        hook: TcAttachType,
+    ) -> Result<TcLink, DataplaneError> {
+        if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
+            // Before TCX, classifiers hang off a clsact qdisc; it may exist already.
+            let _ = aya::programs::tc::qdisc_add_clsact(iface);
+        }
+        let link = self
+            .tc(program)
+            .attach(iface, hook)
+            .map_err(|source| DataplaneError::Attach { iface: iface.to_owned(), source })?;
+        Ok(TcLink { program, link })
+    }
+
+    fn detach_tc(&mut self, iface: &str, links: Vec<TcLink>) {
+        for TcLink { program, link } in links {
+            if let Err(error) = self.tc(program).detach(link) {
+                tracing::debug!(%iface, %error, "TC detach (interface may be gone)");
+            }
+        }
+    }
+
+    /// XDP (driver mode, falling back to generic) for DNAT of arriving
+    /// packets, TC egress for reverse NAT of replies leaving the node.
     pub fn attach_node_iface(&mut self, iface: &str) -> Result<XdpAttachMode, DataplaneError> {
         let (link, mode) = match self.xdp().attach(iface, XdpMode::Driver) {
             Ok(link) => (link, XdpAttachMode::Driver),
@@ -164,41 +197,47 @@ impl Dataplane {
                 (link, XdpAttachMode::Generic)
             }
         };
-        self.node_links.push((iface.to_owned(), link));
+        self.node_xdp.push((iface.to_owned(), link));
+        let rnat = self.attach_tc(iface, program_names::TC_REVERSE_NAT, TcAttachType::Egress)?;
+        self.node_tc.push((iface.to_owned(), rnat));
         Ok(mode)
     }
 
     pub fn pod_ifaces(&self) -> impl Iterator<Item = (u32, &str)> {
-        self.pod_links.iter().map(|(index, (name, _))| (*index, name.as_str()))
+        self.pod_tc.iter().map(|(index, (name, _))| (*index, name.as_str()))
     }
 
-    /// Attaches the TC program to a pod-facing interface's ingress.
+    /// TC ingress (DNAT of pod clients) and egress (reverse NAT of replies
+    /// to pods) on a pod-facing interface.
     pub fn attach_pod_iface(&mut self, index: u32, name: &str) -> Result<(), DataplaneError> {
-        let attach_err = |source| DataplaneError::Attach { iface: name.to_owned(), source };
-        if aya::util::KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
-            // Before TCX, classifiers hang off a clsact qdisc; it may exist already.
-            let _ = aya::programs::tc::qdisc_add_clsact(name);
-        }
-        let link = self.tc().attach(name, TcAttachType::Ingress).map_err(attach_err)?;
-        self.pod_links.insert(index, (name.to_owned(), link));
+        let ingress = self.attach_tc(name, program_names::TC_POD, TcAttachType::Ingress)?;
+        let egress = match self.attach_tc(name, program_names::TC_REVERSE_NAT, TcAttachType::Egress) {
+            Ok(link) => link,
+            Err(err) => {
+                self.detach_tc(name, vec![ingress]);
+                return Err(err);
+            }
+        };
+        self.pod_tc.insert(index, (name.to_owned(), vec![ingress, egress]));
         Ok(())
     }
 
     /// Detaches from a pod-facing interface, which may already be gone.
     pub fn detach_pod_iface(&mut self, index: u32) {
-        if let Some((name, link)) = self.pod_links.remove(&index)
-            && let Err(error) = self.tc().detach(link)
-        {
-            tracing::debug!(iface = %name, %error, "detach from a vanished interface");
+        if let Some((name, links)) = self.pod_tc.remove(&index) {
+            self.detach_tc(&name, links);
         }
     }
 
     /// Detaches every program; run on shutdown.
     pub fn detach_all(&mut self) {
-        for index in self.pod_links.keys().copied().collect::<Vec<_>>() {
+        for index in self.pod_tc.keys().copied().collect::<Vec<_>>() {
             self.detach_pod_iface(index);
         }
-        for (iface, link) in std::mem::take(&mut self.node_links) {
+        for (iface, link) in std::mem::take(&mut self.node_tc) {
+            self.detach_tc(&iface, vec![link]);
+        }
+        for (iface, link) in std::mem::take(&mut self.node_xdp) {
             if let Err(error) = self.xdp().detach(link) {
                 tracing::warn!(%iface, %error, "XDP detach failed");
             }

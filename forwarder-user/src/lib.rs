@@ -6,3 +6,5 @@ pub mod sync;
 pub mod dataplane;
 pub mod manifests;
 pub mod netlink;
+pub mod healthz;
+pub mod agent;

@@ -1,1 +1,56 @@
-fn main() {}
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand};
+use forwarder_user::agent;
+use tracing_subscriber::EnvFilter;
+
+/// Kubernetes Service dataplane on XDP/TC: a kube-proxy replacement.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the programs and keep the maps in sync with the Services.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// A YAML/JSON file, or a directory of them, holding v1 Service,
+    /// discovery.k8s.io/v1 EndpointSlice and v1 Node objects. Watched.
+    #[arg(long, env = "FORWARDER_MANIFESTS")]
+    manifests: PathBuf,
+    /// This node's name (endpoint locality, this node's Node object).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Node interface to serve NodePorts and ClusterIPs on with XDP. Repeatable.
+    #[arg(long = "iface", required = true)]
+    ifaces: Vec<String>,
+    /// Glob for pod-facing interfaces, which get the TC program. Repeatable.
+    #[arg(long = "pod-iface", default_values = ["veth*", "cali*", "lxc*", "cni*"])]
+    pod_ifaces: Vec<String>,
+    /// Where /healthz is served, as with kube-proxy.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: SocketAddr,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let Cli { command: Command::Run(args) } = Cli::parse();
+    agent::run(agent::Config {
+        manifests: args.manifests,
+        node_name: args.node_name,
+        ifaces: args.ifaces,
+        pod_iface_globs: args.pod_ifaces,
+        healthz_bind_address: args.healthz_bind_address,
+    })
+    .await
+}

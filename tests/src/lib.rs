@@ -1,3 +1,8 @@
 //! Test support shared by the integration tests and `cargo xtask demo`:
-//! packet builders, network namespaces with cleanup guards, echo servers.
+//! packet builders, network namespaces with cleanup guards, a topology of
+//! one node with pods, echo servers and the forwarder process.
+pub mod echo;
+pub mod forwarder;
+pub mod netns;
 pub mod packet;
+pub mod topology;

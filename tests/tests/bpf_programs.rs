@@ -26,7 +26,10 @@ const CLUSTER_IP: &str = "10.96.0.10";
 #[derive(Clone, Copy, Debug)]
 enum Prog {
     Xdp,
+    /// Ingress of a pod-facing interface.
     Tc,
+    /// Egress of any interface.
+    TcEgress,
 }
 
 struct Harness {
@@ -89,9 +92,12 @@ impl Harness {
                 let p: &Xdp = self.ebpf.program(program_names::XDP_NODE).unwrap().try_into().unwrap();
                 p.test_run(opts)
             }
-            Prog::Tc => {
-                let p: &SchedClassifier =
-                    self.ebpf.program(program_names::TC_POD).unwrap().try_into().unwrap();
+            Prog::Tc | Prog::TcEgress => {
+                let name = match prog {
+                    Prog::Tc => program_names::TC_POD,
+                    _ => program_names::TC_REVERSE_NAT,
+                };
+                let p: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
                 p.test_run(opts)
             }
         }
@@ -135,7 +141,7 @@ struct Fixture {
 }
 
 fn fixtures() -> Vec<Fixture> {
-    use Prog::{Tc, Xdp};
+    use Prog::{Tc, TcEgress, Xdp};
     let np_tcp = Packet::tcp("192.168.10.2:40000", "192.168.10.1:30080");
     let np_udp = Packet::udp("192.168.10.2:40001", "192.168.10.1:30080");
     let np_udp_nocsum = Packet { no_udp_checksum: true, ..np_udp.clone() };
@@ -187,7 +193,7 @@ fn fixtures() -> Vec<Fixture> {
             steps: vec![
                 step(Xdp, &np_tcp, XDP_PASS, Some(&np_tcp.with_dst("10.244.1.2:8080"))),
                 step(
-                    Tc,
+                    TcEgress,
                     &np_tcp.with_dst("10.244.1.2:8080").reversed(),
                     TC_ACT_OK,
                     Some(&np_tcp.reversed()),
@@ -199,13 +205,16 @@ fn fixtures() -> Vec<Fixture> {
             name: "ClusterIP UDP reply is reverse-translated",
             steps: vec![
                 step(Tc, &cip_udp, TC_ACT_OK, Some(&cip_udp.with_dst("10.244.1.2:5353"))),
-                step(Tc, &cip_udp.with_dst("10.244.1.2:5353").reversed(), TC_ACT_OK, Some(&cip_udp.reversed())),
+                step(TcEgress, &cip_udp.with_dst("10.244.1.2:5353").reversed(), TC_ACT_OK, Some(&cip_udp.reversed())),
             ],
             stats: vec![("dnat", 1), ("reverse_nat", 1)],
         },
         Fixture {
-            name: "a pod's packet that is no reply and no Service passes untouched",
-            steps: vec![step(Tc, &Packet::tcp("10.244.1.2:8080", "192.168.10.2:40000"), TC_ACT_OK, None)],
+            name: "a packet that is no reply and no Service passes untouched",
+            steps: vec![
+                step(Tc, &Packet::tcp("10.244.1.2:8080", "192.168.10.2:40000"), TC_ACT_OK, None),
+                step(TcEgress, &Packet::tcp("10.244.1.2:8080", "192.168.10.2:40000"), TC_ACT_OK, None),
+            ],
             stats: vec![],
         },
         Fixture {
@@ -236,6 +245,28 @@ fn fixtures() -> Vec<Fixture> {
             name: "first fragment to a Service is dropped and counted",
             steps: vec![step(Xdp, &first_fragment, XDP_DROP, None), step(Tc, &first_fragment, TC_ACT_SHOT, None)],
             stats: vec![("drop_fragment", 2)],
+        },
+        Fixture {
+            name: "a fragmented reply cannot be translated whole: dropped and counted",
+            steps: vec![
+                step(Tc, &cip_udp, TC_ACT_OK, Some(&cip_udp.with_dst("10.244.1.2:5353"))),
+                step(
+                    TcEgress,
+                    &Packet { frag: MF, ..cip_udp.with_dst("10.244.1.2:5353").reversed() },
+                    TC_ACT_SHOT,
+                    None,
+                ),
+            ],
+            stats: vec![("drop_fragment", 1), ("dnat", 1)],
+        },
+        Fixture {
+            name: "DNAT happens only on ingress, reverse NAT only on egress",
+            steps: vec![
+                step(TcEgress, &cip_tcp, TC_ACT_OK, None),
+                step(Tc, &cip_tcp, TC_ACT_OK, Some(&cip_tcp.with_dst("10.244.1.2:8080"))),
+                step(Tc, &cip_tcp.with_dst("10.244.1.2:8080").reversed(), TC_ACT_OK, None),
+            ],
+            stats: vec![("dnat", 1)],
         },
         Fixture {
             name: "later fragments carry no ports and pass",

@@ -1,0 +1,194 @@
+//! The `run` loop: attach, then keep maps and attachments in sync with the
+//! manifests and the node's interfaces until a signal arrives.
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    dataplane::{Dataplane, XdpAttachMode},
+    healthz::{self, Health},
+    manifests::{Fingerprint, ManifestSource},
+    netlink::{Netlink, glob_match},
+    sync::Syncer,
+    translate::translate,
+};
+
+pub struct Config {
+    pub manifests: PathBuf,
+    pub node_name: String,
+    pub ifaces: Vec<String>,
+    pub pod_iface_globs: Vec<String>,
+    pub healthz_bind_address: SocketAddr,
+}
+
+/// How often the manifests are checked for changes (edits apply within 1 s).
+const MANIFEST_POLL: Duration = Duration::from_millis(250);
+
+/// Loads and attaches the programs, runs until SIGINT/SIGTERM, then
+/// detaches everything it attached, also when it fails part-way.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    std::fs::metadata(&config.manifests)
+        .with_context(|| format!("manifests path {}", config.manifests.display()))?;
+    let listener = healthz::bind(config.healthz_bind_address)
+        .await
+        .with_context(|| format!("healthz address {}", config.healthz_bind_address))?;
+    let dataplane = Dataplane::load().context("loading the eBPF programs")?;
+    let mut agent = Agent {
+        dataplane,
+        syncer: Syncer::new(),
+        netlink: Netlink::connect().context("netlink")?,
+        source: ManifestSource::new(&config.manifests),
+        health: Arc::new(Health::default()),
+        manifest_node_ips: BTreeSet::new(),
+        config,
+    };
+    tokio::spawn(healthz::serve(listener, agent.health.clone()));
+    let result = agent.run().await;
+    agent.dataplane.detach_all();
+    tracing::info!("detached all programs");
+    result
+}
+
+struct Agent {
+    dataplane: Dataplane,
+    syncer: Syncer,
+    netlink: Netlink,
+    source: ManifestSource,
+    health: Arc<Health>,
+    /// This node's addresses from its Node object.
+    manifest_node_ips: BTreeSet<Ipv4Addr>,
+    config: Config,
+}
+
+impl Agent {
+    async fn run(&mut self) -> anyhow::Result<()> {
+        for iface in &self.config.ifaces {
+            let mode = self
+                .dataplane
+                .attach_node_iface(iface)
+                .with_context(|| format!("attaching XDP to --iface {iface}"))?;
+            match mode {
+                XdpAttachMode::Driver => tracing::info!(%iface, "XDP attached in driver mode"),
+                XdpAttachMode::Generic => tracing::warn!(%iface, "XDP attached in generic mode"),
+            }
+        }
+        let mut link_changes = Netlink::changes().context("netlink subscription")?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut poll = tokio::time::interval(MANIFEST_POLL);
+        let mut fingerprint: Option<Fingerprint> = None;
+        self.reconcile_interfaces().await;
+        loop {
+            tokio::select! {
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
+                _ = poll.tick() => {
+                    let current = self.source.fingerprint();
+                    if fingerprint.as_ref() != Some(&current) {
+                        fingerprint = Some(current);
+                        self.sync_manifests();
+                        self.reconcile_interfaces().await;
+                    }
+                }
+                Some(()) = link_changes.next() => {
+                    // Coalesce a burst of notifications into one reconcile.
+                    while let Ok(Some(())) =
+                        tokio::time::timeout(Duration::from_millis(20), link_changes.next()).await
+                    {}
+                    self.reconcile_interfaces().await;
+                }
+            }
+        }
+        tracing::info!("signal received, shutting down");
+        Ok(())
+    }
+
+    fn sync_manifests(&mut self) {
+        let started = Instant::now();
+        let (objects, problems) = self.source.load();
+        for problem in &problems {
+            tracing::warn!(%problem, "manifest skipped");
+        }
+        let translation = translate(&objects.services, &objects.slices);
+        for skipped in &translation.skipped {
+            tracing::warn!(object = %skipped.object, reason = %skipped.reason, "Service part skipped");
+        }
+        self.manifest_node_ips = node_ips(&objects.nodes, &self.config.node_name);
+        let report = self.syncer.apply(&translation.state, &mut self.dataplane.maps);
+        for error in &report.errors {
+            tracing::error!(%error, "map write failed; the previous entry stays in force");
+        }
+        self.health.synced();
+        tracing::info!(
+            frontends = translation.state.services.len(),
+            writes = report.writes,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "synced"
+        );
+    }
+
+    /// Attaches to new pod-facing interfaces, forgets vanished ones, and
+    /// refreshes the node addresses that serve NodePorts.
+    async fn reconcile_interfaces(&mut self) {
+        match self.netlink.links().await {
+            Ok(links) => {
+                let wanted: BTreeSet<(u32, String)> = links
+                    .into_iter()
+                    .filter(|l| !self.config.ifaces.contains(&l.name))
+                    .filter(|l| self.config.pod_iface_globs.iter().any(|g| glob_match(g, &l.name)))
+                    .map(|l| (l.index, l.name))
+                    .collect();
+                let attached: Vec<(u32, String)> =
+                    self.dataplane.pod_ifaces().map(|(i, n)| (i, n.to_owned())).collect();
+                for (index, name) in &attached {
+                    if !wanted.contains(&(*index, name.clone())) {
+                        self.dataplane.detach_pod_iface(*index);
+                        tracing::info!(iface = %name, "pod interface gone, detached");
+                    }
+                }
+                for (index, name) in wanted {
+                    if attached.iter().any(|(i, _)| *i == index) {
+                        continue;
+                    }
+                    match self.dataplane.attach_pod_iface(index, &name) {
+                        Ok(()) => tracing::info!(iface = %name, "TC attached to pod interface"),
+                        Err(error) => tracing::warn!(iface = %name, %error, "TC attach failed"),
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "listing interfaces failed"),
+        }
+        match self.netlink.ipv4_addrs().await {
+            Ok(mut addrs) => {
+                addrs.extend(&self.manifest_node_ips);
+                let report = self.syncer.apply_node_ips(&addrs, &mut self.dataplane.maps);
+                for error in &report.errors {
+                    tracing::error!(%error, "node address update failed");
+                }
+            }
+            Err(error) => tracing::warn!(%error, "listing addresses failed"),
+        }
+    }
+}
+
+/// IPv4 InternalIP/ExternalIP addresses of the Node named `node_name`.
+fn node_ips(nodes: &[Node], node_name: &str) -> BTreeSet<Ipv4Addr> {
+    nodes
+        .iter()
+        .filter(|n| n.metadata.name.as_deref() == Some(node_name))
+        .filter_map(|n| n.status.as_ref()?.addresses.as_ref())
+        .flatten()
+        .filter(|a| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"))
+        .filter_map(|a| a.address.parse::<Ipv4Addr>().ok())
+        .filter(|ip| !ip.is_loopback())
+        .collect()
+}

@@ -1,0 +1,147 @@
+//! A tiny TCP/UDP server that answers every request with its pod's name.
+use std::{
+    io::{BufRead, BufReader, ErrorKind, Write},
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::netns::NetNs;
+
+pub const TCP_PORT: u16 = 8080;
+pub const UDP_PORT: u16 = 5353;
+
+/// Serves TCP (a line per request) and UDP (a datagram per request) until dropped.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    pub fn start(ns: &NetNs, name: &str) -> Self {
+        let (tcp, udp) = ns.run(|| {
+            let tcp = TcpListener::bind(("0.0.0.0", TCP_PORT)).expect("bind echo TCP");
+            let udp = UdpSocket::bind(("0.0.0.0", UDP_PORT)).expect("bind echo UDP");
+            (tcp, udp)
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let reply = format!("{name}\n");
+        let threads = vec![
+            spawn_tcp(tcp, reply.clone(), stop.clone()),
+            spawn_udp(udp, reply, stop.clone()),
+        ];
+        Self { stop, threads }
+    }
+}
+
+fn spawn_tcp(listener: TcpListener, reply: String, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    listener.set_nonblocking(true).expect("nonblocking listener");
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let (reply, stop) = (reply.clone(), stop.clone());
+                    std::thread::spawn(move || serve_connection(stream, &reply, &stop));
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => return,
+            }
+        }
+    })
+}
+
+fn serve_connection(stream: TcpStream, reply: &str, stop: &AtomicBool) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if writer.write_all(reply.as_bytes()).is_err() {
+                    return;
+                }
+                line.clear();
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn spawn_udp(socket: UdpSocket, reply: String, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    socket.set_read_timeout(Some(Duration::from_millis(100))).expect("UDP timeout");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(reply.as_bytes(), peer);
+            }
+        }
+    })
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A persistent TCP client: one request line, one answer line.
+pub struct EchoConn {
+    reader: BufReader<TcpStream>,
+}
+
+impl EchoConn {
+    pub fn connect(ns: &NetNs, addr: &str) -> std::io::Result<Self> {
+        let addr: std::net::SocketAddr = addr.parse().expect("socket address");
+        let stream = ns.run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(Self { reader: BufReader::new(stream) })
+    }
+
+    /// The name of the pod that answered, with the peer address seen.
+    pub fn ask(&mut self) -> std::io::Result<String> {
+        self.reader.get_mut().write_all(b"who\n")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        Ok(line.trim().to_owned())
+    }
+
+    pub fn peer(&self) -> std::net::SocketAddr {
+        self.reader.get_ref().peer_addr().expect("connected")
+    }
+}
+
+/// One TCP request on a new connection.
+pub fn tcp_once(ns: &NetNs, addr: &str) -> std::io::Result<String> {
+    let mut conn = EchoConn::connect(ns, addr)?;
+    conn.ask()
+}
+
+/// One UDP request; returns who answered and from which address.
+pub fn udp_once(ns: &NetNs, addr: &str) -> std::io::Result<(String, std::net::SocketAddr)> {
+    let socket = ns.run(|| UdpSocket::bind("0.0.0.0:0"))?;
+    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+    socket.connect(addr)?;
+    socket.send(b"who")?;
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf)?;
+    Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), socket.peer_addr()?))
+}

@@ -1,0 +1,150 @@
+//! The `forwarder` binary running in a node namespace, stopped on drop.
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+
+use crate::netns::NetNs;
+
+/// `$FORWARDER_BIN`, or the debug build in the workspace target directory.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("FORWARDER_BIN") {
+        return path.into();
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/forwarder");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (cargo xtask test does) or set FORWARDER_BIN",
+        path.display()
+    );
+    path
+}
+
+pub struct Forwarder {
+    child: Option<Child>,
+    pub log: PathBuf,
+    node_ns: String,
+}
+
+impl Forwarder {
+    /// Starts `forwarder run` in `node` and waits until /healthz says the
+    /// first sync is applied.
+    pub fn start(node: &NetNs, manifests: &Path, node_name: &str, iface: &str) -> Self {
+        let log = std::env::temp_dir().join(format!("{}-forwarder.log", node.name));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &node.name])
+            .arg(binary())
+            .arg("run")
+            .arg("--manifests")
+            .arg(manifests)
+            .args(["--node-name", node_name, "--iface", iface])
+            .args(["--healthz-bind-address", "127.0.0.1:10256"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn forwarder");
+        let forwarder = Self { child: Some(child), log, node_ns: node.name.clone() };
+        forwarder.wait_healthy(node);
+        forwarder
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_healthy(&self, node: &NetNs) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if healthz(node) == Some(200) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "forwarder never became healthy:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate().expect("forwarder was running")
+    }
+
+    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // `ip netns exec` execs the binary, so the pid is forwarder's.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let status = child.wait().ok();
+        panic!("forwarder in {} ignored SIGTERM ({status:?}):\n{}", self.node_ns, self.log_text());
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Status code of GET /healthz on 127.0.0.1:10256 inside `node`.
+pub fn healthz(node: &NetNs) -> Option<u16> {
+    node.run(|| {
+        let mut stream =
+            TcpStream::connect_timeout(&"127.0.0.1:10256".parse().unwrap(), Duration::from_millis(200)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        response.split_whitespace().nth(1)?.parse().ok()
+    })
+}
+
+/// Programs attached in `node`, one `"<hook> <iface> <program>"` per
+/// attachment (XDP from iproute2, TCX from BPF_PROG_QUERY).
+pub fn attachments(node: &NetNs) -> Vec<String> {
+    let links = node.ip(&["-o", "-d", "link", "show"]);
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&links.stdout).lines() {
+        let Some(iface) = line.split(": ").nth(1).map(|n| n.split('@').next().unwrap_or(n).to_owned()) else {
+            continue;
+        };
+        if let Some(rest) = line.split("prog/xdp ").nth(1) {
+            let name = rest.split_whitespace().skip_while(|w| *w != "name").nth(1).unwrap_or("?");
+            found.push(format!("xdp {iface} {name}"));
+        }
+        for (hook, attach_type) in [("ingress", TcAttachType::Ingress), ("egress", TcAttachType::Egress)] {
+            let programs = node.run(|| SchedClassifier::query_tcx(&iface, attach_type));
+            for program in programs.map(|(_, p)| p).unwrap_or_default() {
+                let name = program.name_as_str().unwrap_or("?").to_owned();
+                found.push(format!("tcx-{hook} {iface} {name}"));
+            }
+        }
+    }
+    found
+}

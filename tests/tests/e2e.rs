@@ -1,0 +1,200 @@
+//! End-to-end: real sockets across namespaces, forwarder running in the node.
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use forwarder_tests::{
+    echo::{EchoConn, EchoServer, tcp_once, udp_once},
+    forwarder::{Forwarder, attachments},
+    netns::NetNs,
+    topology::{NODE_IFACE, NODE_IP, NODE_NAME, Topology},
+};
+
+const CLUSTER_IP: &str = "10.96.0.10";
+
+fn demo_manifest() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/demo.yaml")
+}
+
+/// A private copy of the demo manifest that a test may edit.
+struct ManifestCopy(PathBuf);
+
+impl ManifestCopy {
+    fn new(topology: &Topology) -> Self {
+        let path = std::env::temp_dir().join(format!("{}-demo.yaml", topology.node.name));
+        std::fs::copy(demo_manifest(), &path).expect("copy demo manifest");
+        Self(path)
+    }
+
+    fn edit(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.0).unwrap();
+        assert!(text.contains(from), "manifest lacks {from:?}");
+        std::fs::write(&self.0, text.replacen(from, to, 1)).unwrap();
+    }
+}
+
+impl Drop for ManifestCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+struct Setup {
+    forwarder: Forwarder,
+    _servers: Vec<EchoServer>,
+    manifest: ManifestCopy,
+    topology: Topology,
+}
+
+fn setup(tag: &str) -> Setup {
+    let topology = Topology::new(tag);
+    let servers = ["pod-a", "pod-b"]
+        .iter()
+        .map(|name| EchoServer::start(&topology.pod(name).ns, name))
+        .collect();
+    let manifest = ManifestCopy::new(&topology);
+    let forwarder = Forwarder::start(&topology.node, &manifest.0, NODE_NAME, NODE_IFACE);
+    Setup { forwarder, _servers: servers, manifest, topology }
+}
+
+/// Asks over new TCP connections until both pods answered (or panics).
+fn tcp_reaches_both(client: &NetNs, frontend: &str, forwarder: &Forwarder) {
+    let mut seen = BTreeSet::new();
+    for _ in 0..64 {
+        let who = tcp_once(client, frontend)
+            .unwrap_or_else(|e| panic!("TCP to {frontend}: {e}\n{}", forwarder.log_text()));
+        seen.insert(who);
+        if seen.len() == 2 {
+            return;
+        }
+    }
+    panic!("TCP to {frontend} reached only {seen:?}");
+}
+
+fn udp_reaches_both(client: &NetNs, frontend: &str, forwarder: &Forwarder) {
+    let mut seen = BTreeSet::new();
+    for _ in 0..64 {
+        let (who, from) = udp_once(client, frontend)
+            .unwrap_or_else(|e| panic!("UDP to {frontend}: {e}\n{}", forwarder.log_text()));
+        assert_eq!(from.to_string(), frontend, "reply must come from the frontend");
+        seen.insert(who);
+        if seen.len() == 2 {
+            return;
+        }
+    }
+    panic!("UDP to {frontend} reached only {seen:?}");
+}
+
+#[test]
+fn nodeport_from_external_client_reaches_both_pods() {
+    let s = setup("np");
+    let tcp = format!("{NODE_IP}:30080");
+    let conn = EchoConn::connect(&s.topology.client, &tcp).expect("connect");
+    assert_eq!(conn.peer().to_string(), tcp, "the client sees the address it connected to");
+    tcp_reaches_both(&s.topology.client, &tcp, &s.forwarder);
+    udp_reaches_both(&s.topology.client, &format!("{NODE_IP}:30053"), &s.forwarder);
+}
+
+#[test]
+fn cluster_ip_from_a_pod_reaches_both_pods() {
+    let s = setup("cip");
+    let client = &s.topology.pod("pod-c").ns;
+    tcp_reaches_both(client, &format!("{CLUSTER_IP}:80"), &s.forwarder);
+    udp_reaches_both(client, &format!("{CLUSTER_IP}:53"), &s.forwarder);
+}
+
+#[test]
+fn frontends_are_unreachable_without_the_datapath() {
+    let topology = Topology::new("none");
+    let _servers: Vec<EchoServer> =
+        ["pod-a", "pod-b"].iter().map(|n| EchoServer::start(&topology.pod(n).ns, n)).collect();
+    // Pods themselves are reachable: the topology is sound...
+    assert_eq!(tcp_once(&topology.client, "10.244.1.2:8080").expect("direct to pod"), "pod-a");
+    // ...but no Service frontend is, until forwarder runs.
+    assert!(tcp_once(&topology.client, &format!("{NODE_IP}:30080")).is_err());
+    assert!(udp_once(&topology.client, &format!("{NODE_IP}:30053")).is_err());
+    assert!(tcp_once(&topology.pod("pod-c").ns, &format!("{CLUSTER_IP}:80")).is_err());
+    let rules = topology.node.exec(&["sh", "-c", "nft list ruleset 2>/dev/null; iptables-save 2>/dev/null; true"]);
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(!rules.contains("DNAT") && !rules.contains("dnat"), "netfilter NAT in the topology: {rules}");
+
+    let manifest = ManifestCopy::new(&topology);
+    let forwarder = Forwarder::start(&topology.node, &manifest.0, NODE_NAME, NODE_IFACE);
+    assert!(tcp_once(&topology.client, &format!("{NODE_IP}:30080")).is_ok(), "{}", forwarder.log_text());
+}
+
+#[test]
+fn sigterm_detaches_every_program() {
+    let s = setup("term");
+    let attached = attachments(&s.topology.node);
+    for expected in [
+        "xdp eth-ext fwd_xdp_node",
+        "tcx-egress eth-ext fwd_tc_rnat",
+        "tcx-ingress veth-a fwd_tc_pod",
+        "tcx-egress veth-a fwd_tc_rnat",
+        "tcx-ingress veth-c fwd_tc_pod",
+    ] {
+        assert!(attached.iter().any(|a| a == expected), "{expected} missing: {attached:?}");
+    }
+    assert!(!attached.iter().any(|a| a.contains("ingress eth-ext")), "TC ingress on the node iface: {attached:?}");
+    let Setup { forwarder, topology, .. } = s;
+    let status = forwarder.stop();
+    assert!(status.success(), "exit status {status}");
+    let attached = attachments(&topology.node);
+    assert!(attached.is_empty(), "programs left attached: {attached:?}");
+    assert!(tcp_once(&topology.client, &format!("{NODE_IP}:30080")).is_err());
+}
+
+#[test]
+fn pod_interfaces_created_after_start_get_the_program() {
+    let s = setup("late");
+    let late = NetNs::new(format!("{}-late", s.topology.node.name));
+    s.topology.node.ip(&["link", "add", "veth-late", "type", "veth", "peer", "name", "eth0", "netns", &late.name]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let attached = attachments(&s.topology.node);
+        if attached.iter().any(|a| a == "tcx-ingress veth-late fwd_tc_pod") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "veth-late never attached: {attached:?}\n{}", s.forwarder.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn manifest_edit_applies_live_and_keeps_established_connections() {
+    let s = setup("edit");
+    let client = &s.topology.client;
+    let tcp = format!("{NODE_IP}:30080");
+    // An established connection, pinned to whichever pod it got.
+    let mut established = EchoConn::connect(client, &tcp).expect("connect");
+    let pinned = established.ask().expect("first answer");
+    let other = if pinned == "pod-a" { "pod-b" } else { "pod-a" };
+    let other_ip = if other == "pod-a" { "10.244.1.2" } else { "10.244.1.3" };
+    let pinned_ip = if pinned == "pod-a" { "10.244.1.2" } else { "10.244.1.3" };
+
+    // Remove the pinned pod's endpoint: new connections go to the other.
+    s.manifest.edit(&format!("- addresses: [{pinned_ip}]\n  conditions: {{ready: true}}"),
+        &format!("- addresses: [{pinned_ip}]\n  conditions: {{ready: false}}"));
+    let deadline = Instant::now() + Duration::from_secs(1) + Duration::from_millis(500);
+    let mut all_other = false;
+    while Instant::now() < deadline {
+        let answers: BTreeSet<String> = (0..16).map(|_| tcp_once(client, &tcp).expect("request")).collect();
+        if answers == BTreeSet::from([other.to_owned()]) {
+            all_other = true;
+            break;
+        }
+    }
+    assert!(all_other, "endpoint removal not applied within ~1 s:\n{}", s.forwarder.log_text());
+    assert_eq!(established.ask().expect("established connection survives"), pinned);
+
+    // Add it back: both are reached again, and the old connection still works.
+    s.manifest.edit(&format!("- addresses: [{pinned_ip}]\n  conditions: {{ready: false}}"),
+        &format!("- addresses: [{pinned_ip}]\n  conditions: {{ready: true}}"));
+    std::thread::sleep(Duration::from_millis(600));
+    tcp_reaches_both(client, &tcp, &s.forwarder);
+    assert_eq!(established.ask().expect("still alive"), pinned);
+    let _ = other_ip;
+}
