@@ -1,1 +1,30 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | demo | test | bench`.
+mod demo;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the pinned eBPF toolchain and the packages the tests need (idempotent).
+    Setup,
+    /// Run forwarder on the embedded demo: NodePort and ClusterIP traffic to two pods.
+    Demo,
+    /// Run every test: unit, BPF program fixtures, network-namespace end-to-end.
+    Test,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Demo => demo::run(),
+        Task::Test => test::run(),
+    }
+}

@@ -1,0 +1,19 @@
+//! `cargo xtask test`: the whole suite, as CI runs it.
+use std::process::Command;
+
+use crate::setup::{self, check, workspace_root};
+
+pub fn run() -> anyhow::Result<()> {
+    setup::run()?;
+    let root = workspace_root();
+    // The end-to-end tests run the real binary.
+    check(Command::new("cargo").current_dir(&root).args(["build", "--package", "forwarder-user"]))?;
+    check(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["test", "--workspace"])
+            .env("FORWARDER_BIN", root.join("target/debug/forwarder")),
+    )?;
+    println!("xtask test: all tests passed");
+    Ok(())
+}
