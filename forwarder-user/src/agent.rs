@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Node;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    dataplane::{Dataplane, XdpAttachMode},
+    dataplane::{Capacity, Dataplane, XdpAttachMode},
     healthz::{self, Health},
     manifests::{Fingerprint, ManifestSource},
     netlink::{Netlink, glob_match},
@@ -41,7 +41,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = healthz::bind(config.healthz_bind_address)
         .await
         .with_context(|| format!("healthz address {}", config.healthz_bind_address))?;
-    let dataplane = Dataplane::load().context("loading the eBPF programs")?;
+    let dataplane = Dataplane::load(Capacity::default()).context("loading the eBPF programs")?;
     let mut agent = Agent {
         dataplane,
         syncer: Syncer::new(),

@@ -2,7 +2,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use aya::{
-    Ebpf, EbpfError,
+    Ebpf, EbpfError, EbpfLoader,
     util::KernelVersion,
     maps::{HashMap, MapData, MapError, PerCpuArray},
     programs::{
@@ -16,6 +16,28 @@ use crate::sync::{Datapath, MapWriteError};
 
 /// The eBPF object built by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));
+/// Do-nothing programs the benchmark measures against (never attached).
+pub static CALIBRATION_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/calibrate"));
+
+/// Map sizes chosen at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    /// Service map entries: one per frontend plus one per backend slot.
+    pub services: u32,
+    pub backends: u32,
+    pub conntrack: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            services: forwarder_common::SERVICES_MAX,
+            backends: forwarder_common::BACKENDS_MAX,
+            conntrack: forwarder_common::CONNTRACK_MAX,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -101,8 +123,12 @@ impl Datapath for Maps {
 }
 
 /// Loads the object and returns it with the programs loaded (not attached).
-pub fn load_object() -> Result<Ebpf, DataplaneError> {
-    let mut ebpf = Ebpf::load(OBJECT)?;
+pub fn load_object(capacity: Capacity) -> Result<Ebpf, DataplaneError> {
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(map_names::SERVICES, capacity.services)
+        .map_max_entries(map_names::BACKENDS, capacity.backends)
+        .map_max_entries(map_names::CONNTRACK, capacity.conntrack)
+        .load(OBJECT)?;
     for name in [program_names::XDP_NODE, program_names::TC_POD, program_names::TC_REVERSE_NAT] {
         let program = ebpf.program_mut(name).ok_or(DataplaneError::Program {
             name,
@@ -142,8 +168,8 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    pub fn load() -> Result<Self, DataplaneError> {
-        let mut ebpf = load_object()?;
+    pub fn load(capacity: Capacity) -> Result<Self, DataplaneError> {
+        let mut ebpf = load_object(capacity)?;
         let maps = Maps::take(&mut ebpf)?;
         Ok(Self { ebpf, maps, node_xdp: Vec::new(), node_tc: Vec::new(), pod_tc: BTreeMap::new() })
     }

@@ -10,7 +10,7 @@ use aya::{
 use forwarder_common::{CtKey, CtValue, map_names, program_names, stat};
 use forwarder_tests::packet::{MF, Packet, ethernet, verify_checksums};
 use forwarder_user::{
-    dataplane::{Maps, load_object},
+    dataplane::{Capacity, Maps, load_object},
     model::{DesiredState, Endpoint, Frontend, Proto},
     sync::Syncer,
 };
@@ -62,7 +62,7 @@ fn default_services() -> Vec<(Frontend, Vec<&'static str>)> {
 
 impl Harness {
     fn new() -> Self {
-        let mut ebpf = load_object().expect("eBPF object loads (are you root?)");
+        let mut ebpf = load_object(Capacity::default()).expect("eBPF object loads (are you root?)");
         let maps = Maps::take(&mut ebpf).expect("maps present");
         let mut harness = Self { ebpf, maps, syncer: Syncer::new() };
         let report = harness
