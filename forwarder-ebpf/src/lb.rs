@@ -81,6 +81,24 @@ fn ensure_reply(flow: &Flow, fwd: &CtValue) -> Result<(), u32> {
         .map_err(|_| stat::DROP_CT_INSERT)
 }
 
+/// Picks a backend and records both directions of the flow.
+#[inline(always)]
+fn new_flow(flow: &Flow, key: &CtKey, svc: SvcKey, count: u16) -> Result<CtValue, u32> {
+    let chosen = choose_backend(svc, count)?;
+    if CONNTRACK.insert(key, &chosen, u64::from(BPF_NOEXIST)).is_err() {
+        // Another CPU created the flow first: follow its choice.
+        // SAFETY: copied out immediately.
+        let existing = unsafe { CONNTRACK.get(key) }.copied().ok_or(stat::DROP_CT_INSERT)?;
+        ensure_reply(flow, &existing)?;
+        return Ok(existing);
+    }
+    let (reply_key, reply) = reply_entry(flow, &chosen);
+    CONNTRACK
+        .insert(&reply_key, &reply, u64::from(BPF_ANY))
+        .map_err(|_| stat::DROP_CT_INSERT)?;
+    Ok(chosen)
+}
+
 #[inline(always)]
 fn choose_backend(svc: SvcKey, count: u16) -> Result<CtValue, u32> {
     if count == 0 {
@@ -107,19 +125,13 @@ pub fn service_dnat(flow: &Flow) -> Decision {
     }
     let key = forward_key(flow);
     // SAFETY: copied out immediately.
-    let fwd = match unsafe { CONNTRACK.get(&key) } {
-        Some(existing) => *existing,
-        None => {
-            let chosen = choose_backend(svc, count)?;
-            match CONNTRACK.insert(&key, &chosen, u64::from(BPF_NOEXIST)) {
-                Ok(()) => chosen,
-                // Another CPU created the flow first: follow its choice.
-                // SAFETY: copied out immediately.
-                Err(_) => *unsafe { CONNTRACK.get(&key) }.ok_or(stat::DROP_CT_INSERT)?,
-            }
+    let fwd = match unsafe { CONNTRACK.get(&key) }.copied() {
+        Some(existing) => {
+            ensure_reply(flow, &existing)?;
+            existing
         }
+        None => new_flow(flow, &key, svc, count)?,
     };
-    ensure_reply(flow, &fwd)?;
     Ok(Some(Nat { addr: fwd.nat_addr, port: fwd.nat_port }))
 }
 

@@ -1,4 +1,5 @@
 //! Project tasks: `cargo xtask setup | demo | test | bench`.
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -19,6 +20,8 @@ enum Task {
     Demo,
     /// Run every test: unit, BPF program fixtures, network-namespace end-to-end.
     Test,
+    /// Measure the programs' per-packet cost; writes bench/results/.
+    Bench,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,5 +29,6 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::Demo => demo::run(),
         Task::Test => test::run(),
+        Task::Bench => bench::run(),
     }
 }
