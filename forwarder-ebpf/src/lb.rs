@@ -59,12 +59,8 @@ fn reply_entry(flow: &Flow, fwd: &CtValue) -> (CtKey, CtValue) {
         _pad: [0; 2],
     };
     // The address the client used, not the wildcard of a NodePort entry.
-    let value = CtValue {
-        nat_addr: flow.daddr,
-        nat_port: flow.dport,
-        _pad: 0,
-        backend_id: fwd.backend_id,
-    };
+    let value =
+        CtValue { nat_addr: flow.daddr, nat_port: flow.dport, _pad: 0, backend_id: fwd.backend_id };
     (key, value)
 }
 
@@ -76,9 +72,7 @@ fn ensure_reply(flow: &Flow, fwd: &CtValue) -> Result<(), u32> {
     if unsafe { CONNTRACK.get(&key) }.is_some() {
         return Ok(());
     }
-    CONNTRACK
-        .insert(&key, &value, u64::from(BPF_ANY))
-        .map_err(|_| stat::DROP_CT_INSERT)
+    CONNTRACK.insert(&key, &value, u64::from(BPF_ANY)).map_err(|_| stat::DROP_CT_INSERT)
 }
 
 /// Picks a backend and records both directions of the flow.
@@ -93,9 +87,7 @@ fn new_flow(flow: &Flow, key: &CtKey, svc: SvcKey, count: u16) -> Result<CtValue
         return Ok(existing);
     }
     let (reply_key, reply) = reply_entry(flow, &chosen);
-    CONNTRACK
-        .insert(&reply_key, &reply, u64::from(BPF_ANY))
-        .map_err(|_| stat::DROP_CT_INSERT)?;
+    CONNTRACK.insert(&reply_key, &reply, u64::from(BPF_ANY)).map_err(|_| stat::DROP_CT_INSERT)?;
     Ok(chosen)
 }
 

@@ -32,6 +32,8 @@ pub struct Config {
 
 /// How often the manifests are checked for changes (edits apply within 1 s).
 const MANIFEST_POLL: Duration = Duration::from_millis(250);
+/// When map writes failed (a full map), the sync is retried this often.
+const RETRY_FAILED_SYNC: Duration = Duration::from_secs(5);
 
 /// Loads and attaches the programs, runs until SIGINT/SIGTERM, then
 /// detaches everything it attached, also when it fails part-way.
@@ -86,6 +88,7 @@ impl Agent {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut poll = tokio::time::interval(MANIFEST_POLL);
         let mut fingerprint: Option<Fingerprint> = None;
+        let mut retry_at: Option<Instant> = None;
         self.reconcile_interfaces().await;
         loop {
             tokio::select! {
@@ -93,9 +96,11 @@ impl Agent {
                 _ = sigint.recv() => break,
                 _ = poll.tick() => {
                     let current = self.source.fingerprint();
-                    if fingerprint.as_ref() != Some(&current) {
+                    let retry = retry_at.is_some_and(|at| Instant::now() >= at);
+                    if retry || fingerprint.as_ref() != Some(&current) {
                         fingerprint = Some(current);
-                        self.sync_manifests();
+                        let complete = self.sync_manifests();
+                        retry_at = (!complete).then(|| Instant::now() + RETRY_FAILED_SYNC);
                         self.reconcile_interfaces().await;
                     }
                 }
@@ -112,7 +117,8 @@ impl Agent {
         Ok(())
     }
 
-    fn sync_manifests(&mut self) {
+    /// Returns whether every map write succeeded.
+    fn sync_manifests(&mut self) -> bool {
         let started = Instant::now();
         let (objects, problems) = self.source.load();
         for problem in &problems {
@@ -134,6 +140,7 @@ impl Agent {
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "synced"
         );
+        report.errors.is_empty()
     }
 
     /// Attaches to new pod-facing interfaces, forgets vanished ones, and
@@ -149,14 +156,16 @@ impl Agent {
                     .collect();
                 let attached: Vec<(u32, String)> =
                     self.dataplane.pod_ifaces().map(|(i, n)| (i, n.to_owned())).collect();
-                for (index, name) in &attached {
-                    if !wanted.contains(&(*index, name.clone())) {
-                        self.dataplane.detach_pod_iface(*index);
+                for (index, name) in attached {
+                    // Gone, or renamed (CNIs create veths under a temporary name).
+                    if !wanted.contains(&(index, name.clone())) {
+                        self.dataplane.detach_pod_iface(index);
                         tracing::info!(iface = %name, "pod interface gone, detached");
                     }
                 }
+                let attached: BTreeSet<u32> = self.dataplane.pod_ifaces().map(|(i, _)| i).collect();
                 for (index, name) in wanted {
-                    if attached.iter().any(|(i, _)| *i == index) {
+                    if attached.contains(&index) {
                         continue;
                     }
                     match self.dataplane.attach_pod_iface(index, &name) {

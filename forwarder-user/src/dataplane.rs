@@ -3,12 +3,12 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    util::KernelVersion,
     maps::{HashMap, MapData, MapError, PerCpuArray},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
         xdp::XdpLinkId,
     },
+    util::KernelVersion,
 };
 use forwarder_common::{Backend, SvcKey, SvcValue, map_names, program_names, stat};
 
@@ -237,7 +237,8 @@ impl Dataplane {
     /// to pods) on a pod-facing interface.
     pub fn attach_pod_iface(&mut self, index: u32, name: &str) -> Result<(), DataplaneError> {
         let ingress = self.attach_tc(name, program_names::TC_POD, TcAttachType::Ingress)?;
-        let egress = match self.attach_tc(name, program_names::TC_REVERSE_NAT, TcAttachType::Egress) {
+        let egress = match self.attach_tc(name, program_names::TC_REVERSE_NAT, TcAttachType::Egress)
+        {
             Ok(link) => link,
             Err(err) => {
                 self.detach_tc(name, vec![ingress]);

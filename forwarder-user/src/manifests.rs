@@ -166,7 +166,10 @@ fn read_file(
             ("discovery.k8s.io/v1", "EndpointSlice") => "EndpointSlice",
             ("v1", "Node") => "Node",
             _ => {
-                problem(label, format!("unsupported object {api_version:?}/{kind_name:?}, ignored"));
+                problem(
+                    label,
+                    format!("unsupported object {api_version:?}/{kind_name:?}, ignored"),
+                );
                 continue;
             }
         };

@@ -71,9 +71,8 @@ impl Netlink {
             .iter()
             .flat_map(|m| m.attributes.iter())
             .filter_map(|a| match a {
-                AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) => {
-                    Some(*ip)
-                }
+                AddressAttribute::Local(IpAddr::V4(ip))
+                | AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
                 _ => None,
             })
             .filter(|ip| !ip.is_loopback())

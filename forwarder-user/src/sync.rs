@@ -147,7 +147,9 @@ impl Syncer {
         let endpoints = &endpoints[..endpoints.len().min(MAX_SLOTS)];
         let ids = endpoints
             .iter()
-            .map(|e| self.backend_id(BackendKey { endpoint: *e, proto: frontend.proto }, dp, report))
+            .map(|e| {
+                self.backend_id(BackendKey { endpoint: *e, proto: frontend.proto }, dp, report)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let applied = self.applied.entry(*frontend).or_default();
         let new_count = ids.len() as u16;

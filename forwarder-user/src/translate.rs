@@ -44,8 +44,7 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
             continue;
         };
         let spec = service.spec.as_ref().expect("cluster_ip checked spec");
-        let exposes_node_port =
-            matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+        let exposes_node_port = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
         let own_slices = slices_of(service, slices);
         for port in spec.ports.iter().flatten() {
             let Some(proto) = protocol(port, &name, &mut out.skipped) else {
@@ -57,11 +56,11 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
             let endpoints = endpoints_for(port, proto, &own_slices);
             let mut frontends =
                 vec![Frontend { addr: Some(cluster_ip), port: service_port, proto }];
-            if exposes_node_port && let Some(node_port) = port.node_port {
-                if let Some(node_port) = port_number(node_port, "nodePort", &name, &mut out.skipped)
-                {
-                    frontends.push(Frontend { addr: None, port: node_port, proto });
-                }
+            if exposes_node_port
+                && let Some(node_port) = port.node_port
+                && let Some(node_port) = port_number(node_port, "nodePort", &name, &mut out.skipped)
+            {
+                frontends.push(Frontend { addr: None, port: node_port, proto });
             }
             for frontend in frontends {
                 if let Some(first) = owner.get(&frontend) {
@@ -146,7 +145,8 @@ fn slices_of<'a>(service: &Service, slices: &'a [EndpointSlice]) -> Vec<&'a Endp
         .filter(|slice| {
             slice.metadata.namespace == *namespace
                 && slice.address_type == "IPv4"
-                && slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) == name.as_ref()
+                && slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    == name.as_ref()
         })
         .collect()
 }

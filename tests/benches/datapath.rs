@@ -72,7 +72,8 @@ impl Bench {
         let mut calibration = Ebpf::load(CALIBRATION_OBJECT).expect("load calibration");
         let p: &mut Xdp = calibration.program_mut("bare_xdp_pass").unwrap().try_into().unwrap();
         p.load().unwrap();
-        let p: &mut SchedClassifier = calibration.program_mut("bare_tc_ok").unwrap().try_into().unwrap();
+        let p: &mut SchedClassifier =
+            calibration.program_mut("bare_tc_ok").unwrap().try_into().unwrap();
         p.load().unwrap();
         Self { ebpf, calibration, _maps: maps }
     }
@@ -87,8 +88,12 @@ impl Bench {
 }
 
 /// Mean ns per run over `repeat` runs of the same packet.
-fn batch(prog: &impl TestRun<Opts<'static> = TestRunOptions<'static>, Result = aya::TestRunResult>, input: &'static [u8]) -> f64 {
-    let opts = TestRunOptions { data_in: Some(input), repeat: BATCH_REPEAT, ..TestRunOptions::default() };
+fn batch(
+    prog: &impl TestRun<Opts<'static> = TestRunOptions<'static>, Result = aya::TestRunResult>,
+    input: &'static [u8],
+) -> f64 {
+    let opts =
+        TestRunOptions { data_in: Some(input), repeat: BATCH_REPEAT, ..TestRunOptions::default() };
     let result = prog.test_run(opts).expect("test_run");
     result.duration.as_nanos() as f64
 }
@@ -125,7 +130,13 @@ fn main() {
         for round in 0..ROUNDS {
             let base = 1000 + (round as u16) * SINGLE_RUNS;
             let new_flows: Vec<Vec<u8>> = (0..SINGLE_RUNS)
-                .map(|i| Packet::tcp(&format!("192.168.11.{}:{}", round + 1, base.wrapping_add(i)), "192.168.10.1:30080").bytes())
+                .map(|i| {
+                    Packet::tcp(
+                        &format!("192.168.11.{}:{}", round + 1, base.wrapping_add(i)),
+                        "192.168.10.1:30080",
+                    )
+                    .bytes()
+                })
                 .collect();
             let measurements = [
                 ("bare_xdp_pass", "batch", batch(bare_xdp, no_match)),

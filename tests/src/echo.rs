@@ -30,10 +30,8 @@ impl EchoServer {
         });
         let stop = Arc::new(AtomicBool::new(false));
         let reply = format!("{name}\n");
-        let threads = vec![
-            spawn_tcp(tcp, reply.clone(), stop.clone()),
-            spawn_udp(udp, reply, stop.clone()),
-        ];
+        let threads =
+            vec![spawn_tcp(tcp, reply.clone(), stop.clone()), spawn_udp(udp, reply, stop.clone())];
         Self { stop, threads }
     }
 }

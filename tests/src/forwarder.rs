@@ -65,7 +65,11 @@ impl Forwarder {
             if healthz(node) == Some(200) {
                 return;
             }
-            assert!(Instant::now() < deadline, "forwarder never became healthy:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "forwarder never became healthy:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -115,8 +119,11 @@ impl Drop for Forwarder {
 /// Status code of GET /healthz on 127.0.0.1:10256 inside `node`.
 pub fn healthz(node: &NetNs) -> Option<u16> {
     node.run(|| {
-        let mut stream =
-            TcpStream::connect_timeout(&"127.0.0.1:10256".parse().unwrap(), Duration::from_millis(200)).ok()?;
+        let mut stream = TcpStream::connect_timeout(
+            &"127.0.0.1:10256".parse().unwrap(),
+            Duration::from_millis(200),
+        )
+        .ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
         stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
         let mut response = String::new();
@@ -131,14 +138,18 @@ pub fn attachments(node: &NetNs) -> Vec<String> {
     let links = node.ip(&["-o", "-d", "link", "show"]);
     let mut found = Vec::new();
     for line in String::from_utf8_lossy(&links.stdout).lines() {
-        let Some(iface) = line.split(": ").nth(1).map(|n| n.split('@').next().unwrap_or(n).to_owned()) else {
+        let Some(iface) =
+            line.split(": ").nth(1).map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        else {
             continue;
         };
         if let Some(rest) = line.split("prog/xdp ").nth(1) {
             let name = rest.split_whitespace().skip_while(|w| *w != "name").nth(1).unwrap_or("?");
             found.push(format!("xdp {iface} {name}"));
         }
-        for (hook, attach_type) in [("ingress", TcAttachType::Ingress), ("egress", TcAttachType::Egress)] {
+        for (hook, attach_type) in
+            [("ingress", TcAttachType::Ingress), ("egress", TcAttachType::Egress)]
+        {
             let programs = node.run(|| SchedClassifier::query_tcx(&iface, attach_type));
             for program in programs.map(|(_, p)| p).unwrap_or_default() {
                 let name = program.name_as_str().unwrap_or("?").to_owned();

@@ -66,7 +66,8 @@ impl NetNs {
         std::thread::scope(|s| {
             s.spawn(|| {
                 let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-                setns(file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+                setns(file, CloneFlags::CLONE_NEWNET)
+                    .unwrap_or_else(|e| panic!("setns {path}: {e}"));
                 f()
             })
             .join()

@@ -45,7 +45,18 @@ impl Topology {
         node.sysctl("net.ipv4.conf.default.rp_filter", "0");
 
         let client = NetNs::new(format!("{prefix}-client"));
-        node.ip(&["link", "add", NODE_IFACE, "type", "veth", "peer", "name", "eth0", "netns", &client.name]);
+        node.ip(&[
+            "link",
+            "add",
+            NODE_IFACE,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &client.name,
+        ]);
         node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", NODE_IFACE]);
         node.ip(&["link", "set", NODE_IFACE, "up"]);
         client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"]);
@@ -60,9 +71,19 @@ impl Topology {
             .map(|(name, ip)| {
                 let ns = NetNs::new(format!("{prefix}-{name}"));
                 let host_side = format!("veth-{}", &name[4..]);
-                node.ip(&["link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
+                node.ip(&[
+                    "link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns",
+                    &ns.name,
+                ]);
                 node.ip(&["link", "set", &host_side, "up"]);
-                node.ip(&["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", &host_side, "noprefixroute"]);
+                node.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{POD_GATEWAY}/32"),
+                    "dev",
+                    &host_side,
+                    "noprefixroute",
+                ]);
                 node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_side]);
                 ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
                 ns.ip(&["link", "set", "eth0", "up"]);

@@ -65,9 +65,8 @@ impl Harness {
         let mut ebpf = load_object(Capacity::default()).expect("eBPF object loads (are you root?)");
         let maps = Maps::take(&mut ebpf).expect("maps present");
         let mut harness = Self { ebpf, maps, syncer: Syncer::new() };
-        let report = harness
-            .syncer
-            .apply_node_ips(&[NODE_IP.parse().unwrap()].into(), &mut harness.maps);
+        let report =
+            harness.syncer.apply_node_ips(&[NODE_IP.parse().unwrap()].into(), &mut harness.maps);
         assert!(report.errors.is_empty(), "{report:?}");
         harness.set_services(&default_services());
         harness
@@ -86,10 +85,15 @@ impl Harness {
 
     fn run(&self, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; input.len() + 256];
-        let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..TestRunOptions::default() };
+        let opts = TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        };
         let result = match prog {
             Prog::Xdp => {
-                let p: &Xdp = self.ebpf.program(program_names::XDP_NODE).unwrap().try_into().unwrap();
+                let p: &Xdp =
+                    self.ebpf.program(program_names::XDP_NODE).unwrap().try_into().unwrap();
                 p.test_run(opts)
             }
             Prog::Tc | Prog::TcEgress => {
@@ -170,7 +174,12 @@ fn fixtures() -> Vec<Fixture> {
         },
         Fixture {
             name: "UDP checksum 0 stays 0",
-            steps: vec![step(Xdp, &np_udp_nocsum, XDP_PASS, Some(&np_udp_nocsum.with_dst("10.244.1.2:5353")))],
+            steps: vec![step(
+                Xdp,
+                &np_udp_nocsum,
+                XDP_PASS,
+                Some(&np_udp_nocsum.with_dst("10.244.1.2:5353")),
+            )],
             stats: vec![("dnat", 1)],
         },
         Fixture {
@@ -205,7 +214,12 @@ fn fixtures() -> Vec<Fixture> {
             name: "ClusterIP UDP reply is reverse-translated",
             steps: vec![
                 step(Tc, &cip_udp, TC_ACT_OK, Some(&cip_udp.with_dst("10.244.1.2:5353"))),
-                step(TcEgress, &cip_udp.with_dst("10.244.1.2:5353").reversed(), TC_ACT_OK, Some(&cip_udp.reversed())),
+                step(
+                    TcEgress,
+                    &cip_udp.with_dst("10.244.1.2:5353").reversed(),
+                    TC_ACT_OK,
+                    Some(&cip_udp.reversed()),
+                ),
             ],
             stats: vec![("dnat", 1), ("reverse_nat", 1)],
         },
@@ -213,7 +227,12 @@ fn fixtures() -> Vec<Fixture> {
             name: "a packet that is no reply and no Service passes untouched",
             steps: vec![
                 step(Tc, &Packet::tcp("10.244.1.2:8080", "192.168.10.2:40000"), TC_ACT_OK, None),
-                step(TcEgress, &Packet::tcp("10.244.1.2:8080", "192.168.10.2:40000"), TC_ACT_OK, None),
+                step(
+                    TcEgress,
+                    &Packet::tcp("10.244.1.2:8080", "192.168.10.2:40000"),
+                    TC_ACT_OK,
+                    None,
+                ),
             ],
             stats: vec![],
         },
@@ -238,12 +257,20 @@ fn fixtures() -> Vec<Fixture> {
         },
         Fixture {
             name: "IP options: L4 found from IHL, options kept, checksums right",
-            steps: vec![step(Xdp, &with_options, XDP_PASS, Some(&with_options.with_dst("10.244.1.2:8080")))],
+            steps: vec![step(
+                Xdp,
+                &with_options,
+                XDP_PASS,
+                Some(&with_options.with_dst("10.244.1.2:8080")),
+            )],
             stats: vec![("dnat", 1)],
         },
         Fixture {
             name: "first fragment to a Service is dropped and counted",
-            steps: vec![step(Xdp, &first_fragment, XDP_DROP, None), step(Tc, &first_fragment, TC_ACT_SHOT, None)],
+            steps: vec![
+                step(Xdp, &first_fragment, XDP_DROP, None),
+                step(Tc, &first_fragment, TC_ACT_SHOT, None),
+            ],
             stats: vec![("drop_fragment", 2)],
         },
         Fixture {
@@ -287,11 +314,7 @@ fn fixtures() -> Vec<Fixture> {
             steps: vec![raw(Xdp, bad_ihl.clone(), XDP_PASS), raw(Tc, bad_ihl, TC_ACT_OK)],
             stats: vec![("malformed_passed", 2)],
         },
-        Fixture {
-            name: "non-IPv4 passes",
-            steps: vec![raw(Xdp, ipv6, XDP_PASS)],
-            stats: vec![],
-        },
+        Fixture { name: "non-IPv4 passes", steps: vec![raw(Xdp, ipv6, XDP_PASS)], stats: vec![] },
         Fixture {
             name: "a Service without endpoints drops and counts",
             steps: vec![

@@ -101,6 +101,8 @@ fn nodeport_from_external_client_reaches_both_pods() {
 fn cluster_ip_from_a_pod_reaches_both_pods() {
     let s = setup("cip");
     let client = &s.topology.pod("pod-c").ns;
+    let conn = EchoConn::connect(client, &format!("{CLUSTER_IP}:80")).expect("connect");
+    assert_eq!(conn.peer().to_string(), format!("{CLUSTER_IP}:80"));
     tcp_reaches_both(client, &format!("{CLUSTER_IP}:80"), &s.forwarder);
     udp_reaches_both(client, &format!("{CLUSTER_IP}:53"), &s.forwarder);
 }
@@ -116,13 +118,24 @@ fn frontends_are_unreachable_without_the_datapath() {
     assert!(tcp_once(&topology.client, &format!("{NODE_IP}:30080")).is_err());
     assert!(udp_once(&topology.client, &format!("{NODE_IP}:30053")).is_err());
     assert!(tcp_once(&topology.pod("pod-c").ns, &format!("{CLUSTER_IP}:80")).is_err());
-    let rules = topology.node.exec(&["sh", "-c", "nft list ruleset 2>/dev/null; iptables-save 2>/dev/null; true"]);
+    let rules = topology.node.exec(&[
+        "sh",
+        "-c",
+        "nft list ruleset 2>/dev/null; iptables-save 2>/dev/null; true",
+    ]);
     let rules = String::from_utf8_lossy(&rules.stdout);
-    assert!(!rules.contains("DNAT") && !rules.contains("dnat"), "netfilter NAT in the topology: {rules}");
+    assert!(
+        !rules.contains("DNAT") && !rules.contains("dnat"),
+        "netfilter NAT in the topology: {rules}"
+    );
 
     let manifest = ManifestCopy::new(&topology);
     let forwarder = Forwarder::start(&topology.node, &manifest.0, NODE_NAME, NODE_IFACE);
-    assert!(tcp_once(&topology.client, &format!("{NODE_IP}:30080")).is_ok(), "{}", forwarder.log_text());
+    assert!(
+        tcp_once(&topology.client, &format!("{NODE_IP}:30080")).is_ok(),
+        "{}",
+        forwarder.log_text()
+    );
 }
 
 #[test]
@@ -138,7 +151,10 @@ fn sigterm_detaches_every_program() {
     ] {
         assert!(attached.iter().any(|a| a == expected), "{expected} missing: {attached:?}");
     }
-    assert!(!attached.iter().any(|a| a.contains("ingress eth-ext")), "TC ingress on the node iface: {attached:?}");
+    assert!(
+        !attached.iter().any(|a| a.contains("ingress eth-ext")),
+        "TC ingress on the node iface: {attached:?}"
+    );
     let Setup { forwarder, topology, .. } = s;
     let status = forwarder.stop();
     assert!(status.success(), "exit status {status}");
@@ -151,14 +167,29 @@ fn sigterm_detaches_every_program() {
 fn pod_interfaces_created_after_start_get_the_program() {
     let s = setup("late");
     let late = NetNs::new(format!("{}-late", s.topology.node.name));
-    s.topology.node.ip(&["link", "add", "veth-late", "type", "veth", "peer", "name", "eth0", "netns", &late.name]);
+    s.topology.node.ip(&[
+        "link",
+        "add",
+        "veth-late",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &late.name,
+    ]);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let attached = attachments(&s.topology.node);
         if attached.iter().any(|a| a == "tcx-ingress veth-late fwd_tc_pod") {
             break;
         }
-        assert!(Instant::now() < deadline, "veth-late never attached: {attached:?}\n{}", s.forwarder.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "veth-late never attached: {attached:?}\n{}",
+            s.forwarder.log_text()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -172,16 +203,18 @@ fn manifest_edit_applies_live_and_keeps_established_connections() {
     let mut established = EchoConn::connect(client, &tcp).expect("connect");
     let pinned = established.ask().expect("first answer");
     let other = if pinned == "pod-a" { "pod-b" } else { "pod-a" };
-    let other_ip = if other == "pod-a" { "10.244.1.2" } else { "10.244.1.3" };
-    let pinned_ip = if pinned == "pod-a" { "10.244.1.2" } else { "10.244.1.3" };
+    let pinned_ip = s.topology.pod(&pinned).ip;
 
     // Remove the pinned pod's endpoint: new connections go to the other.
-    s.manifest.edit(&format!("- addresses: [{pinned_ip}]\n  conditions: {{ready: true}}"),
-        &format!("- addresses: [{pinned_ip}]\n  conditions: {{ready: false}}"));
+    s.manifest.edit(
+        &format!("- addresses: [{pinned_ip}]\n  conditions: {{ready: true}}"),
+        &format!("- addresses: [{pinned_ip}]\n  conditions: {{ready: false}}"),
+    );
     let deadline = Instant::now() + Duration::from_secs(1) + Duration::from_millis(500);
     let mut all_other = false;
     while Instant::now() < deadline {
-        let answers: BTreeSet<String> = (0..16).map(|_| tcp_once(client, &tcp).expect("request")).collect();
+        let answers: BTreeSet<String> =
+            (0..16).map(|_| tcp_once(client, &tcp).expect("request")).collect();
         if answers == BTreeSet::from([other.to_owned()]) {
             all_other = true;
             break;
@@ -191,10 +224,26 @@ fn manifest_edit_applies_live_and_keeps_established_connections() {
     assert_eq!(established.ask().expect("established connection survives"), pinned);
 
     // Add it back: both are reached again, and the old connection still works.
-    s.manifest.edit(&format!("- addresses: [{pinned_ip}]\n  conditions: {{ready: false}}"),
-        &format!("- addresses: [{pinned_ip}]\n  conditions: {{ready: true}}"));
+    s.manifest.edit(
+        &format!("- addresses: [{pinned_ip}]\n  conditions: {{ready: false}}"),
+        &format!("- addresses: [{pinned_ip}]\n  conditions: {{ready: true}}"),
+    );
     std::thread::sleep(Duration::from_millis(600));
     tcp_reaches_both(client, &tcp, &s.forwarder);
     assert_eq!(established.ask().expect("still alive"), pinned);
-    let _ = other_ip;
+}
+
+#[test]
+fn a_broken_manifest_keeps_the_last_good_state() {
+    let s = setup("broken");
+    let tcp = format!("{NODE_IP}:30080");
+    std::fs::write(&s.manifest.0, "apiVersion: v1\nkind: Service\n  oops: [").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !s.forwarder.log_text().contains("invalid YAML") {
+        assert!(Instant::now() < deadline, "broken file not reported:\n{}", s.forwarder.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(s.forwarder.log_text().contains("keeping its last good objects"));
+    tcp_reaches_both(&s.topology.client, &tcp, &s.forwarder);
+    udp_reaches_both(&s.topology.client, &format!("{NODE_IP}:30053"), &s.forwarder);
 }

@@ -36,7 +36,11 @@ pub fn run() -> anyhow::Result<()> {
     // (services, path, mode) -> every round's ns.
     let mut runs: BTreeMap<(u64, String, String), Vec<f64>> = BTreeMap::new();
     for s in &samples {
-        let key = (s["services"].as_u64().unwrap_or(0), s["path"].as_str().unwrap_or("").to_owned(), s["mode"].as_str().unwrap_or("").to_owned());
+        let key = (
+            s["services"].as_u64().unwrap_or(0),
+            s["path"].as_str().unwrap_or("").to_owned(),
+            s["mode"].as_str().unwrap_or("").to_owned(),
+        );
         runs.entry(key).or_default().push(s["ns"].as_f64().unwrap_or(f64::NAN));
     }
     let stats = |services: u64, path: &str, mode: &str| -> Option<(f64, f64, f64)> {
@@ -49,23 +53,33 @@ pub fn run() -> anyhow::Result<()> {
     let mut md = String::new();
     writeln!(md, "# Datapath cost per packet (BPF_PROG_TEST_RUN)\n")?;
     writeln!(md, "Machine: {}\n", machine["summary"].as_str().unwrap_or("?"))?;
-    writeln!(md, "Median of 5 rounds (min–max), ns per packet, and the ratio to a do-nothing program measured the same way in the same run. Batch: 200,000 repeats of one packet; single: 20,000 distinct packets, one run each (kernel-timed), median.\n")?;
+    writeln!(
+        md,
+        "Median of 5 rounds (min–max), ns per packet, and the ratio to a do-nothing program measured the same way in the same run. Batch: 200,000 repeats of one packet; single: 20,000 distinct packets, one run each (kernel-timed), median.\n"
+    )?;
     writeln!(md, "| path | mode | services | ns (min–max) | baseline | ns | ratio |")?;
     writeln!(md, "|---|---|---:|---:|---|---:|---:|")?;
     let mut summary = Vec::new();
     for (path, mode, baseline) in PATHS {
         for services in [10u64, 100_000] {
-            let (Some((med, lo, hi)), Some((base, _, _))) = (stats(services, path, mode), stats(services, baseline, mode)) else {
+            let (Some((med, lo, hi)), Some((base, _, _))) =
+                (stats(services, path, mode), stats(services, baseline, mode))
+            else {
                 continue;
             };
             let ratio = med / base;
-            writeln!(md, "| {path} | {mode} | {services} | {med:.0} ({lo:.0}–{hi:.0}) | {baseline} | {base:.0} | {ratio:.1}× |")?;
+            writeln!(
+                md,
+                "| {path} | {mode} | {services} | {med:.0} ({lo:.0}–{hi:.0}) | {baseline} | {base:.0} | {ratio:.1}× |"
+            )?;
             summary.push(json!({"path": path, "mode": mode, "services": services, "median_ns": med, "min_ns": lo, "max_ns": hi, "baseline": baseline, "baseline_ns": base, "ratio": ratio}));
         }
     }
     writeln!(md, "\nScale: 100,000 Services against 10 (median ns):\n")?;
     for (path, mode, _) in &PATHS[..4] {
-        if let (Some((small, ..)), Some((large, ..))) = (stats(10, path, mode), stats(100_000, path, mode)) {
+        if let (Some((small, ..)), Some((large, ..))) =
+            (stats(10, path, mode), stats(100_000, path, mode))
+        {
             writeln!(md, "- {path}: {:+.1}%", (large / small - 1.0) * 100.0)?;
         }
     }
@@ -83,16 +97,28 @@ fn machine() -> Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+    let kernel =
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
     let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:").and_then(|v| v.trim().trim_end_matches(" kB").parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix("MemTotal:").and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        })
         .unwrap_or(0);
-    let date = Command::new("date").args(["-u", "+%Y-%m-%d"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
-    let summary = format!("{cpu}, {cores} vCPUs, {} GiB RAM, kernel {kernel}, {date} (a shared VM: compare ratios, not absolute times)", mem_kib / (1024 * 1024));
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let summary = format!(
+        "{cpu}, {cores} vCPUs, {} GiB RAM, kernel {kernel}, {date} (a shared VM: compare ratios, not absolute times)",
+        mem_kib / (1024 * 1024)
+    );
     json!({"cpu": cpu, "vcpus": cores, "mem_kib": mem_kib, "kernel": kernel, "date": date, "summary": summary})
 }

@@ -104,8 +104,10 @@ fn bpf_linker() -> anyhow::Result<()> {
     if version.is_some_and(|v| v.trim() == format!("bpf-linker {BPF_LINKER_VERSION}")) {
         return Ok(());
     }
-    let sysroot = output(Command::new("rustc").arg(format!("+{EBPF_TOOLCHAIN}")).args(["--print", "sysroot"]))
-        .context("the nightly's sysroot")?;
+    let sysroot = output(
+        Command::new("rustc").arg(format!("+{EBPF_TOOLCHAIN}")).args(["--print", "sysroot"]),
+    )
+    .context("the nightly's sysroot")?;
     let libllvm = Path::new(sysroot.trim()).join("lib").join(LIBLLVM);
     if !libllvm.exists() {
         bail!("{} is missing: the pinned nightly changed its LLVM", libllvm.display());

@@ -53,8 +53,12 @@ fn names(objects: &Objects) -> Vec<String> {
         .services
         .iter()
         .map(|s| format!("svc {}", s.metadata.name.as_deref().unwrap()))
-        .chain(objects.slices.iter().map(|s| format!("slice {}", s.metadata.name.as_deref().unwrap())))
-        .chain(objects.nodes.iter().map(|n| format!("node {}", n.metadata.name.as_deref().unwrap())))
+        .chain(
+            objects.slices.iter().map(|s| format!("slice {}", s.metadata.name.as_deref().unwrap())),
+        )
+        .chain(
+            objects.nodes.iter().map(|n| format!("node {}", n.metadata.name.as_deref().unwrap())),
+        )
         .collect();
     names.sort();
     names

@@ -33,7 +33,9 @@ impl FakeDatapath {
                 let id = self
                     .services
                     .get(&slot_key)
-                    .unwrap_or_else(|| panic!("{} lacks slot {slot}; log: {:#?}", describe(key), self.log))
+                    .unwrap_or_else(|| {
+                        panic!("{} lacks slot {slot}; log: {:#?}", describe(key), self.log)
+                    })
                     .backend_id;
                 assert!(
                     self.backends.contains_key(&id),
@@ -70,7 +72,11 @@ impl Datapath for FakeDatapath {
         if self.backends_capacity.is_some_and(|cap| self.backends.len() >= cap)
             && !self.backends.contains_key(&id)
         {
-            return Err(MapWriteError { map: "BACKEND4_V1", op: "insert", reason: "map full".into() });
+            return Err(MapWriteError {
+                map: "BACKEND4_V1",
+                op: "insert",
+                reason: "map full".into(),
+            });
         }
         self.log.push(format!("put backend {id}"));
         self.backends.insert(id, backend);

@@ -90,19 +90,15 @@ fn full_backend_map_keeps_previous_state_and_recovers() {
     let f = fe("10.96.0.10", 80);
     syncer.apply(&state(&[(f, &["10.244.1.2:8080", "10.244.1.3:8080"])]), &mut dp);
     let before = resolved(&dp);
-    let report = syncer.apply(
-        &state(&[(f, &["10.244.1.2:8080", "10.244.1.3:8080", "10.244.1.4:8080"])]),
-        &mut dp,
-    );
+    let report = syncer
+        .apply(&state(&[(f, &["10.244.1.2:8080", "10.244.1.3:8080", "10.244.1.4:8080"])]), &mut dp);
     assert_eq!(report.errors.len(), 1, "{report:?}");
     assert!(report.errors[0].contains("map full"), "{report:?}");
     assert_eq!(resolved(&dp), before, "the frontend keeps its previous backends");
 
     dp.backends_capacity = Some(3);
-    let report = syncer.apply(
-        &state(&[(f, &["10.244.1.2:8080", "10.244.1.3:8080", "10.244.1.4:8080"])]),
-        &mut dp,
-    );
+    let report = syncer
+        .apply(&state(&[(f, &["10.244.1.2:8080", "10.244.1.3:8080", "10.244.1.4:8080"])]), &mut dp);
     assert!(report.errors.is_empty(), "{report:?}");
     assert_eq!(resolved(&dp)[0].1.len(), 3);
 }
@@ -131,7 +127,9 @@ fn random_changes_converge_and_never_expose_a_broken_service() {
         let expect: Vec<(String, Vec<String>)> = desired
             .services
             .iter()
-            .map(|(f, eps)| (f.to_string().replace("/TCP", "/6"), eps.iter().map(ToString::to_string).collect()))
+            .map(|(f, eps)| {
+                (f.to_string().replace("/TCP", "/6"), eps.iter().map(ToString::to_string).collect())
+            })
             .collect();
         assert_eq!(resolved(&dp), expect);
         let used: BTreeSet<u32> =
