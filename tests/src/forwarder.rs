@@ -101,6 +101,10 @@ impl Forwarder {
 
 impl Drop for Forwarder {
     fn drop(&mut self) {
+        // Keep the log of a failed test for reading; drop it otherwise.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
         if let Some(mut child) = self.child.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(child.id() as i32),

@@ -18,7 +18,10 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::setup::{self, check, workspace_root};
 
+/// Requests per frontend; more are sent, up to `MAX_REQUESTS`, until both
+/// pods have answered (the choice is random).
 const REQUESTS: usize = 8;
+const MAX_REQUESTS: usize = 40;
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// Turns SIGINT/SIGTERM into a flag the demo checks between requests, so
@@ -69,7 +72,10 @@ pub fn run() -> anyhow::Result<()> {
     for (label, (who, from), frontend, tcp) in &cases {
         println!("{label}: {who} -> {frontend}");
         let mut answered = BTreeSet::new();
-        for i in 1..=REQUESTS {
+        for i in 1..=MAX_REQUESTS {
+            if i > REQUESTS && answered.len() == 2 {
+                break;
+            }
             if INTERRUPTED.load(Ordering::Relaxed) {
                 bail!("interrupted");
             }
