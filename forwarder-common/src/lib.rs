@@ -140,16 +140,20 @@ pub mod stat {
     pub const DROP_NO_ENDPOINTS: u32 = 2;
     /// The conntrack entry could not be created.
     pub const DROP_CT_INSERT: u32 = 3;
-    /// A packet rewrite helper failed (TC only).
+    /// The packet could not be rewritten (a helper failed, or the headers
+    /// moved out of reach).
     pub const DROP_REWRITE: u32 = 4;
-    /// Malformed IPv4 header (IHL < 5, length shorter than header): passed
-    /// to the kernel stack, which discards it, never rewritten.
-    pub const MALFORMED_PASSED: u32 = 5;
+    /// A new flow would become, after DNAT, the same tuple as a live flow
+    /// from the same client address and port to another frontend.
+    pub const DROP_CT_COLLISION: u32 = 5;
+    /// Malformed IPv4 header (IHL < 5, total length shorter than the
+    /// headers): passed to the kernel stack, which discards it; never rewritten.
+    pub const MALFORMED_PASSED: u32 = 6;
     /// Frontend -> backend translations.
-    pub const DNAT: u32 = 6;
+    pub const DNAT: u32 = 7;
     /// Backend -> client reverse translations.
-    pub const REVERSE_NAT: u32 = 7;
-    pub const COUNT: u32 = 8;
+    pub const REVERSE_NAT: u32 = 8;
+    pub const COUNT: u32 = 9;
 
     /// Metric label of each counter, indexed by its value.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -158,6 +162,7 @@ pub mod stat {
         "drop_no_endpoints",
         "drop_ct_insert",
         "drop_rewrite",
+        "drop_ct_collision",
         "malformed_passed",
         "dnat",
         "reverse_nat",

@@ -74,8 +74,8 @@ pub fn parse(start: usize, end: usize) -> Parsed {
     // SAFETY: bounds checked above; Ipv4Hdr is all byte arrays (align 1).
     let ip = unsafe { &*ip };
     let ihl = usize::from(ip.vihl & 0x0f) << 2;
-    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || usize::from(u16::from_be_bytes(ip.tot_len)) < ihl
-    {
+    let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl {
         return Parsed::Malformed;
     }
     let frags = u16::from_be_bytes(ip.frags);
@@ -84,6 +84,15 @@ pub fn parse(start: usize, end: usize) -> Parsed {
     }
     let proto = ip.proto;
     let l4_off = L3_OFF + ihl;
+    let l4_len = match proto {
+        PROTO_TCP => TcpHdr::LEN,
+        PROTO_UDP => UdpHdr::LEN,
+        _ => return Parsed::Other,
+    };
+    // Bytes past the IP total length are link padding, not a header.
+    if tot_len < ihl + l4_len {
+        return Parsed::Malformed;
+    }
     let (sport, dport) = match proto {
         PROTO_TCP => {
             let Some(tcp) = ptr_at::<TcpHdr>(start, end, l4_off) else {

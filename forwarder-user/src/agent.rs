@@ -43,10 +43,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = healthz::bind(config.healthz_bind_address)
         .await
         .with_context(|| format!("healthz address {}", config.healthz_bind_address))?;
-    let dataplane = Dataplane::load(Capacity::default()).context("loading the eBPF programs")?;
+    let capacity = Capacity::default();
+    let dataplane = Dataplane::load(capacity).context("loading the eBPF programs")?;
     let mut agent = Agent {
         dataplane,
-        syncer: Syncer::new(),
+        syncer: Syncer::new(capacity.services as usize, capacity.backends as usize),
         netlink: Netlink::connect().context("netlink")?,
         source: ManifestSource::new(&config.manifests),
         health: Arc::new(Health::default()),
@@ -177,8 +178,8 @@ impl Agent {
             Err(error) => tracing::warn!(%error, "listing interfaces failed"),
         }
         match self.netlink.ipv4_addrs().await {
-            Ok(mut addrs) => {
-                addrs.extend(&self.manifest_node_ips);
+            Ok(local) => {
+                let addrs = nodeport_addresses(&local, &self.manifest_node_ips);
                 let report = self.syncer.apply_node_ips(&addrs, &mut self.dataplane.maps);
                 for error in &report.errors {
                     tracing::error!(%error, "node address update failed");
@@ -187,6 +188,16 @@ impl Agent {
             Err(error) => tracing::warn!(%error, "listing addresses failed"),
         }
     }
+}
+
+/// The addresses NodePorts are served on: the node's own, plus its Node
+/// object's. Never 127.0.0.0/8: traffic from the wire to loopback must not be
+/// forwarded (CVE-2020-8558).
+fn nodeport_addresses(
+    local: &BTreeSet<Ipv4Addr>,
+    from_node_object: &BTreeSet<Ipv4Addr>,
+) -> BTreeSet<Ipv4Addr> {
+    local.union(from_node_object).filter(|ip| !ip.is_loopback()).copied().collect()
 }
 
 /// IPv4 InternalIP/ExternalIP addresses of the Node named `node_name`.
@@ -198,6 +209,36 @@ fn node_ips(nodes: &[Node], node_name: &str) -> BTreeSet<Ipv4Addr> {
         .flatten()
         .filter(|a| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"))
         .filter_map(|a| a.address.parse::<Ipv4Addr>().ok())
-        .filter(|ip| !ip.is_loopback())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips(list: &[&str]) -> BTreeSet<Ipv4Addr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn nodeports_never_on_loopback() {
+        let local = ips(&["127.0.0.1", "127.0.1.1", "192.168.10.1"]);
+        let node = ips(&["203.0.113.7", "127.0.0.53"]);
+        assert_eq!(nodeport_addresses(&local, &node), ips(&["192.168.10.1", "203.0.113.7"]));
+    }
+
+    #[test]
+    fn node_object_addresses_of_this_node_only() {
+        let nodes: Vec<Node> = serde_yaml::from_str(
+            "
+- metadata: {name: node-a}
+  status: {addresses: [{type: InternalIP, address: 10.0.0.1}, {type: Hostname, address: node-a},
+                       {type: ExternalIP, address: 203.0.113.7}, {type: InternalIP, address: 'fd00::1'}]}
+- metadata: {name: node-b}
+  status: {addresses: [{type: InternalIP, address: 10.0.0.2}]}
+",
+        )
+        .unwrap();
+        assert_eq!(node_ips(&nodes, "node-a"), ips(&["10.0.0.1", "203.0.113.7"]));
+    }
 }

@@ -224,6 +224,15 @@ impl Dataplane {
             }
         };
         self.node_xdp.push((iface.to_owned(), link));
+        if !std::path::Path::new(&format!("/sys/class/net/{iface}/device")).exists() {
+            // Local senders over veth/tap hand over CHECKSUM_PARTIAL packets,
+            // which XDP cannot tell apart from complete ones.
+            tracing::warn!(
+                %iface,
+                "virtual interface: XDP rewrites assume complete L4 checksums, as NICs deliver; \
+                 disable TX checksum offload on its peer"
+            );
+        }
         let rnat = self.attach_tc(iface, program_names::TC_REVERSE_NAT, TcAttachType::Egress)?;
         self.node_tc.push((iface.to_owned(), rnat));
         Ok(mode)

@@ -4,8 +4,9 @@
 use std::{
     collections::BTreeMap,
     fmt, fs,
+    hash::{Hash, Hasher},
     path::{Path, PathBuf},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use k8s_openapi::api::{
@@ -47,8 +48,13 @@ enum Object {
 /// `(kind, namespace, name)`: identifies an object within a file.
 type ObjectId = (&'static str, String, String);
 
-/// Cheap change detection: name, size and mtime of every manifest file.
-pub type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+/// Change detection: name, size and mtime of every manifest file, plus a
+/// content hash of files modified in the last seconds, since two writes
+/// within one timestamp tick can leave size and mtime unchanged.
+pub type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>, Option<u64>)>;
+
+/// Files modified more recently than this are also hashed.
+const RACY_WINDOW: Duration = Duration::from_secs(2);
 
 pub struct ManifestSource {
     root: PathBuf,
@@ -78,6 +84,7 @@ impl ManifestSource {
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
+        let now = SystemTime::now();
         self.files()
             .unwrap_or_default()
             .into_iter()
@@ -85,7 +92,14 @@ impl ManifestSource {
                 let meta = fs::metadata(&p).ok();
                 let len = meta.as_ref().map_or(0, fs::Metadata::len);
                 let mtime = meta.and_then(|m| m.modified().ok());
-                (p, len, mtime)
+                let recent = mtime
+                    .is_none_or(|t| now.duration_since(t).map_or(true, |age| age < RACY_WINDOW));
+                let hash = recent.then(|| fs::read(&p).ok()).flatten().map(|bytes| {
+                    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                    bytes.hash(&mut hasher);
+                    hasher.finish()
+                });
+                (p, len, mtime, hash)
             })
             .collect()
     }

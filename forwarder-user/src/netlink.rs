@@ -63,19 +63,25 @@ impl Netlink {
             .collect())
     }
 
-    /// IPv4 addresses on any interface, loopback excluded: traffic from the
-    /// wire to 127.0.0.0/8 must never be forwarded.
+    /// The node's own IPv4 addresses on any interface.
     pub async fn ipv4_addrs(&self) -> Result<BTreeSet<Ipv4Addr>, NetlinkError> {
         let messages: Vec<_> = self.handle.address().get().execute().try_collect().await?;
         Ok(messages
             .iter()
-            .flat_map(|m| m.attributes.iter())
-            .filter_map(|a| match a {
-                AddressAttribute::Local(IpAddr::V4(ip))
-                | AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-                _ => None,
+            .filter_map(|m| {
+                // On point-to-point links IFA_ADDRESS is the peer's address;
+                // IFA_LOCAL, when present, is ours.
+                let local = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+                    _ => None,
+                });
+                local.or_else(|| {
+                    m.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                        _ => None,
+                    })
+                })
             })
-            .filter(|ip| !ip.is_loopback())
             .collect())
     }
 }

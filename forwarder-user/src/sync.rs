@@ -6,7 +6,7 @@
 //! slots, then the frontend's count; on the way out the count first, then
 //! slots, then backends.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     net::Ipv4Addr,
 };
 
@@ -58,14 +58,20 @@ struct BackendKey {
 
 /// Remembers what it wrote, so each sync writes only the difference.
 /// Backends live as long as some slot references them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Syncer {
     applied: BTreeMap<Frontend, Applied>,
     /// Backend id of every backend in the map.
     backends: HashMap<BackendKey, u32>,
-    free_ids: Vec<u32>,
+    /// Freed ids, reused oldest first.
+    free_ids: VecDeque<u32>,
     next_id: u32,
     node_ips: BTreeSet<Ipv4Addr>,
+    /// Entries in the services map, and the maps' capacities: a frontend
+    /// that would not fit is refused before anything of it is written.
+    service_entries: usize,
+    services_capacity: usize,
+    backends_capacity: usize,
 }
 
 pub fn svc_key(frontend: &Frontend, slot: u16) -> SvcKey {
@@ -83,21 +89,27 @@ pub fn backend_value(endpoint: &Endpoint, proto: Proto) -> Backend {
 }
 
 /// Slots are u16 and slot 0 is the frontend itself.
-const MAX_SLOTS: usize = u16::MAX as usize - 1;
+const MAX_SLOTS: usize = u16::MAX as usize;
 
 impl Syncer {
-    pub fn new() -> Self {
-        Self { next_id: 1, ..Self::default() }
+    /// A syncer for maps of the given capacities (entries).
+    pub fn new(services_capacity: usize, backends_capacity: usize) -> Self {
+        Self {
+            applied: BTreeMap::new(),
+            backends: HashMap::new(),
+            free_ids: VecDeque::new(),
+            next_id: 1,
+            node_ips: BTreeSet::new(),
+            service_entries: 0,
+            services_capacity,
+            backends_capacity,
+        }
     }
 
-    /// Brings the maps to `desired`, writing only what changed.
+    /// Brings the maps to `desired`, writing only what changed. Removals go
+    /// first so their entries are free for what is added.
     pub fn apply(&mut self, desired: &DesiredState, dp: &mut impl Datapath) -> SyncReport {
         let mut report = SyncReport::default();
-        for (frontend, endpoints) in &desired.services {
-            if let Err(err) = self.apply_frontend(frontend, endpoints, dp, &mut report) {
-                report.errors.push(format!("{frontend}: {err}"));
-            }
-        }
         let gone: Vec<Frontend> =
             self.applied.keys().filter(|f| !desired.services.contains_key(f)).copied().collect();
         for frontend in gone {
@@ -106,7 +118,46 @@ impl Syncer {
             }
         }
         self.collect_backends(dp, &mut report);
+        for (frontend, endpoints) in &desired.services {
+            let endpoints = if endpoints.len() > MAX_SLOTS {
+                report.errors.push(format!(
+                    "{frontend}: {} endpoints, only the first {MAX_SLOTS} are used",
+                    endpoints.len()
+                ));
+                &endpoints[..MAX_SLOTS]
+            } else {
+                endpoints
+            };
+            if let Err(err) = self.apply_frontend(frontend, endpoints, dp, &mut report) {
+                report.errors.push(format!("{frontend}: {err}"));
+            }
+        }
+        self.collect_backends(dp, &mut report);
         report
+    }
+
+    /// Refuses a frontend whose new entries would not fit in the maps.
+    fn check_capacity(
+        &self,
+        frontend: &Frontend,
+        endpoints: &[Endpoint],
+    ) -> Result<(), MapWriteError> {
+        let new_backends: BTreeSet<&Endpoint> = endpoints
+            .iter()
+            .filter(|e| {
+                !self.backends.contains_key(&BackendKey { endpoint: **e, proto: frontend.proto })
+            })
+            .collect();
+        if self.backends.len() + new_backends.len() > self.backends_capacity {
+            return Err(full(forwarder_common::map_names::BACKENDS, self.backends_capacity));
+        }
+        let applied = self.applied.get(frontend);
+        let held = applied.map_or(0, |a| usize::from(a.count.is_some()) + a.slots.len());
+        let needed = 1 + endpoints.len();
+        if self.service_entries + needed.saturating_sub(held) > self.services_capacity {
+            return Err(full(forwarder_common::map_names::SERVICES, self.services_capacity));
+        }
+        Ok(())
     }
 
     /// Makes the map's local node addresses equal `desired`.
@@ -144,13 +195,14 @@ impl Syncer {
         dp: &mut impl Datapath,
         report: &mut SyncReport,
     ) -> Result<(), MapWriteError> {
-        let endpoints = &endpoints[..endpoints.len().min(MAX_SLOTS)];
+        self.check_capacity(frontend, endpoints)?;
         let ids = endpoints
             .iter()
             .map(|e| {
                 self.backend_id(BackendKey { endpoint: *e, proto: frontend.proto }, dp, report)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let entries = &mut self.service_entries;
         let applied = self.applied.entry(*frontend).or_default();
         let new_count = ids.len() as u16;
         // Shrinking: lower the count before the slots disappear.
@@ -167,18 +219,25 @@ impl Syncer {
             report.writes += 1;
             match applied.slots.get_mut(i) {
                 Some(slot) => *slot = *id,
-                None => applied.slots.push(*id),
+                None => {
+                    applied.slots.push(*id);
+                    *entries += 1;
+                }
             }
         }
         if applied.count != Some(new_count) {
             dp.put_service(svc_key(frontend, 0), SvcValue::frontend(new_count))?;
             report.writes += 1;
+            if applied.count.is_none() {
+                *entries += 1;
+            }
             applied.count = Some(new_count);
         }
         while applied.slots.len() > ids.len() {
             dp.remove_service(svc_key(frontend, applied.slots.len() as u16))?;
             report.writes += 1;
             applied.slots.pop();
+            *entries -= 1;
         }
         Ok(())
     }
@@ -190,16 +249,20 @@ impl Syncer {
         dp: &mut impl Datapath,
         report: &mut SyncReport,
     ) -> Result<(), MapWriteError> {
-        let applied = self.applied.entry(*frontend).or_default();
+        let Some(applied) = self.applied.get_mut(frontend) else {
+            return Ok(());
+        };
         if applied.count.is_some() {
             dp.remove_service(svc_key(frontend, 0))?;
             report.writes += 1;
             applied.count = None;
+            self.service_entries -= 1;
         }
         while !applied.slots.is_empty() {
             dp.remove_service(svc_key(frontend, applied.slots.len() as u16))?;
             report.writes += 1;
             applied.slots.pop();
+            self.service_entries -= 1;
         }
         self.applied.remove(frontend);
         Ok(())
@@ -215,12 +278,12 @@ impl Syncer {
         if let Some(id) = self.backends.get(&key) {
             return Ok(*id);
         }
-        let id = self.free_ids.pop().unwrap_or_else(|| {
+        let id = self.free_ids.pop_front().unwrap_or_else(|| {
             self.next_id += 1;
             self.next_id - 1
         });
         if let Err(err) = dp.put_backend(id, backend_value(&key.endpoint, key.proto)) {
-            self.free_ids.push(id);
+            self.free_ids.push_front(id);
             return Err(err);
         }
         report.writes += 1;
@@ -232,22 +295,30 @@ impl Syncer {
     fn collect_backends(&mut self, dp: &mut impl Datapath, report: &mut SyncReport) {
         let referenced: BTreeSet<u32> =
             self.applied.values().flat_map(|a| a.slots.iter().copied()).collect();
-        let unused: Vec<BackendKey> = self
+        let mut unused: Vec<(u32, BackendKey)> = self
             .backends
             .iter()
             .filter(|(_, id)| !referenced.contains(id))
-            .map(|(k, _)| *k)
+            .map(|(k, id)| (*id, *k))
             .collect();
-        for key in unused {
-            let id = self.backends[&key];
+        unused.sort_by_key(|(id, _)| *id);
+        for (id, key) in unused {
             if let Err(err) = dp.remove_backend(id) {
                 report.errors.push(err.to_string());
                 continue;
             }
             report.writes += 1;
             self.backends.remove(&key);
-            self.free_ids.push(id);
+            self.free_ids.push_back(id);
         }
+    }
+}
+
+fn full(map: &'static str, capacity: usize) -> MapWriteError {
+    MapWriteError {
+        map,
+        op: "insert",
+        reason: format!("map full ({capacity} entries); the previous entries stay in force"),
     }
 }
 

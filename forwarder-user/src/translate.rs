@@ -86,29 +86,30 @@ fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta
     )
 }
 
+/// The Service's IPv4 ClusterIP: `clusterIPs` holds both families of a
+/// dual-stack Service in either order; `clusterIP` is its first entry.
 fn cluster_ip(service: &Service, name: &str, skipped: &mut Vec<Skipped>) -> Option<Ipv4Addr> {
     let spec = service.spec.as_ref()?;
     if spec.type_.as_deref() == Some("ExternalName") {
         return None;
     }
-    let ip = spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty() && *ip != "None")?;
-    match ip.parse::<Ipv4Addr>() {
-        Ok(ip) => Some(ip),
-        Err(_) if ip.parse::<std::net::Ipv6Addr>().is_ok() => {
-            skipped.push(Skipped {
-                object: name.to_owned(),
-                reason: format!("clusterIP {ip} is IPv6; this dataplane serves IPv4 only"),
-            });
-            None
-        }
-        Err(_) => {
-            skipped.push(Skipped {
-                object: name.to_owned(),
-                reason: format!("clusterIP {ip:?} is not an IP address"),
-            });
-            None
-        }
+    let ips: Vec<&str> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.as_deref().into_iter().collect(),
+    };
+    let ips: Vec<&str> = ips.into_iter().filter(|ip| !ip.is_empty() && *ip != "None").collect();
+    if ips.is_empty() {
+        return None;
     }
+    if let Some(v4) = ips.iter().find_map(|ip| ip.parse::<Ipv4Addr>().ok()) {
+        return Some(v4);
+    }
+    let reason = match ips.iter().find(|ip| ip.parse::<std::net::Ipv6Addr>().is_err()) {
+        Some(bad) => format!("clusterIP {bad:?} is not an IP address"),
+        None => format!("clusterIP {} is IPv6; this dataplane serves IPv4 only", ips[0]),
+    };
+    skipped.push(Skipped { object: name.to_owned(), reason });
+    None
 }
 
 fn protocol(port: &ServicePort, name: &str, skipped: &mut Vec<Skipped>) -> Option<Proto> {

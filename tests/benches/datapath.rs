@@ -65,7 +65,7 @@ impl Bench {
         };
         let mut ebpf = load_object(capacity).expect("load forwarder programs");
         let mut maps = Maps::take(&mut ebpf).expect("maps");
-        let mut syncer = Syncer::new();
+        let mut syncer = Syncer::new(capacity.services as usize, capacity.backends as usize);
         let report = syncer.apply(&services(count), &mut maps);
         assert!(report.errors.is_empty(), "{:?}", report.errors.first());
         syncer.apply_node_ips(&[NODE_IP.parse().unwrap()].into(), &mut maps);

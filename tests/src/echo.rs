@@ -121,10 +121,6 @@ impl EchoConn {
         }
         Ok(line.trim().to_owned())
     }
-
-    pub fn peer(&self) -> std::net::SocketAddr {
-        self.reader.get_ref().peer_addr().expect("connected")
-    }
 }
 
 /// One TCP request on a new connection.
@@ -133,13 +129,13 @@ pub fn tcp_once(ns: &NetNs, addr: &str) -> std::io::Result<String> {
     conn.ask()
 }
 
-/// One UDP request; returns who answered and from which address.
+/// One UDP request; returns who answered and the source address of the
+/// reply (the socket is not connected, so a reply from any address arrives).
 pub fn udp_once(ns: &NetNs, addr: &str) -> std::io::Result<(String, std::net::SocketAddr)> {
     let socket = ns.run(|| UdpSocket::bind("0.0.0.0:0"))?;
     socket.set_read_timeout(Some(Duration::from_secs(1)))?;
-    socket.connect(addr)?;
-    socket.send(b"who")?;
+    socket.send_to(b"who", addr)?;
     let mut buf = [0u8; 256];
-    let n = socket.recv(&mut buf)?;
-    Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), socket.peer_addr()?))
+    let (n, from) = socket.recv_from(&mut buf)?;
+    Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
 }

@@ -41,8 +41,10 @@ impl Topology {
         let prefix = unique_prefix(tag);
         let node = NetNs::new(format!("{prefix}-node"));
         node.sysctl("net.ipv4.ip_forward", "1");
-        node.sysctl("net.ipv4.conf.all.rp_filter", "0");
-        node.sysctl("net.ipv4.conf.default.rp_filter", "0");
+        // Strict reverse-path filtering, the strictest setting a node may
+        // have: reverse NAT must not depend on it being off.
+        node.sysctl("net.ipv4.conf.all.rp_filter", "1");
+        node.sysctl("net.ipv4.conf.default.rp_filter", "1");
 
         let client = NetNs::new(format!("{prefix}-client"));
         node.ip(&[

@@ -64,7 +64,7 @@ impl Harness {
     fn new() -> Self {
         let mut ebpf = load_object(Capacity::default()).expect("eBPF object loads (are you root?)");
         let maps = Maps::take(&mut ebpf).expect("maps present");
-        let mut harness = Self { ebpf, maps, syncer: Syncer::new() };
+        let mut harness = Self { ebpf, maps, syncer: Syncer::new(usize::MAX, usize::MAX) };
         let report =
             harness.syncer.apply_node_ips(&[NODE_IP.parse().unwrap()].into(), &mut harness.maps);
         assert!(report.errors.is_empty(), "{report:?}");
@@ -158,6 +158,11 @@ fn fixtures() -> Vec<Fixture> {
     truncated_tcp.truncate(14 + 20 + 10);
     let mut bad_ihl = np_tcp.bytes();
     bad_ihl[14] = 0x43;
+    // Total length covers the IP header only; the TCP header bytes after it
+    // are link padding, not part of the datagram.
+    let mut short_total = np_tcp.bytes();
+    short_total[16..18].copy_from_slice(&20u16.to_be_bytes());
+    let cip_udp_nocsum = Packet { no_udp_checksum: true, ..cip_udp.clone() };
     let mut ipv6 = ethernet(0x86dd);
     ipv6.extend_from_slice(&[0x60; 60]);
 
@@ -242,11 +247,6 @@ fn fixtures() -> Vec<Fixture> {
             stats: vec![],
         },
         Fixture {
-            name: "NodePort on loopback from the wire is never forwarded",
-            steps: vec![step(Xdp, &np_tcp.with_dst("127.0.0.1:30080"), XDP_PASS, None)],
-            stats: vec![],
-        },
-        Fixture {
             name: "no matching Service port passes untouched",
             steps: vec![
                 step(Xdp, &np_tcp.with_dst("192.168.10.1:22"), XDP_PASS, None),
@@ -314,6 +314,29 @@ fn fixtures() -> Vec<Fixture> {
             steps: vec![raw(Xdp, bad_ihl.clone(), XDP_PASS), raw(Tc, bad_ihl, TC_ACT_OK)],
             stats: vec![("malformed_passed", 2)],
         },
+        Fixture {
+            name: "IP total length shorter than IP + L4 header: never rewritten, counted",
+            steps: vec![raw(Xdp, short_total.clone(), XDP_PASS), raw(Tc, short_total, TC_ACT_OK)],
+            stats: vec![("malformed_passed", 2)],
+        },
+        Fixture {
+            name: "TC keeps a zero UDP checksum zero, both ways",
+            steps: vec![
+                step(
+                    Tc,
+                    &cip_udp_nocsum,
+                    TC_ACT_OK,
+                    Some(&cip_udp_nocsum.with_dst("10.244.1.2:5353")),
+                ),
+                step(
+                    TcEgress,
+                    &cip_udp_nocsum.with_dst("10.244.1.2:5353").reversed(),
+                    TC_ACT_OK,
+                    Some(&cip_udp_nocsum.reversed()),
+                ),
+            ],
+            stats: vec![("dnat", 1), ("reverse_nat", 1)],
+        },
         Fixture { name: "non-IPv4 passes", steps: vec![raw(Xdp, ipv6, XDP_PASS)], stats: vec![] },
         Fixture {
             name: "a Service without endpoints drops and counts",
@@ -378,6 +401,59 @@ fn new_flows_spread_over_all_ready_backends() {
     }
     // Binomial(200, 0.5): outside 60..=140 has probability ~1e-8.
     assert!(hits.iter().all(|h| (60..=140).contains(h)), "uneven spread: {hits:?}");
+}
+
+/// One client port to two frontends that share a backend: after DNAT both
+/// flows would be the same tuple.
+#[test]
+fn same_client_port_to_two_frontends_of_one_backend() {
+    let mut harness = Harness::new();
+    let via_cluster_ip = Packet::tcp("10.244.1.9:41000", "10.96.0.10:80");
+    let via_node_port = Packet::tcp("10.244.1.9:41000", "192.168.10.1:30080");
+    let to_backend = via_cluster_ip.with_dst("10.244.1.2:8080");
+    harness.run(Prog::Tc, &via_cluster_ip.bytes());
+
+    // One backend only: the second flow is refused, the first keeps its reply.
+    let (verdict, _) = harness.run(Prog::Tc, &via_node_port.bytes());
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(harness.stats(), [("drop_ct_collision", 1), ("dnat", 1)]);
+    let (_, out) = harness.run(Prog::TcEgress, &to_backend.reversed().bytes());
+    assert_eq!(out, via_cluster_ip.reversed().bytes(), "first flow's reply hijacked");
+
+    // With a second backend the new flow goes there instead.
+    let mut services = default_services();
+    services[0].1 = vec!["10.244.1.2:8080", "10.244.1.3:8080"];
+    harness.set_services(&services);
+    let (verdict, out) = harness.run(Prog::Tc, &via_node_port.bytes());
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, via_node_port.with_dst("10.244.1.3:8080").bytes());
+}
+
+#[test]
+fn a_finished_flows_reply_entry_does_not_block_a_new_flow() {
+    let mut harness = Harness::new();
+    let via_cluster_ip = Packet::tcp("10.244.1.9:41000", "10.96.0.10:80");
+    let via_node_port = Packet::tcp("10.244.1.9:41000", "192.168.10.1:30080");
+    harness.run(Prog::Tc, &via_cluster_ip.bytes());
+    // The first flow's forward entry is gone (evicted, or the flow ended).
+    let forward = CtKey {
+        saddr: u32::from_ne_bytes([10, 244, 1, 9]),
+        daddr: u32::from_ne_bytes([10, 96, 0, 10]),
+        sport: 41000u16.to_be(),
+        dport: 80u16.to_be(),
+        proto: 6,
+        dir: forwarder_common::CT_FORWARD,
+        _pad: [0; 2],
+    };
+    let mut ct: HashMap<_, CtKey, CtValue> =
+        HashMap::try_from(harness.ebpf.map_mut(map_names::CONNTRACK).unwrap()).unwrap();
+    ct.remove(&forward).expect("forward entry existed");
+    let (verdict, out) = harness.run(Prog::Tc, &via_node_port.bytes());
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, via_node_port.with_dst("10.244.1.2:8080").bytes());
+    let (_, out) =
+        harness.run(Prog::TcEgress, &via_node_port.with_dst("10.244.1.2:8080").reversed().bytes());
+    assert_eq!(out, via_node_port.reversed().bytes(), "reply belongs to the new flow");
 }
 
 #[test]

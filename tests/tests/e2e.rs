@@ -87,12 +87,13 @@ fn udp_reaches_both(client: &NetNs, frontend: &str, forwarder: &Forwarder) {
     panic!("UDP to {frontend} reached only {seen:?}");
 }
 
+// TCP replies must come from the frontend too, or the handshake would not
+// complete: every successful TCP request proves it.
+
 #[test]
 fn nodeport_from_external_client_reaches_both_pods() {
     let s = setup("np");
     let tcp = format!("{NODE_IP}:30080");
-    let conn = EchoConn::connect(&s.topology.client, &tcp).expect("connect");
-    assert_eq!(conn.peer().to_string(), tcp, "the client sees the address it connected to");
     tcp_reaches_both(&s.topology.client, &tcp, &s.forwarder);
     udp_reaches_both(&s.topology.client, &format!("{NODE_IP}:30053"), &s.forwarder);
 }
@@ -101,10 +102,16 @@ fn nodeport_from_external_client_reaches_both_pods() {
 fn cluster_ip_from_a_pod_reaches_both_pods() {
     let s = setup("cip");
     let client = &s.topology.pod("pod-c").ns;
-    let conn = EchoConn::connect(client, &format!("{CLUSTER_IP}:80")).expect("connect");
-    assert_eq!(conn.peer().to_string(), format!("{CLUSTER_IP}:80"));
     tcp_reaches_both(client, &format!("{CLUSTER_IP}:80"), &s.forwarder);
     udp_reaches_both(client, &format!("{CLUSTER_IP}:53"), &s.forwarder);
+}
+
+#[test]
+fn nodeport_from_a_pod_reaches_both_pods() {
+    let s = setup("podnp");
+    let client = &s.topology.pod("pod-c").ns;
+    tcp_reaches_both(client, &format!("{NODE_IP}:30080"), &s.forwarder);
+    udp_reaches_both(client, &format!("{NODE_IP}:30053"), &s.forwarder);
 }
 
 #[test]
@@ -210,7 +217,8 @@ fn manifest_edit_applies_live_and_keeps_established_connections() {
         &format!("- addresses: [{pinned_ip}]\n  conditions: {{ready: true}}"),
         &format!("- addresses: [{pinned_ip}]\n  conditions: {{ready: false}}"),
     );
-    let deadline = Instant::now() + Duration::from_secs(1) + Duration::from_millis(500);
+    // Edits apply within 1 s; the margin absorbs parallel tests on 2 cores.
+    let deadline = Instant::now() + Duration::from_secs(2);
     let mut all_other = false;
     while Instant::now() < deadline {
         let answers: BTreeSet<String> =

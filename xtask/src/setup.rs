@@ -7,23 +7,34 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-/// The nightly that builds the eBPF programs; keep in step with
-/// `forwarder-user/build.rs`.
-pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
-/// bpf-linker built against that nightly's own LLVM.
+/// bpf-linker, built against the eBPF nightly's own LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_FEATURE: &str = "llvm-22";
 const LIBLLVM: &str = "libLLVM.so.22.1-rust-1.97.0-nightly";
-/// Debian packages the tests and the demo run (the distribution's release
-/// pins their versions).
-const APT_PACKAGES: &[&str] = &["iproute2", "ethtool", "bpftool"];
+/// Debian packages the build and the tests need (the distribution's release
+/// pins their versions): a C compiler for bpf-linker's build, `ip`, `sysctl`
+/// and `ethtool` for the test topology.
+const APT_PACKAGES: &[&str] = &["gcc", "iproute2", "procps", "ethtool"];
 
 pub fn run() -> anyhow::Result<()> {
     apt_packages()?;
-    nightly()?;
-    bpf_linker()?;
+    let toolchain = ebpf_toolchain()?;
+    nightly(&toolchain)?;
+    bpf_linker(&toolchain)?;
     println!("setup: done");
     Ok(())
+}
+
+/// The channel pinned in `forwarder-ebpf/rust-toolchain.toml`.
+fn ebpf_toolchain() -> anyhow::Result<String> {
+    let path = workspace_root().join("forwarder-ebpf/rust-toolchain.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("channel"))
+        .and_then(|rest| rest.split('"').nth(1))
+        .map(str::to_owned)
+        .with_context(|| format!("no channel in {}", path.display()))
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -74,22 +85,22 @@ fn apt_packages() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn nightly() -> anyhow::Result<()> {
+fn nightly(toolchain: &str) -> anyhow::Result<()> {
     let installed = output(Command::new("rustup").args([
         "component",
         "list",
         "--installed",
         "--toolchain",
-        EBPF_TOOLCHAIN,
+        toolchain,
     ]));
     if installed.is_some_and(|c| c.lines().any(|l| l.starts_with("rust-src"))) {
         return Ok(());
     }
-    println!("setup: installing {EBPF_TOOLCHAIN} with rust-src");
+    println!("setup: installing {toolchain} with rust-src");
     check(Command::new("rustup").args([
         "toolchain",
         "install",
-        EBPF_TOOLCHAIN,
+        toolchain,
         "--profile",
         "minimal",
         "--component",
@@ -99,15 +110,14 @@ fn nightly() -> anyhow::Result<()> {
 
 /// bpf-linker links against the nightly's own libLLVM through a small
 /// prefix of symlinks, so no LLVM has to be downloaded or built.
-fn bpf_linker() -> anyhow::Result<()> {
+fn bpf_linker(toolchain: &str) -> anyhow::Result<()> {
     let version = output(Command::new("bpf-linker").arg("--version"));
     if version.is_some_and(|v| v.trim() == format!("bpf-linker {BPF_LINKER_VERSION}")) {
         return Ok(());
     }
-    let sysroot = output(
-        Command::new("rustc").arg(format!("+{EBPF_TOOLCHAIN}")).args(["--print", "sysroot"]),
-    )
-    .context("the nightly's sysroot")?;
+    let sysroot =
+        output(Command::new("rustc").arg(format!("+{toolchain}")).args(["--print", "sysroot"]))
+            .context("the nightly's sysroot")?;
     let libllvm = Path::new(sysroot.trim()).join("lib").join(LIBLLVM);
     if !libllvm.exists() {
         bail!("{} is missing: the pinned nightly changed its LLVM", libllvm.display());
@@ -116,7 +126,7 @@ fn bpf_linker() -> anyhow::Result<()> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .context("neither CARGO_HOME nor HOME is set")?;
-    let prefix = home.join("forwarder-llvm").join(EBPF_TOOLCHAIN);
+    let prefix = home.join("forwarder-llvm").join(toolchain);
     let lib = prefix.join("lib");
     std::fs::create_dir_all(&lib)?;
     for name in ["libLLVM.so", LIBLLVM] {

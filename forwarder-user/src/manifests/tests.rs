@@ -140,6 +140,19 @@ fn a_broken_edit_keeps_the_last_good_state() {
 }
 
 #[test]
+fn fingerprint_sees_a_same_size_rewrite_within_one_mtime_tick() {
+    let dir = TempDir::new();
+    let path = dir.write("svc.yaml", SERVICE);
+    let source = ManifestSource::new(&dir.0);
+    let mtime = fs::metadata(&path).unwrap().modified().unwrap();
+    let before = source.fingerprint();
+    fs::write(&path, SERVICE.replace("10.96.0.10", "10.96.0.11")).unwrap();
+    // Force the same size and mtime, as a write within one tick would leave.
+    fs::File::options().write(true).open(&path).unwrap().set_modified(mtime).unwrap();
+    assert_ne!(source.fingerprint(), before);
+}
+
+#[test]
 fn fingerprint_changes_when_a_file_changes() {
     let dir = TempDir::new();
     dir.write("svc.yaml", SERVICE);

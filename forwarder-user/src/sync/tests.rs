@@ -23,6 +23,10 @@ fn state(entries: &[(Frontend, &[&str])]) -> DesiredState {
     DesiredState { services }
 }
 
+fn unlimited() -> Syncer {
+    Syncer::new(usize::MAX, usize::MAX)
+}
+
 fn resolved(dp: &FakeDatapath) -> Vec<(String, Vec<String>)> {
     dp.resolve().into_iter().collect()
 }
@@ -31,7 +35,7 @@ fn resolved(dp: &FakeDatapath) -> Vec<(String, Vec<String>)> {
 fn encodes_keys_in_network_order() {
     let mut dp = FakeDatapath::default();
     let nodeport = Frontend { addr: None, port: 30080, proto: Proto::Udp };
-    Syncer::new().apply(&state(&[(nodeport, &["10.244.1.2:8080"])]), &mut dp);
+    unlimited().apply(&state(&[(nodeport, &["10.244.1.2:8080"])]), &mut dp);
     let key = *dp.services.keys().next().unwrap();
     assert_eq!(key.addr, 0);
     assert_eq!(key.port.to_ne_bytes(), 30080u16.to_be_bytes());
@@ -44,7 +48,7 @@ fn encodes_keys_in_network_order() {
 #[test]
 fn unchanged_state_writes_nothing() {
     let mut dp = FakeDatapath::default();
-    let mut syncer = Syncer::new();
+    let mut syncer = unlimited();
     let desired = state(&[(fe("10.96.0.10", 80), &["10.244.1.2:8080", "10.244.1.3:8080"])]);
     let first = syncer.apply(&desired, &mut dp);
     assert_eq!(first.writes, 5, "2 backends, 2 slots, 1 frontend: {:?}", dp.log);
@@ -56,7 +60,7 @@ fn unchanged_state_writes_nothing() {
 #[test]
 fn shrinking_lowers_count_before_removing_slot_and_backend() {
     let mut dp = FakeDatapath::default();
-    let mut syncer = Syncer::new();
+    let mut syncer = unlimited();
     let f = fe("10.96.0.10", 80);
     syncer.apply(&state(&[(f, &["10.244.1.2:8080", "10.244.1.3:8080"])]), &mut dp);
     dp.log.clear();
@@ -71,7 +75,7 @@ fn shrinking_lowers_count_before_removing_slot_and_backend() {
 #[test]
 fn removed_frontend_disappears_before_its_slots_and_backends() {
     let mut dp = FakeDatapath::default();
-    let mut syncer = Syncer::new();
+    let mut syncer = unlimited();
     let (a, b) = (fe("10.96.0.10", 80), fe("10.96.0.11", 80));
     syncer.apply(&state(&[(a, &["10.244.1.2:8080"]), (b, &["10.244.1.2:8080"])]), &mut dp);
     assert_eq!(dp.backends.len(), 1, "the shared endpoint is one backend");
@@ -86,7 +90,7 @@ fn removed_frontend_disappears_before_its_slots_and_backends() {
 #[test]
 fn full_backend_map_keeps_previous_state_and_recovers() {
     let mut dp = FakeDatapath { backends_capacity: Some(2), ..FakeDatapath::default() };
-    let mut syncer = Syncer::new();
+    let mut syncer = unlimited();
     let f = fe("10.96.0.10", 80);
     syncer.apply(&state(&[(f, &["10.244.1.2:8080", "10.244.1.3:8080"])]), &mut dp);
     let before = resolved(&dp);
@@ -104,6 +108,46 @@ fn full_backend_map_keeps_previous_state_and_recovers() {
 }
 
 #[test]
+fn full_services_map_refuses_the_frontend_without_mixing_backends() {
+    let mut dp = FakeDatapath::default();
+    // Room for two frontends with one backend each, and nothing more.
+    let mut syncer = Syncer::new(4, usize::MAX);
+    let (a, b) = (fe("10.96.0.10", 80), fe("10.96.0.11", 80));
+    syncer.apply(&state(&[(a, &["10.244.1.2:8080"]), (b, &["10.244.1.3:8080"])]), &mut dp);
+    let before = resolved(&dp);
+    dp.log.clear();
+    let report = syncer.apply(
+        &state(&[(a, &["10.244.1.4:8080", "10.244.1.5:8080"]), (b, &["10.244.1.3:8080"])]),
+        &mut dp,
+    );
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert!(
+        report.errors[0].contains("SVC4_V1") && report.errors[0].contains("full"),
+        "{report:?}"
+    );
+    assert_eq!(resolved(&dp), before, "a keeps exactly its previous backend");
+    assert!(dp.log.is_empty(), "nothing written for the refused frontend: {:?}", dp.log);
+
+    // Removing b frees room: the same desired state then fits.
+    let report = syncer.apply(&state(&[(a, &["10.244.1.4:8080", "10.244.1.5:8080"])]), &mut dp);
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(resolved(&dp)[0].1, ["10.244.1.4:8080", "10.244.1.5:8080"]);
+}
+
+#[test]
+fn freed_backend_ids_are_reused_oldest_first() {
+    let mut dp = FakeDatapath::default();
+    let mut syncer = unlimited();
+    let f = fe("10.96.0.10", 80);
+    syncer
+        .apply(&state(&[(f, &["10.244.1.2:8080", "10.244.1.3:8080", "10.244.1.4:8080"])]), &mut dp);
+    syncer.apply(&state(&[(f, &["10.244.1.4:8080"])]), &mut dp);
+    syncer.apply(&state(&[(f, &["10.244.1.4:8080", "10.244.1.9:8080"])]), &mut dp);
+    let ids: BTreeSet<u32> = dp.backends.keys().copied().collect();
+    assert_eq!(ids, BTreeSet::from([1, 3]), "the oldest freed id (1) is reused, not the newest");
+}
+
+#[test]
 fn random_changes_converge_and_never_expose_a_broken_service() {
     // A fixed LCG keeps the sequence reproducible without extra crates.
     let mut seed: u64 = 0x5eed;
@@ -112,7 +156,7 @@ fn random_changes_converge_and_never_expose_a_broken_service() {
         (seed >> 33) % n
     };
     let mut dp = FakeDatapath::default();
-    let mut syncer = Syncer::new();
+    let mut syncer = unlimited();
     for _ in 0..300 {
         let mut services = BTreeMap::new();
         for svc in 0..next(6) {
@@ -141,7 +185,7 @@ fn random_changes_converge_and_never_expose_a_broken_service() {
 #[test]
 fn node_ips_follow_desired_set() {
     let mut dp = FakeDatapath::default();
-    let mut syncer = Syncer::new();
+    let mut syncer = unlimited();
     let a: Ipv4Addr = "192.168.0.1".parse().unwrap();
     let b: Ipv4Addr = "192.168.0.2".parse().unwrap();
     syncer.apply_node_ips(&[a, b].into(), &mut dp);

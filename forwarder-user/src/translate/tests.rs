@@ -151,6 +151,16 @@ spec: {clusterIP: 'ten.nine', ports: [{port: 80}]}
             ],
         },
         Case {
+            name: "dual-stack: the IPv4 entry of clusterIPs, whichever comes first",
+            services: "
+metadata: {name: dual, namespace: demo}
+spec: {clusterIP: 'fd00::10', clusterIPs: ['fd00::10', 10.96.0.60], ports: [{port: 80}]}
+",
+            slices: "",
+            expect: vec![(fe(Some("10.96.0.60"), 80, Proto::Tcp), vec![])],
+            skipped: vec![],
+        },
+        Case {
             name: "a nodePort claimed twice keeps the first Service by name",
             services: "
 metadata: {name: b, namespace: demo}
