@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | demo | test | bench`.
+//! Project tasks: `cargo xtask setup | demo | test | bench | vm`.
 mod bench;
 mod demo;
 mod setup;
 mod test;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +23,8 @@ enum Task {
     Test,
     /// Measure the programs' per-packet cost; writes bench/results/.
     Bench,
+    /// Run the BPF and focused end-to-end tests on distribution kernels under qemu.
+    Vm,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,5 +33,6 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => demo::run(),
         Task::Test => test::run(),
         Task::Bench => bench::run(),
+        Task::Vm => vm::run(),
     }
 }

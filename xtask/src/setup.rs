@@ -13,8 +13,21 @@ const LLVM_FEATURE: &str = "llvm-22";
 const LIBLLVM: &str = "libLLVM.so.22.1-rust-1.97.0-nightly";
 /// Debian packages the build and the tests need (the distribution's release
 /// pins their versions): a C compiler for bpf-linker's build, `ip`, `sysctl`
-/// and `ethtool` for the test topology.
-const APT_PACKAGES: &[&str] = &["gcc", "iproute2", "procps", "ethtool"];
+/// and `ethtool` for the test topology, and for the VM tests qemu, `strip`,
+/// `dpkg-deb`, `depmod`, the archive keyring and module decompressors.
+const APT_PACKAGES: &[&str] = &[
+    "gcc",
+    "iproute2",
+    "procps",
+    "ethtool",
+    "qemu-system-x86",
+    "binutils",
+    "dpkg",
+    "kmod",
+    "debian-archive-keyring",
+    "xz-utils",
+    "zstd",
+];
 
 pub fn run() -> anyhow::Result<()> {
     apt_packages()?;

@@ -1,8 +1,13 @@
 //! `cargo xtask test`: the whole suite, as CI runs it.
 use std::process::Command;
 
-use crate::setup::{self, check, workspace_root};
+use crate::{
+    setup::{self, check, workspace_root},
+    vm,
+};
 
+/// Unit, BPF fixture and end-to-end tests on this kernel, then the focused
+/// set on each kernel of the VM matrix.
 pub fn run() -> anyhow::Result<()> {
     setup::run()?;
     let root = workspace_root();
@@ -14,6 +19,7 @@ pub fn run() -> anyhow::Result<()> {
             .args(["test", "--workspace"])
             .env("FORWARDER_BIN", root.join("target/debug/forwarder")),
     )?;
+    vm::run()?;
     println!("xtask test: all tests passed");
     Ok(())
 }
