@@ -137,7 +137,9 @@ pub fn healthz(node: &NetNs) -> Option<u16> {
 }
 
 /// Programs attached in `node`, one `"<hook> <iface> <program>"` per
-/// attachment (XDP from iproute2, TCX from BPF_PROG_QUERY).
+/// attachment, hook being `xdp`, `ingress` or `egress`: XDP from iproute2,
+/// TC from both TCX (kernel >= 6.6, BPF_PROG_QUERY) and netlink filters
+/// (older kernels, `tc filter show`).
 pub fn attachments(node: &NetNs) -> Vec<String> {
     let links = node.ip(&["-o", "-d", "link", "show"]);
     let mut found = Vec::new();
@@ -148,18 +150,30 @@ pub fn attachments(node: &NetNs) -> Vec<String> {
             continue;
         };
         if let Some(rest) = line.split("prog/xdp ").nth(1) {
-            let name = rest.split_whitespace().skip_while(|w| *w != "name").nth(1).unwrap_or("?");
-            found.push(format!("xdp {iface} {name}"));
+            found.push(format!("xdp {iface} {}", word_after(rest, "name").unwrap_or("?")));
         }
         for (hook, attach_type) in
             [("ingress", TcAttachType::Ingress), ("egress", TcAttachType::Egress)]
         {
             let programs = node.run(|| SchedClassifier::query_tcx(&iface, attach_type));
             for program in programs.map(|(_, p)| p).unwrap_or_default() {
-                let name = program.name_as_str().unwrap_or("?").to_owned();
-                found.push(format!("tcx-{hook} {iface} {name}"));
+                found.push(format!("{hook} {iface} {}", program.name_as_str().unwrap_or("?")));
+            }
+            let filters = node.exec(&["tc", "filter", "show", "dev", &iface, hook]);
+            for filter in
+                String::from_utf8_lossy(&filters.stdout).lines().filter(|l| l.contains(" bpf "))
+            {
+                if let Some(name) =
+                    filter.split(" id ").nth(1).and_then(|rest| word_after(rest, "name"))
+                {
+                    found.push(format!("{hook} {iface} {name}"));
+                }
             }
         }
     }
     found
+}
+
+fn word_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.split_whitespace().skip_while(|w| *w != key).nth(1)
 }

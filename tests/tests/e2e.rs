@@ -155,10 +155,10 @@ fn sigterm_detaches_every_program() {
     let attached = attachments(&s.topology.node);
     for expected in [
         "xdp eth-ext fwd_xdp_node",
-        "tcx-egress eth-ext fwd_tc_rnat",
-        "tcx-ingress veth-a fwd_tc_pod",
-        "tcx-egress veth-a fwd_tc_rnat",
-        "tcx-ingress veth-c fwd_tc_pod",
+        "egress eth-ext fwd_tc_rnat",
+        "ingress veth-a fwd_tc_pod",
+        "egress veth-a fwd_tc_rnat",
+        "ingress veth-c fwd_tc_pod",
     ] {
         assert!(attached.iter().any(|a| a == expected), "{expected} missing: {attached:?}");
     }
@@ -193,7 +193,7 @@ fn pod_interfaces_created_after_start_get_the_program() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let attached = attachments(&s.topology.node);
-        if attached.iter().any(|a| a == "tcx-ingress veth-late fwd_tc_pod") {
+        if attached.iter().any(|a| a == "ingress veth-late fwd_tc_pod") {
             break;
         }
         assert!(

@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 use super::{cpio::Cpio, kernels::Unpacked};
 
 /// Tools the end-to-end tests call.
-const TOOLS: [&str; 3] = ["ip", "sysctl", "ethtool"];
+const TOOLS: [&str; 4] = ["ip", "tc", "sysctl", "ethtool"];
 /// veth for the topology; clsact and cls_bpf for TC before TCX (kernel < 6.6).
 const MODULES: [&str; 3] = ["veth", "sch_ingress", "cls_bpf"];
 

@@ -29,7 +29,8 @@ const TCG_START_DEADLINE: Duration = Duration::from_secs(120);
 const KERNEL_DEADLINE: Duration = Duration::from_secs(20 * 60);
 
 /// The in-VM set: every BPF fixture, one NodePort and one ClusterIP
-/// end-to-end test (each sends TCP and UDP).
+/// end-to-end test (each sends TCP and UDP), and the detach-on-SIGTERM test,
+/// which matters most where TC filters are netlink objects (kernel < 6.6).
 fn test_runs(binaries: &[(String, PathBuf)]) -> anyhow::Result<Vec<TestRun>> {
     let find = |name: &str| {
         binaries
@@ -46,6 +47,7 @@ fn test_runs(binaries: &[(String, PathBuf)]) -> anyhow::Result<Vec<TestRun>> {
             args: [
                 "nodeport_from_external_client_reaches_both_pods",
                 "cluster_ip_from_a_pod_reaches_both_pods",
+                "sigterm_detaches_every_program",
                 "--exact",
             ]
             .map(str::to_owned)
