@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::Node;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    cidr::Cidr,
     dataplane::{Capacity, Dataplane, XdpAttachMode},
     healthz::{self, Health},
     manifests::{Fingerprint, ManifestSource},
@@ -28,6 +29,8 @@ pub struct Config {
     pub ifaces: Vec<String>,
     pub pod_iface_globs: Vec<String>,
     pub healthz_bind_address: SocketAddr,
+    /// Node addresses that serve NodePorts; empty means all of them.
+    pub nodeport_addresses: Vec<Cidr>,
 }
 
 /// How often the manifests are checked for changes (edits apply within 1 s).
@@ -179,7 +182,11 @@ impl Agent {
         }
         match self.netlink.ipv4_addrs().await {
             Ok(local) => {
-                let addrs = nodeport_addresses(&local, &self.manifest_node_ips);
+                let addrs = nodeport_addresses(
+                    &local,
+                    &self.manifest_node_ips,
+                    &self.config.nodeport_addresses,
+                );
                 let report = self.syncer.apply_node_ips(&addrs, &mut self.dataplane.maps);
                 for error in &report.errors {
                     tracing::error!(%error, "node address update failed");
@@ -191,13 +198,19 @@ impl Agent {
 }
 
 /// The addresses NodePorts are served on: the node's own, plus its Node
-/// object's. Never 127.0.0.0/8: traffic from the wire to loopback must not be
-/// forwarded (CVE-2020-8558).
+/// object's, within `--nodeport-addresses` when given. Never 127.0.0.0/8:
+/// traffic from the wire to loopback must not be forwarded (CVE-2020-8558).
 fn nodeport_addresses(
     local: &BTreeSet<Ipv4Addr>,
     from_node_object: &BTreeSet<Ipv4Addr>,
+    allowed: &[Cidr],
 ) -> BTreeSet<Ipv4Addr> {
-    local.union(from_node_object).filter(|ip| !ip.is_loopback()).copied().collect()
+    local
+        .union(from_node_object)
+        .filter(|ip| !ip.is_loopback())
+        .filter(|ip| allowed.is_empty() || allowed.iter().any(|c| c.contains(**ip)))
+        .copied()
+        .collect()
 }
 
 /// IPv4 InternalIP/ExternalIP addresses of the Node named `node_name`.
@@ -224,7 +237,15 @@ mod tests {
     fn nodeports_never_on_loopback() {
         let local = ips(&["127.0.0.1", "127.0.1.1", "192.168.10.1"]);
         let node = ips(&["203.0.113.7", "127.0.0.53"]);
-        assert_eq!(nodeport_addresses(&local, &node), ips(&["192.168.10.1", "203.0.113.7"]));
+        assert_eq!(nodeport_addresses(&local, &node, &[]), ips(&["192.168.10.1", "203.0.113.7"]));
+    }
+
+    #[test]
+    fn nodeport_addresses_flag_limits_the_set_but_never_admits_loopback() {
+        let local = ips(&["127.0.0.1", "192.168.10.1", "10.0.0.5"]);
+        let allowed: Vec<Cidr> =
+            vec!["192.168.0.0/16".parse().unwrap(), "127.0.0.0/8".parse().unwrap()];
+        assert_eq!(nodeport_addresses(&local, &BTreeSet::new(), &allowed), ips(&["192.168.10.1"]));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! forwarder's userspace: loads the programs, translates Kubernetes objects
 //! into map entries and keeps the maps in sync.
 pub mod agent;
+pub mod cidr;
 pub mod dataplane;
 pub mod healthz;
 pub mod manifests;

@@ -1,7 +1,7 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand};
-use forwarder_user::agent;
+use forwarder_user::{agent, cidr::Cidr};
 use tracing_subscriber::EnvFilter;
 
 /// Kubernetes Service dataplane on XDP/TC: a kube-proxy replacement.
@@ -36,6 +36,10 @@ struct RunArgs {
     /// Where /healthz is served, as with kube-proxy.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: SocketAddr,
+    /// Comma-separated CIDRs: only node addresses within them serve
+    /// NodePorts (kube-proxy's flag). Default: every local address.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<Cidr>,
 }
 
 /// A parent may have blocked SIGINT/SIGTERM (the mask survives exec); we
@@ -69,6 +73,7 @@ async fn run() -> anyhow::Result<()> {
         ifaces: args.ifaces,
         pod_iface_globs: args.pod_ifaces,
         healthz_bind_address: args.healthz_bind_address,
+        nodeport_addresses: args.nodeport_addresses,
     })
     .await
 }

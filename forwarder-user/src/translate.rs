@@ -28,11 +28,17 @@ pub struct Translation {
     pub skipped: Vec<Skipped>,
 }
 
+/// Labels that take a Service away from kube-proxy (and from us).
+const IGNORE_LABELS: [&str; 2] =
+    ["service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless"];
+
 /// Builds the desired state from Services and EndpointSlices.
 ///
-/// Ignored on purpose: ExternalName and headless Services, Services without
-/// a ClusterIP. Only endpoints that are ready (or whose readiness is unknown,
-/// which the API says to treat as ready) are used.
+/// Ignored on purpose, as kube-proxy does: ExternalName and headless
+/// Services, Services without a ClusterIP, Services labelled for another
+/// proxy or as headless. Endpoints are the ready ones (readiness unknown
+/// counts as ready, as the API says); when none is ready, the serving and
+/// terminating ones (upstream's ProxyTerminatingEndpoints).
 pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation {
     let mut out = Translation::default();
     let mut owner: BTreeMap<Frontend, String> = BTreeMap::new();
@@ -40,9 +46,14 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
     sorted.sort_by_key(|s| object_name(&s.metadata));
     for service in sorted {
         let name = object_name(&service.metadata);
+        let labels = service.metadata.labels.as_ref();
+        if labels.is_some_and(|l| IGNORE_LABELS.iter().any(|k| l.contains_key(*k))) {
+            continue;
+        }
         let Some(cluster_ip) = cluster_ip(service, &name, &mut out.skipped) else {
             continue;
         };
+        let external_ips = external_ips(service, &name, &mut out.skipped);
         let spec = service.spec.as_ref().expect("cluster_ip checked spec");
         let exposes_node_port = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
         let own_slices = slices_of(service, slices);
@@ -54,8 +65,10 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
                 continue;
             };
             let endpoints = endpoints_for(port, proto, &own_slices);
-            let mut frontends =
-                vec![Frontend { addr: Some(cluster_ip), port: service_port, proto }];
+            let mut frontends: Vec<Frontend> = std::iter::once(cluster_ip)
+                .chain(external_ips.iter().copied())
+                .map(|addr| Frontend { addr: Some(addr), port: service_port, proto })
+                .collect();
             if exposes_node_port
                 && let Some(node_port) = port.node_port
                 && let Some(node_port) = port_number(node_port, "nodePort", &name, &mut out.skipped)
@@ -112,6 +125,37 @@ fn cluster_ip(service: &Service, name: &str, skipped: &mut Vec<Skipped>) -> Opti
     None
 }
 
+/// `spec.externalIPs` and, for LoadBalancer Services, the load balancer's
+/// ingress IPs (except `ipMode: Proxy`, where the load balancer delivers to
+/// the node itself). IPv6 entries are left to an IPv6 dataplane.
+fn external_ips(service: &Service, name: &str, skipped: &mut Vec<Skipped>) -> Vec<Ipv4Addr> {
+    let spec = service.spec.as_ref();
+    let external = spec.and_then(|s| s.external_ips.as_ref()).into_iter().flatten();
+    let load_balancer = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .filter(|_| spec.and_then(|s| s.type_.as_deref()) == Some("LoadBalancer"))
+        .into_iter()
+        .flatten()
+        .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|ingress| ingress.ip.as_ref());
+    let mut ips = Vec::new();
+    for ip in external.chain(load_balancer) {
+        match ip.parse::<Ipv4Addr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) if ip.parse::<std::net::Ipv6Addr>().is_ok() => {}
+            Err(_) => skipped.push(Skipped {
+                object: name.to_owned(),
+                reason: format!("external IP {ip:?} is not an IP address"),
+            }),
+        }
+    }
+    ips
+}
+
 fn protocol(port: &ServicePort, name: &str, skipped: &mut Vec<Skipped>) -> Option<Proto> {
     match port.protocol.as_deref().unwrap_or("TCP") {
         "TCP" => Some(Proto::Tcp),
@@ -152,12 +196,14 @@ fn slices_of<'a>(service: &Service, slices: &'a [EndpointSlice]) -> Vec<&'a Endp
         .collect()
 }
 
-/// The ready endpoints of one Service port. The slice port is matched by
-/// name and protocol; its number is the resolved targetPort, which may
+/// The usable endpoints of one Service port: the ready ones, or if none is
+/// ready, the serving ones that are terminating. The slice port is matched
+/// by name and protocol; its number is the resolved targetPort, which may
 /// differ from slice to slice for a named targetPort.
 fn endpoints_for(port: &ServicePort, proto: Proto, slices: &[&EndpointSlice]) -> Vec<Endpoint> {
     let wanted_name = port.name.as_deref().unwrap_or("");
-    let mut found = BTreeSet::new();
+    let mut ready = BTreeSet::new();
+    let mut terminating = BTreeSet::new();
     for slice in slices {
         let Some(target) = slice
             .ports
@@ -174,18 +220,26 @@ fn endpoints_for(port: &ServicePort, proto: Proto, slices: &[&EndpointSlice]) ->
             continue;
         };
         for endpoint in &slice.endpoints {
-            let ready = endpoint.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            if !ready {
+            let conditions = endpoint.conditions.as_ref();
+            let is_ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(is_ready);
+            let is_terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            let set = if is_ready {
+                &mut ready
+            } else if serving && is_terminating {
+                &mut terminating
+            } else {
                 continue;
-            }
+            };
             for addr in &endpoint.addresses {
                 if let Ok(addr) = addr.parse::<Ipv4Addr>() {
-                    found.insert(Endpoint { addr, port: target });
+                    set.insert(Endpoint { addr, port: target });
                 }
             }
         }
     }
-    found.into_iter().collect()
+    let usable = if ready.is_empty() { terminating } else { ready };
+    usable.into_iter().collect()
 }
 
 #[cfg(test)]

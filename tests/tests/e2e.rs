@@ -27,8 +27,13 @@ struct ManifestCopy(PathBuf);
 
 impl ManifestCopy {
     fn new(topology: &Topology) -> Self {
-        let path = std::env::temp_dir().join(format!("{}-demo.yaml", topology.node.name));
-        std::fs::copy(demo_manifest(), &path).expect("copy demo manifest");
+        let demo = std::fs::read_to_string(demo_manifest()).expect("demo manifest");
+        Self::with_text(topology, &demo)
+    }
+
+    fn with_text(topology: &Topology, text: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("{}-manifest.yaml", topology.node.name));
+        std::fs::write(&path, text).expect("write manifest");
         Self(path)
     }
 
@@ -53,12 +58,21 @@ struct Setup {
 }
 
 fn setup(tag: &str) -> Setup {
+    setup_with(tag, None)
+}
+
+/// The topology with echo servers on pod-a and pod-b, and forwarder running
+/// on `manifest` (the demo's by default).
+fn setup_with(tag: &str, manifest: Option<&str>) -> Setup {
     let topology = Topology::new(tag);
     let servers = ["pod-a", "pod-b"]
         .iter()
         .map(|name| EchoServer::start(&topology.pod(name).ns, name))
         .collect();
-    let manifest = ManifestCopy::new(&topology);
+    let manifest = match manifest {
+        Some(text) => ManifestCopy::with_text(&topology, text),
+        None => ManifestCopy::new(&topology),
+    };
     let forwarder = Forwarder::start(&topology.node, &manifest.0, NODE_NAME, NODE_IFACE);
     Setup { forwarder, _servers: servers, manifest, topology }
 }
@@ -108,6 +122,39 @@ fn cluster_ip_from_a_pod_reaches_both_pods() {
     let client = &s.topology.pod("pod-c").ns;
     tcp_reaches_both(client, &format!("{CLUSTER_IP}:80"), &s.forwarder);
     udp_reaches_both(client, &format!("{CLUSTER_IP}:53"), &s.forwarder);
+}
+
+/// The echo pods behind a LoadBalancer Service with an external IP.
+const LOAD_BALANCER: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  externalIPs: [198.51.100.10]
+  ports: [{name: tcp, port: 80, targetPort: 8080, nodePort: 30090}]
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.10, ipMode: VIP}, {ip: 203.0.113.11, ipMode: Proxy}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: demo, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{name: tcp, port: 8080}]
+endpoints: [{addresses: [10.244.1.2]}, {addresses: [10.244.1.3]}]
+";
+
+#[test]
+fn external_and_load_balancer_ips_from_external_client() {
+    let s = setup_with("lbip", Some(LOAD_BALANCER));
+    let client = &s.topology.client;
+    tcp_reaches_both(client, "198.51.100.10:80", &s.forwarder);
+    tcp_reaches_both(client, "203.0.113.10:80", &s.forwarder);
+    tcp_reaches_both(client, &format!("{NODE_IP}:30090"), &s.forwarder);
+    // ipMode Proxy: the load balancer delivers to the node, not to that IP.
+    assert!(tcp_once(client, "203.0.113.11:80").is_err());
 }
 
 #[test]

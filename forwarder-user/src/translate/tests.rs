@@ -178,6 +178,132 @@ spec: {type: NodePort, clusterIP: 10.96.0.40, ports: [{port: 80, nodePort: 30001
             skipped: vec!["demo/b: frontend <node>:30001/TCP is already used by demo/a"],
         },
         Case {
+            name: "externalIPs and LoadBalancer ingress IPs are frontends; ipMode Proxy and IPv6 are not",
+            services: "
+metadata: {name: lb, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.70
+  externalIPs: [198.51.100.1, '2001:db8::1']
+  ports: [{port: 80, nodePort: 30070}]
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.10}, {ip: 203.0.113.11, ipMode: Proxy}, {ip: 203.0.113.12, ipMode: VIP}, {hostname: lb.example}]
+",
+            slices: "
+metadata: {name: lb-1, namespace: demo, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.1.2]}]
+",
+            expect: vec![
+                (fe(None, 30070, Proto::Tcp), vec!["10.244.1.2:8080"]),
+                (fe(Some("10.96.0.70"), 80, Proto::Tcp), vec!["10.244.1.2:8080"]),
+                (fe(Some("198.51.100.1"), 80, Proto::Tcp), vec!["10.244.1.2:8080"]),
+                (fe(Some("203.0.113.10"), 80, Proto::Tcp), vec!["10.244.1.2:8080"]),
+                (fe(Some("203.0.113.12"), 80, Proto::Tcp), vec!["10.244.1.2:8080"]),
+            ],
+            skipped: vec![],
+        },
+        Case {
+            name: "load balancer status counts only for type LoadBalancer",
+            services: "
+metadata: {name: was-lb, namespace: demo}
+spec: {type: ClusterIP, clusterIP: 10.96.0.71, ports: [{port: 80}]}
+status: {loadBalancer: {ingress: [{ip: 203.0.113.20}]}}
+",
+            slices: "",
+            expect: vec![(fe(Some("10.96.0.71"), 80, Proto::Tcp), vec![])],
+            skipped: vec![],
+        },
+        Case {
+            name: "Services labelled for another proxy or as headless are ignored",
+            services: "
+metadata: {name: other-proxy, namespace: demo, labels: {service.kubernetes.io/service-proxy-name: cilium}}
+spec: {clusterIP: 10.96.0.80, ports: [{port: 80}]}
+---
+metadata: {name: labelled-headless, namespace: demo, labels: {service.kubernetes.io/headless: ''}}
+spec: {clusterIP: 10.96.0.81, ports: [{port: 80}]}
+---
+metadata: {name: unrelated-label, namespace: demo, labels: {app: web}}
+spec: {clusterIP: 10.96.0.82, ports: [{port: 80}]}
+",
+            slices: "",
+            expect: vec![(fe(Some("10.96.0.82"), 80, Proto::Tcp), vec![])],
+            skipped: vec![],
+        },
+        Case {
+            name: "ready endpoints win; serving-and-terminating ones only when none is ready",
+            services: "
+metadata: {name: a, namespace: demo}
+spec: {clusterIP: 10.96.0.90, ports: [{port: 80}]}
+---
+metadata: {name: b, namespace: demo}
+spec: {clusterIP: 10.96.0.91, ports: [{port: 80}]}
+---
+metadata: {name: c, namespace: demo}
+spec: {clusterIP: 10.96.0.92, ports: [{port: 80}]}
+",
+            slices: "
+metadata: {name: a-1, namespace: demo, labels: {kubernetes.io/service-name: a}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.2], conditions: {ready: true, serving: true, terminating: false}}
+- {addresses: [10.244.1.3], conditions: {ready: false, serving: true, terminating: true}}
+---
+metadata: {name: b-1, namespace: demo, labels: {kubernetes.io/service-name: b}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.3], conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.244.1.4], conditions: {ready: false, serving: false, terminating: true}}
+- {addresses: [10.244.1.5], conditions: {ready: false, serving: true, terminating: false}}
+---
+metadata: {name: c-1, namespace: demo, labels: {kubernetes.io/service-name: c}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.4], conditions: {ready: false, serving: false, terminating: true}}
+",
+            expect: vec![
+                (fe(Some("10.96.0.90"), 80, Proto::Tcp), vec!["10.244.1.2:8080"]),
+                (fe(Some("10.96.0.91"), 80, Proto::Tcp), vec!["10.244.1.3:8080"]),
+                (fe(Some("10.96.0.92"), 80, Proto::Tcp), vec![]),
+            ],
+            skipped: vec![],
+        },
+        Case {
+            name: "slice ports without a number, and FQDN or IPv6 slices, give no endpoints",
+            services: "
+metadata: {name: odd, namespace: demo}
+spec: {clusterIP: 10.96.0.95, ports: [{port: 80}]}
+",
+            slices: "
+metadata: {name: odd-1, namespace: demo, labels: {kubernetes.io/service-name: odd}}
+addressType: IPv4
+ports: [{protocol: TCP}]
+endpoints: [{addresses: [10.244.1.2]}]
+---
+metadata: {name: odd-2, namespace: demo, labels: {kubernetes.io/service-name: odd}}
+addressType: FQDN
+ports: [{port: 8080}]
+endpoints: [{addresses: [backend.example.com]}]
+---
+metadata: {name: odd-3, namespace: demo, labels: {kubernetes.io/service-name: odd}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ['fd00::2']}]
+---
+metadata: {name: odd-4, namespace: demo, labels: {kubernetes.io/service-name: odd}}
+addressType: IPv4
+ports: [{port: 9090}]
+endpoints: [{addresses: [10.244.1.3, 'not-an-ip']}]
+",
+            expect: vec![(fe(Some("10.96.0.95"), 80, Proto::Tcp), vec!["10.244.1.3:9090"])],
+            skipped: vec![],
+        },
+        Case {
             name: "out-of-range port numbers are skipped",
             services: "
 metadata: {name: big, namespace: demo}
