@@ -17,6 +17,7 @@ pub mod map_names {
     pub const BACKENDS: &str = "BACKEND4_V1";
     pub const CONNTRACK: &str = "CT4_V1";
     pub const NODE_IPS: &str = "NODE_IP4_V1";
+    pub const SNAT_ADDRS: &str = "SNAT_ADDR4_V1";
     pub const STATS: &str = "STATS_V1";
 }
 
@@ -32,9 +33,25 @@ pub const SERVICES_MAX: u32 = 65_536;
 pub const BACKENDS_MAX: u32 = 65_536;
 pub const CONNTRACK_MAX: u32 = 262_144;
 pub const NODE_IPS_MAX: u32 = 256;
+pub const SNAT_ADDRS_MAX: u32 = 4096;
+
+/// Masquerading picks source ports here: above Linux's default ephemeral
+/// range (32768-60999) and the NodePort range, so the node's own sockets and
+/// NodePorts are never taken.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_COUNT: u16 = 4_536;
+/// `SNAT_ADDR4_V1` key of the address used when the egress interface has
+/// none of its own (ifindexes start at 1).
+pub const SNAT_ADDR_DEFAULT: u32 = 0;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+
+/// `SvcKey::scope`: the entry for every client...
+pub const SCOPE_EXTERNAL: u8 = 0;
+/// ...and, where it differs, the entry for pods on this node (an external
+/// frontend with `externalTrafficPolicy: Local`).
+pub const SCOPE_INTERNAL: u8 = 1;
 
 /// Key of the services map.
 ///
@@ -50,34 +67,44 @@ pub struct SvcKey {
     pub port: u16,
     pub slot: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// `SCOPE_EXTERNAL` or `SCOPE_INTERNAL`.
+    pub scope: u8,
+    pub _pad: [u8; 2],
 }
 
 impl SvcKey {
-    pub const fn new(addr: u32, port: u16, proto: u8, slot: u16) -> Self {
-        Self { addr, port, slot, proto, _pad: [0; 3] }
+    pub const fn new(addr: u32, port: u16, proto: u8, scope: u8, slot: u16) -> Self {
+        Self { addr, port, slot, proto, scope, _pad: [0; 2] }
     }
 }
 
-/// Value of the services map: slot 0 uses `count`, other slots `backend_id`.
+/// `SvcValue::flags`: a `SCOPE_INTERNAL` entry exists for pods on this node.
+pub const SVC_HAS_INTERNAL: u16 = 1;
+
+/// Value of the services map: slot 0 uses `count` and `flags`, other slots
+/// `backend_id`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SvcValue {
     pub backend_id: u32,
     /// Number of backend slots (slot 0 only).
     pub count: u16,
-    pub _pad: u16,
+    /// `SVC_*` flags (slot 0 only).
+    pub flags: u16,
 }
 
 impl SvcValue {
-    pub const fn frontend(count: u16) -> Self {
-        Self { backend_id: 0, count, _pad: 0 }
+    pub const fn frontend(count: u16, flags: u16) -> Self {
+        Self { backend_id: 0, count, flags }
     }
 
     pub const fn slot(backend_id: u32) -> Self {
-        Self { backend_id, count: 0, _pad: 0 }
+        Self { backend_id, count: 0, flags: 0 }
     }
 }
+
+/// `Backend::flags`: the endpoint runs on this node.
+pub const BACKEND_LOCAL: u8 = 1;
 
 /// Value of the backends map, keyed by a `u32` backend id.
 #[repr(C)]
@@ -88,17 +115,25 @@ pub struct Backend {
     /// Target port, network order.
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// `BACKEND_LOCAL`.
+    pub flags: u8,
 }
 
-/// Direction of a conntrack entry.
+/// Kinds of conntrack entries, each keyed by the packet as the program that
+/// looks it up sees it:
+/// - `CT_FORWARD` (`client -> frontend`, at ingress): the backend to DNAT to;
+/// - `CT_REPLY` (`backend -> client`, at egress): the frontend to restore as
+///   the source;
+/// - `CT_SNAT` (`client -> backend`, at egress, when masquerading): the node
+///   address and port to use as the source; 0 until the first packet leaves;
+/// - `CT_SNAT_REPLY` (`backend -> node address:port`, at ingress): the
+///   client to restore as the destination.
 pub const CT_FORWARD: u8 = 0;
 pub const CT_REPLY: u8 = 1;
+pub const CT_SNAT: u8 = 2;
+pub const CT_SNAT_REPLY: u8 = 3;
 
 /// Key of the conntrack map: the flow as it is seen in the packet.
-///
-/// A forward entry is keyed by `client -> frontend`; a reply entry by
-/// `backend -> client`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -114,10 +149,9 @@ pub struct CtKey {
 
 /// Value of the conntrack map: the address to write into the packet.
 ///
-/// Forward entries hold the chosen backend (the new destination), reply
-/// entries hold the frontend (the new source). Keeping the address here, not
-/// only the id, keeps an established flow on its backend when the service's
-/// backends change.
+/// Keeping the backend's address in the forward entry, not only its id,
+/// keeps an established flow on its backend when the service's backends
+/// change.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtValue {
@@ -146,14 +180,19 @@ pub mod stat {
     /// A new flow would become, after DNAT, the same tuple as a live flow
     /// from the same client address and port to another frontend.
     pub const DROP_CT_COLLISION: u32 = 5;
+    /// No free source port to masquerade with, or no address to use.
+    pub const DROP_SNAT: u32 = 6;
     /// Malformed IPv4 header (IHL < 5, total length shorter than the
     /// headers): passed to the kernel stack, which discards it; never rewritten.
-    pub const MALFORMED_PASSED: u32 = 6;
+    pub const MALFORMED_PASSED: u32 = 7;
     /// Frontend -> backend translations.
-    pub const DNAT: u32 = 7;
+    pub const DNAT: u32 = 8;
     /// Backend -> client reverse translations.
-    pub const REVERSE_NAT: u32 = 8;
-    pub const COUNT: u32 = 9;
+    pub const REVERSE_NAT: u32 = 9;
+    /// Client -> node address masquerades, and their reversals.
+    pub const SNAT: u32 = 10;
+    pub const REVERSE_SNAT: u32 = 11;
+    pub const COUNT: u32 = 12;
 
     /// Metric label of each counter, indexed by its value.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -163,9 +202,12 @@ pub mod stat {
         "drop_ct_insert",
         "drop_rewrite",
         "drop_ct_collision",
+        "drop_snat",
         "malformed_passed",
         "dnat",
         "reverse_nat",
+        "snat",
+        "reverse_snat",
     ];
 }
 

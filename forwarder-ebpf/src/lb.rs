@@ -3,12 +3,26 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_get_prandom_u32,
 };
-use forwarder_common::{CT_FORWARD, CT_REPLY, CtKey, CtValue, SvcKey, stat};
+use forwarder_common::{
+    BACKEND_LOCAL, CT_FORWARD, CT_REPLY, CT_SNAT, CT_SNAT_REPLY, CtKey, CtValue, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SNAT_ADDR_DEFAULT, SNAT_PORT_COUNT, SNAT_PORT_MIN, SVC_HAS_INTERNAL, SvcKey,
+    stat,
+};
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, NODE_IPS, SERVICES},
+    maps::{BACKENDS, CONNTRACK, NODE_IPS, SERVICES, SNAT_ADDRS},
     parse::Flow,
 };
+
+/// Where a packet comes from: it decides the endpoint set (traffic
+/// policies) and whether the client is masqueraded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// From the wire (XDP on node interfaces).
+    Outside,
+    /// From a pod on this node (TC on pod-facing interfaces).
+    LocalPod,
+}
 
 /// New address and port for one side of the packet.
 pub struct Nat {
@@ -19,33 +33,33 @@ pub struct Nat {
 /// `Ok(None)`: not a Service packet. `Err(reason)`: drop, counted by reason.
 pub type Decision = Result<Option<Nat>, u32>;
 
-/// The frontend's slot-0 key, if the packet is addressed to one.
+/// The slot-0 key of the frontend the packet is addressed to, in the scope
+/// that serves its origin.
 #[inline(always)]
-fn frontend(flow: &Flow) -> Option<SvcKey> {
-    let exact = SvcKey::new(flow.daddr, flow.dport, flow.proto, 0);
-    // SAFETY: presence check only.
-    if unsafe { SERVICES.get(&exact) }.is_some() {
-        return Some(exact);
+fn frontend(flow: &Flow, origin: Origin) -> Option<SvcKey> {
+    let exact = SvcKey::new(flow.daddr, flow.dport, flow.proto, SCOPE_EXTERNAL, 0);
+    // SAFETY: copied out immediately.
+    let (key, head) = match unsafe { SERVICES.get(&exact) }.copied() {
+        Some(head) => (exact, head),
+        None => {
+            // NodePort: a wildcard entry, valid on the node's own addresses only.
+            // SAFETY: presence check only.
+            unsafe { NODE_IPS.get(&flow.daddr) }?;
+            let nodeport = SvcKey::new(0, flow.dport, flow.proto, SCOPE_EXTERNAL, 0);
+            // SAFETY: copied out immediately.
+            (nodeport, unsafe { SERVICES.get(&nodeport) }.copied()?)
+        }
+    };
+    if origin == Origin::LocalPod && head.flags & SVC_HAS_INTERNAL != 0 {
+        let internal = SvcKey { scope: SCOPE_INTERNAL, ..key };
+        // Absent while a sync is adding or removing it: the external set is
+        // then still a valid answer.
+        // SAFETY: presence check only.
+        if unsafe { SERVICES.get(&internal) }.is_some() {
+            return Some(internal);
+        }
     }
-    // NodePort: a wildcard entry, valid on the node's own addresses only.
-    // SAFETY: presence check only.
-    unsafe { NODE_IPS.get(&flow.daddr) }?;
-    let nodeport = SvcKey::new(0, flow.dport, flow.proto, 0);
-    // SAFETY: presence check only.
-    unsafe { SERVICES.get(&nodeport) }.map(|_| nodeport)
-}
-
-#[inline(always)]
-fn forward_key(flow: &Flow) -> CtKey {
-    CtKey {
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        sport: flow.sport,
-        dport: flow.dport,
-        proto: flow.proto,
-        dir: CT_FORWARD,
-        _pad: [0; 2],
-    }
+    Some(key)
 }
 
 #[inline(always)]
@@ -76,18 +90,25 @@ fn ensure_reply(flow: &Flow, fwd: &CtValue) -> Result<(), u32> {
     CONNTRACK.insert(&key, &value, u64::from(BPF_ANY)).map_err(|_| stat::DROP_CT_INSERT)
 }
 
-/// Picks a backend and records both directions of the flow.
+/// Picks a backend and records both directions of the flow, and whether
+/// the client is to be masqueraded: traffic from outside to an endpoint on
+/// another node (so the reply comes back through us), and a pod reaching
+/// itself through a Service (hairpin; it would not answer its own address).
 #[inline(always)]
-fn new_flow(flow: &Flow, key: &CtKey, svc: SvcKey) -> Result<CtValue, u32> {
+fn new_flow(flow: &Flow, key: &CtKey, svc: SvcKey, origin: Origin) -> Result<CtValue, u32> {
     // SAFETY: helper without arguments.
     let pick = unsafe { bpf_get_prandom_u32() };
-    let mut chosen = choose_backend(svc, pick)?;
+    let (mut chosen, mut local) = choose_backend(svc, pick)?;
     if collides(flow, &chosen) {
-        chosen = choose_backend(svc, pick.wrapping_add(1))?;
+        (chosen, local) = choose_backend(svc, pick.wrapping_add(1))?;
         if collides(flow, &chosen) {
             return Err(stat::DROP_CT_COLLISION);
         }
     }
+    let masquerade = match origin {
+        Origin::Outside => !local,
+        Origin::LocalPod => chosen.nat_addr == flow.saddr,
+    };
     if CONNTRACK.insert(key, &chosen, u64::from(BPF_NOEXIST)).is_err() {
         // Another CPU created the flow first: follow its choice.
         // SAFETY: copied out immediately.
@@ -97,6 +118,13 @@ fn new_flow(flow: &Flow, key: &CtKey, svc: SvcKey) -> Result<CtValue, u32> {
     }
     let (reply_key, reply) = reply_entry(flow, &chosen);
     CONNTRACK.insert(&reply_key, &reply, u64::from(BPF_ANY)).map_err(|_| stat::DROP_CT_INSERT)?;
+    if masquerade {
+        // The egress program fills in the address and port: it knows the
+        // interface. An existing entry keeps its allocation.
+        let snat = CtKey { daddr: chosen.nat_addr, dport: chosen.nat_port, dir: CT_SNAT, ..*key };
+        let pending = CtValue { nat_addr: 0, nat_port: 0, _pad: 0, backend_id: chosen.backend_id };
+        let _ = CONNTRACK.insert(&snat, &pending, u64::from(BPF_NOEXIST));
+    }
     Ok(chosen)
 }
 
@@ -133,15 +161,16 @@ fn collides(flow: &Flow, chosen: &CtValue) -> bool {
 /// and of a slot (or remove the slot's backend just after), so one miss is
 /// retried from a new count.
 #[inline(always)]
-fn choose_backend(svc: SvcKey, pick: u32) -> Result<CtValue, u32> {
+fn choose_backend(svc: SvcKey, pick: u32) -> Result<(CtValue, bool), u32> {
     match backend_in_slot(svc, pick) {
         Err(stat::DROP_NO_BACKEND) => backend_in_slot(svc, pick),
         result => result,
     }
 }
 
+/// The chosen backend, and whether it runs on this node.
 #[inline(always)]
-fn backend_in_slot(svc: SvcKey, pick: u32) -> Result<CtValue, u32> {
+fn backend_in_slot(svc: SvcKey, pick: u32) -> Result<(CtValue, bool), u32> {
     // SAFETY: copied out immediately.
     let count = unsafe { SERVICES.get(&svc) }.map_or(0, |v| v.count);
     if count == 0 {
@@ -152,26 +181,27 @@ fn backend_in_slot(svc: SvcKey, pick: u32) -> Result<CtValue, u32> {
     let id = unsafe { SERVICES.get(&slot) }.ok_or(stat::DROP_NO_BACKEND)?.backend_id;
     // SAFETY: copied out immediately.
     let backend = unsafe { BACKENDS.get(&id) }.ok_or(stat::DROP_NO_BACKEND)?;
-    Ok(CtValue { nat_addr: backend.addr, nat_port: backend.port, _pad: 0, backend_id: id })
+    let value = CtValue { nat_addr: backend.addr, nat_port: backend.port, _pad: 0, backend_id: id };
+    Ok((value, backend.flags & BACKEND_LOCAL != 0))
 }
 
 /// Destination NAT for a packet addressed to a Service frontend.
 #[inline(always)]
-pub fn service_dnat(flow: &Flow) -> Decision {
-    let Some(svc) = frontend(flow) else {
+pub fn service_dnat(flow: &Flow, origin: Origin) -> Decision {
+    let Some(svc) = frontend(flow, origin) else {
         return Ok(None);
     };
     if flow.first_fragment {
         return Err(stat::DROP_FRAGMENT);
     }
-    let key = forward_key(flow);
+    let key = key_of(flow, CT_FORWARD);
     // SAFETY: copied out immediately.
     let fwd = match unsafe { CONNTRACK.get(&key) }.copied() {
         Some(existing) => {
             ensure_reply(flow, &existing)?;
             existing
         }
-        None => new_flow(flow, &key, svc)?,
+        None => new_flow(flow, &key, svc, origin)?,
     };
     Ok(Some(Nat { addr: fwd.nat_addr, port: fwd.nat_port }))
 }
@@ -179,15 +209,7 @@ pub fn service_dnat(flow: &Flow) -> Decision {
 /// Source NAT for a backend's reply: restores the frontend the client used.
 #[inline(always)]
 pub fn reverse_nat(flow: &Flow) -> Decision {
-    let key = CtKey {
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        sport: flow.sport,
-        dport: flow.dport,
-        proto: flow.proto,
-        dir: CT_REPLY,
-        _pad: [0; 2],
-    };
+    let key = key_of(flow, CT_REPLY);
     // SAFETY: copied out immediately.
     let Some(entry) = (unsafe { CONNTRACK.get(&key) }).copied() else {
         return Ok(None);
@@ -196,4 +218,86 @@ pub fn reverse_nat(flow: &Flow) -> Decision {
         return Err(stat::DROP_FRAGMENT);
     }
     Ok(Some(Nat { addr: entry.nat_addr, port: entry.nat_port }))
+}
+
+#[inline(always)]
+fn key_of(flow: &Flow, dir: u8) -> CtKey {
+    CtKey {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        sport: flow.sport,
+        dport: flow.dport,
+        proto: flow.proto,
+        dir,
+        _pad: [0; 2],
+    }
+}
+
+/// For a reply to a masqueraded flow (`backend -> node:port`): the client
+/// to restore as the destination.
+#[inline(always)]
+pub fn reverse_snat(flow: &Flow) -> Decision {
+    // Only masquerade ports can match: spare other packets the lookup.
+    if u16::from_be(flow.dport) < SNAT_PORT_MIN {
+        return Ok(None);
+    }
+    // SAFETY: copied out immediately.
+    let Some(entry) = (unsafe { CONNTRACK.get(&key_of(flow, CT_SNAT_REPLY)) }).copied() else {
+        return Ok(None);
+    };
+    if flow.first_fragment {
+        return Err(stat::DROP_FRAGMENT);
+    }
+    Ok(Some(Nat { addr: entry.nat_addr, port: entry.nat_port }))
+}
+
+/// Masquerading of a flow marked at DNAT time, on the interface it leaves
+/// by: the first packet picks the interface's address and a free port.
+#[inline(always)]
+pub fn snat(flow: &Flow, ifindex: u32) -> Decision {
+    let key = key_of(flow, CT_SNAT);
+    // SAFETY: copied out immediately.
+    let Some(entry) = (unsafe { CONNTRACK.get(&key) }).copied() else {
+        return Ok(None);
+    };
+    if flow.first_fragment {
+        return Err(stat::DROP_FRAGMENT);
+    }
+    if entry.nat_addr != 0 {
+        return Ok(Some(Nat { addr: entry.nat_addr, port: entry.nat_port }));
+    }
+    // SAFETY: copied out immediately.
+    let addr = unsafe { SNAT_ADDRS.get(&ifindex).or_else(|| SNAT_ADDRS.get(&SNAT_ADDR_DEFAULT)) }
+        .copied()
+        .ok_or(stat::DROP_SNAT)?;
+    // SAFETY: helper without arguments.
+    let start = unsafe { bpf_get_prandom_u32() };
+    let restore = CtValue {
+        nat_addr: flow.saddr,
+        nat_port: flow.sport,
+        _pad: 0,
+        backend_id: entry.backend_id,
+    };
+    for attempt in 0..4u32 {
+        let port =
+            SNAT_PORT_MIN + (start.wrapping_add(attempt) % u32::from(SNAT_PORT_COUNT)) as u16;
+        let port = port.to_be();
+        let reply = CtKey {
+            saddr: flow.daddr,
+            daddr: addr,
+            sport: flow.dport,
+            dport: port,
+            proto: flow.proto,
+            dir: CT_SNAT_REPLY,
+            _pad: [0; 2],
+        };
+        if CONNTRACK.insert(&reply, &restore, u64::from(BPF_NOEXIST)).is_ok() {
+            let mapped = CtValue { nat_addr: addr, nat_port: port, ..entry };
+            CONNTRACK
+                .insert(&key, &mapped, u64::from(BPF_ANY))
+                .map_err(|_| stat::DROP_CT_INSERT)?;
+            return Ok(Some(Nat { addr, port }));
+        }
+    }
+    Err(stat::DROP_SNAT)
 }

@@ -4,8 +4,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use forwarder_common::{
-    BACKENDS_MAX, Backend, CONNTRACK_MAX, CtKey, CtValue, NODE_IPS_MAX, SERVICES_MAX, SvcKey,
-    SvcValue, stat,
+    BACKENDS_MAX, Backend, CONNTRACK_MAX, CtKey, CtValue, NODE_IPS_MAX, SERVICES_MAX,
+    SNAT_ADDRS_MAX, SvcKey, SvcValue, stat,
 };
 
 #[map(name = "SVC4_V1")]
@@ -21,6 +21,10 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(
 /// Local node addresses that serve NodePorts (value unused).
 #[map(name = "NODE_IP4_V1")]
 pub static NODE_IPS: HashMap<u32, u32> = HashMap::with_max_entries(NODE_IPS_MAX, 0);
+
+/// Masquerade address per egress ifindex; `SNAT_ADDR_DEFAULT` for the rest.
+#[map(name = "SNAT_ADDR4_V1")]
+pub static SNAT_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(SNAT_ADDRS_MAX, 0);
 
 #[map(name = "STATS_V1")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);

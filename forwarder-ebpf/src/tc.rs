@@ -1,9 +1,11 @@
 //! TC programs:
-//! - `fwd_tc_pod`, ingress of pod-facing interfaces: DNAT for pod clients.
+//! - `fwd_tc_pod`, ingress of pod-facing interfaces: DNAT for pod clients,
+//!   and the reversal of masquerading (hairpin replies).
 //! - `fwd_tc_rnat`, egress of node and pod-facing interfaces: reverse NAT of
-//!   backend replies. It runs after routing: a reply whose new source is a
-//!   node address would otherwise be dropped as martian on input, and a
-//!   ClusterIP source would fail strict reverse-path filtering.
+//!   backend replies, and masquerading. Like netfilter's postrouting it runs
+//!   after routing: a packet whose new source is a node address would
+//!   otherwise be dropped as martian on input, and a ClusterIP source would
+//!   fail strict reverse-path filtering.
 //!
 //! Pods hand the stack CHECKSUM_PARTIAL packets, so checksums are updated
 //! with the kernel helpers, which know the skb's checksum state.
@@ -15,7 +17,7 @@ use aya_ebpf::{
 use forwarder_common::{PROTO_UDP, stat};
 
 use crate::{
-    lb::{self, Nat},
+    lb::{self, Nat, Origin},
     maps::count,
     parse::{self, Flow, Parsed},
 };
@@ -36,9 +38,12 @@ fn try_tc_pod(ctx: &TcContext) -> Result<i32, u32> {
     let Some(flow) = parse_linear(ctx) else {
         return Ok(TC_ACT_OK as i32);
     };
-    if let Some(nat) = lb::service_dnat(&flow)? {
+    if let Some(nat) = lb::service_dnat(&flow, Origin::LocalPod)? {
         rewrite(ctx, &flow, &nat, Side::Destination)?;
         count(stat::DNAT);
+    } else if let Some(nat) = lb::reverse_snat(&flow)? {
+        rewrite(ctx, &flow, &nat, Side::Destination)?;
+        count(stat::REVERSE_SNAT);
     }
     Ok(TC_ACT_OK as i32)
 }
@@ -63,6 +68,13 @@ fn try_tc_rnat(ctx: &TcContext) -> Result<i32, u32> {
     if let Some(nat) = lb::reverse_nat(&flow)? {
         rewrite(ctx, &flow, &nat, Side::Source)?;
         count(stat::REVERSE_NAT);
+    } else {
+        // SAFETY: the context's skb pointer is valid for the program's run.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        if let Some(nat) = lb::snat(&flow, ifindex)? {
+            rewrite(ctx, &flow, &nat, Side::Source)?;
+            count(stat::SNAT);
+        }
     }
     Ok(TC_ACT_OK as i32)
 }

@@ -1,9 +1,10 @@
-//! XDP on node interfaces: Service DNAT with direct packet writes.
+//! XDP on node interfaces: Service DNAT, and the reversal of masquerading
+//! for replies, with direct packet writes.
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use forwarder_common::{PROTO_UDP, csum, stat};
 
 use crate::{
-    lb::{self, Nat},
+    lb::{self, Nat, Origin},
     maps::count,
     parse::{self, Flow, Parsed},
 };
@@ -30,9 +31,12 @@ fn try_xdp_node(ctx: &XdpContext) -> Result<u32, u32> {
         }
         Parsed::Other | Parsed::Truncated => return Ok(xdp_action::XDP_PASS),
     };
-    if let Some(nat) = lb::service_dnat(&flow)? {
+    if let Some(nat) = lb::service_dnat(&flow, Origin::Outside)? {
         rewrite_destination(ctx, &flow, &nat).ok_or(stat::DROP_REWRITE)?;
         count(stat::DNAT);
+    } else if let Some(nat) = lb::reverse_snat(&flow)? {
+        rewrite_destination(ctx, &flow, &nat).ok_or(stat::DROP_REWRITE)?;
+        count(stat::REVERSE_SNAT);
     }
     Ok(xdp_action::XDP_PASS)
 }

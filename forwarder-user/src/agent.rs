@@ -1,7 +1,7 @@
 //! The `run` loop: attach, then keep maps and attachments in sync with the
 //! manifests and the node's interfaces until a signal arrives.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
@@ -18,7 +18,7 @@ use crate::{
     dataplane::{Capacity, Dataplane, XdpAttachMode},
     healthz::{self, Health},
     manifests::{Fingerprint, ManifestSource},
-    netlink::{Netlink, glob_match},
+    netlink::{Link, Netlink, glob_match},
     sync::Syncer,
     translate::translate,
 };
@@ -128,7 +128,7 @@ impl Agent {
         for problem in &problems {
             tracing::warn!(%problem, "manifest skipped");
         }
-        let translation = translate(&objects.services, &objects.slices);
+        let translation = translate(&objects.services, &objects.slices, &self.config.node_name);
         for skipped in &translation.skipped {
             tracing::warn!(object = %skipped.object, reason = %skipped.reason, "Service part skipped");
         }
@@ -150,44 +150,26 @@ impl Agent {
     /// Attaches to new pod-facing interfaces, forgets vanished ones, and
     /// refreshes the node addresses that serve NodePorts.
     async fn reconcile_interfaces(&mut self) {
-        match self.netlink.links().await {
-            Ok(links) => {
-                let wanted: BTreeSet<(u32, String)> = links
-                    .into_iter()
-                    .filter(|l| !self.config.ifaces.contains(&l.name))
-                    .filter(|l| self.config.pod_iface_globs.iter().any(|g| glob_match(g, &l.name)))
-                    .map(|l| (l.index, l.name))
-                    .collect();
-                let attached: Vec<(u32, String)> =
-                    self.dataplane.pod_ifaces().map(|(i, n)| (i, n.to_owned())).collect();
-                for (index, name) in attached {
-                    // Gone, or renamed (CNIs create veths under a temporary name).
-                    if !wanted.contains(&(index, name.clone())) {
-                        self.dataplane.detach_pod_iface(index);
-                        tracing::info!(iface = %name, "pod interface gone, detached");
-                    }
-                }
-                let attached: BTreeSet<u32> = self.dataplane.pod_ifaces().map(|(i, _)| i).collect();
-                for (index, name) in wanted {
-                    if attached.contains(&index) {
-                        continue;
-                    }
-                    match self.dataplane.attach_pod_iface(index, &name) {
-                        Ok(()) => tracing::info!(iface = %name, "TC attached to pod interface"),
-                        Err(error) => tracing::warn!(iface = %name, %error, "TC attach failed"),
-                    }
-                }
+        let links = match self.netlink.links().await {
+            Ok(links) => links,
+            Err(error) => {
+                tracing::warn!(%error, "listing interfaces failed");
+                return;
             }
-            Err(error) => tracing::warn!(%error, "listing interfaces failed"),
-        }
+        };
+        self.reconcile_pod_attachments(&links);
         match self.netlink.ipv4_addrs().await {
-            Ok(local) => {
+            Ok(by_interface) => {
+                let local: BTreeSet<Ipv4Addr> = by_interface.iter().map(|(_, ip)| *ip).collect();
                 let addrs = nodeport_addresses(
                     &local,
                     &self.manifest_node_ips,
                     &self.config.nodeport_addresses,
                 );
-                let report = self.syncer.apply_node_ips(&addrs, &mut self.dataplane.maps);
+                let mut report = self.syncer.apply_node_ips(&addrs, &mut self.dataplane.maps);
+                let snat = snat_addresses(&by_interface, &links, &self.config.ifaces);
+                let snat_report = self.syncer.apply_snat_addrs(&snat, &mut self.dataplane.maps);
+                report.errors.extend(snat_report.errors);
                 for error in &report.errors {
                     tracing::error!(%error, "node address update failed");
                 }
@@ -195,6 +177,56 @@ impl Agent {
             Err(error) => tracing::warn!(%error, "listing addresses failed"),
         }
     }
+
+    fn reconcile_pod_attachments(&mut self, links: &[Link]) {
+        let wanted: BTreeSet<(u32, String)> = links
+            .iter()
+            .filter(|l| !self.config.ifaces.contains(&l.name))
+            .filter(|l| self.config.pod_iface_globs.iter().any(|g| glob_match(g, &l.name)))
+            .map(|l| (l.index, l.name.clone()))
+            .collect();
+        let attached: Vec<(u32, String)> =
+            self.dataplane.pod_ifaces().map(|(i, n)| (i, n.to_owned())).collect();
+        for (index, name) in attached {
+            // Gone, or renamed (CNIs create veths under a temporary name).
+            if !wanted.contains(&(index, name.clone())) {
+                self.dataplane.detach_pod_iface(index);
+                tracing::info!(iface = %name, "pod interface gone, detached");
+            }
+        }
+        let attached: BTreeSet<u32> = self.dataplane.pod_ifaces().map(|(i, _)| i).collect();
+        for (index, name) in wanted {
+            if attached.contains(&index) {
+                continue;
+            }
+            match self.dataplane.attach_pod_iface(index, &name) {
+                Ok(()) => tracing::info!(iface = %name, "TC attached to pod interface"),
+                Err(error) => tracing::warn!(iface = %name, %error, "TC attach failed"),
+            }
+        }
+    }
+}
+
+/// The address masquerading uses on each interface: its first IPv4
+/// address; on interfaces without one (and as `SNAT_ADDR_DEFAULT`), the
+/// first address of the first node interface.
+fn snat_addresses(
+    by_interface: &[(u32, Ipv4Addr)],
+    links: &[Link],
+    node_ifaces: &[String],
+) -> BTreeMap<u32, Ipv4Addr> {
+    let mut out = BTreeMap::new();
+    for (index, ip) in by_interface.iter().filter(|(_, ip)| !ip.is_loopback()) {
+        out.entry(*index).or_insert(*ip);
+    }
+    let primary = node_ifaces
+        .iter()
+        .filter_map(|name| links.iter().find(|l| &l.name == name))
+        .find_map(|l| out.get(&l.index).copied());
+    if let Some(primary) = primary {
+        out.insert(forwarder_common::SNAT_ADDR_DEFAULT, primary);
+    }
+    out
 }
 
 /// The addresses NodePorts are served on: the node's own, plus its Node
@@ -238,6 +270,30 @@ mod tests {
         let local = ips(&["127.0.0.1", "127.0.1.1", "192.168.10.1"]);
         let node = ips(&["203.0.113.7", "127.0.0.53"]);
         assert_eq!(nodeport_addresses(&local, &node, &[]), ips(&["192.168.10.1", "203.0.113.7"]));
+    }
+
+    #[test]
+    fn snat_address_per_interface_and_default_from_the_node_interface() {
+        let links = [
+            Link { index: 1, name: "lo".into() },
+            Link { index: 2, name: "eth0".into() },
+            Link { index: 3, name: "veth-a".into() },
+            Link { index: 4, name: "cali1".into() },
+        ];
+        let addrs = [
+            (1, "127.0.0.1".parse().unwrap()),
+            (2, "192.168.10.1".parse().unwrap()),
+            (2, "192.168.10.99".parse().unwrap()),
+            (3, "169.254.1.1".parse().unwrap()),
+        ];
+        let snat = snat_addresses(&addrs, &links, &["eth0".to_owned()]);
+        let expect: BTreeMap<u32, Ipv4Addr> = [
+            (0, "192.168.10.1".parse().unwrap()),
+            (2, "192.168.10.1".parse().unwrap()),
+            (3, "169.254.1.1".parse().unwrap()),
+        ]
+        .into();
+        assert_eq!(snat, expect);
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub struct Maps {
     services: HashMap<MapData, SvcKey, SvcValue>,
     backends: HashMap<MapData, u32, Backend>,
     node_ips: HashMap<MapData, u32, u32>,
+    snat_addrs: HashMap<MapData, u32, u32>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -75,6 +76,7 @@ impl Maps {
             services: take(ebpf, map_names::SERVICES)?,
             backends: take(ebpf, map_names::BACKENDS)?,
             node_ips: take(ebpf, map_names::NODE_IPS)?,
+            snat_addrs: take(ebpf, map_names::SNAT_ADDRS)?,
             stats: take(ebpf, map_names::STATS)?,
         })
     }
@@ -119,6 +121,17 @@ impl Datapath for Maps {
     fn remove_node_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError> {
         let key = u32::from_ne_bytes(addr.octets());
         self.node_ips.remove(&key).map_err(write_err(map_names::NODE_IPS, "remove"))
+    }
+
+    fn put_snat_addr(&mut self, ifindex: u32, addr: Ipv4Addr) -> Result<(), MapWriteError> {
+        let value = u32::from_ne_bytes(addr.octets());
+        self.snat_addrs
+            .insert(ifindex, value, 0)
+            .map_err(write_err(map_names::SNAT_ADDRS, "insert"))
+    }
+
+    fn remove_snat_addr(&mut self, ifindex: u32) -> Result<(), MapWriteError> {
+        self.snat_addrs.remove(&ifindex).map_err(write_err(map_names::SNAT_ADDRS, "remove"))
     }
 }
 

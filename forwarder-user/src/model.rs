@@ -1,6 +1,10 @@
 //! The desired datapath state: what the maps should hold, independent of
 //! how they are encoded.
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
@@ -26,20 +30,43 @@ impl fmt::Display for Proto {
     }
 }
 
-/// Where a Service is reached: `clusterIP:port`, or any local node address
-/// on a `nodePort` (`addr` is `None`).
+/// Which clients an endpoint set serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// Every client, unless an `Internal` set exists for the frontend.
+    External,
+    /// Pods on this node, when their set differs (an external frontend with
+    /// `externalTrafficPolicy: Local` still reaches every endpoint from pods).
+    Internal,
+}
+
+/// Where a Service is reached: `clusterIP:port`, an external or load
+/// balancer IP, or any local node address on a `nodePort` (`addr` is
+/// `None`); and which clients the entry serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
     pub addr: Option<Ipv4Addr>,
     pub port: u16,
     pub proto: Proto,
+    pub scope: Scope,
+}
+
+impl Frontend {
+    /// The entry every client uses.
+    pub const fn new(addr: Option<Ipv4Addr>, port: u16, proto: Proto) -> Self {
+        Self { addr, port, proto, scope: Scope::External }
+    }
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.addr {
-            Some(addr) => write!(f, "{addr}:{}/{}", self.port, self.proto),
-            None => write!(f, "<node>:{}/{}", self.port, self.proto),
+            Some(addr) => write!(f, "{addr}:{}/{}", self.port, self.proto)?,
+            None => write!(f, "<node>:{}/{}", self.port, self.proto)?,
+        }
+        match self.scope {
+            Scope::External => Ok(()),
+            Scope::Internal => f.write_str(" (from local pods)"),
         }
     }
 }
@@ -57,8 +84,11 @@ impl fmt::Display for Endpoint {
     }
 }
 
-/// Every frontend with its ready endpoints, sorted and deduplicated.
+/// Every frontend with its usable endpoints, sorted and deduplicated.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<Frontend, Vec<Endpoint>>,
+    /// Endpoint addresses on this node (`nodeName`): traffic from outside
+    /// the node to any other endpoint is masqueraded.
+    pub local_endpoints: BTreeSet<Ipv4Addr>,
 }

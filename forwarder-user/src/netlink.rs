@@ -1,5 +1,5 @@
 //! The node's interfaces and IPv4 addresses, and a stream of their changes.
-use std::{collections::BTreeSet, net::IpAddr, net::Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr};
 
 use futures::{Stream, StreamExt, TryStreamExt};
 
@@ -63,8 +63,9 @@ impl Netlink {
             .collect())
     }
 
-    /// The node's own IPv4 addresses on any interface.
-    pub async fn ipv4_addrs(&self) -> Result<BTreeSet<Ipv4Addr>, NetlinkError> {
+    /// The node's own IPv4 addresses, by interface index, in the kernel's
+    /// order (an interface's primary address first).
+    pub async fn ipv4_addrs(&self) -> Result<Vec<(u32, Ipv4Addr)>, NetlinkError> {
         let messages: Vec<_> = self.handle.address().get().execute().try_collect().await?;
         Ok(messages
             .iter()
@@ -75,12 +76,14 @@ impl Netlink {
                     AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
                     _ => None,
                 });
-                local.or_else(|| {
-                    m.attributes.iter().find_map(|a| match a {
-                        AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-                        _ => None,
+                local
+                    .or_else(|| {
+                        m.attributes.iter().find_map(|a| match a {
+                            AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                            _ => None,
+                        })
                     })
-                })
+                    .map(|ip| (m.header.index, ip))
             })
             .collect())
     }

@@ -10,9 +10,11 @@ use std::{
     net::Ipv4Addr,
 };
 
-use forwarder_common::{Backend, SvcKey, SvcValue};
+use forwarder_common::{
+    BACKEND_LOCAL, Backend, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_HAS_INTERNAL, SvcKey, SvcValue,
+};
 
-use crate::model::{DesiredState, Endpoint, Frontend, Proto};
+use crate::model::{DesiredState, Endpoint, Frontend, Proto, Scope};
 
 /// A failed map write.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,9 @@ pub trait Datapath {
     fn remove_service(&mut self, key: SvcKey) -> Result<(), MapWriteError>;
     fn put_node_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError>;
     fn remove_node_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError>;
+    /// The masquerade address for an egress ifindex (`SNAT_ADDR_DEFAULT`: any other).
+    fn put_snat_addr(&mut self, ifindex: u32, addr: Ipv4Addr) -> Result<(), MapWriteError>;
+    fn remove_snat_addr(&mut self, ifindex: u32) -> Result<(), MapWriteError>;
 }
 
 /// The outcome of one sync: how many writes it took, and what failed.
@@ -44,16 +49,19 @@ pub struct SyncReport {
 /// What a frontend currently holds in the map, exactly.
 #[derive(Clone, Debug, Default)]
 struct Applied {
-    /// Slot 0's count; `None` while slot 0 is absent.
-    count: Option<u16>,
+    /// Slot 0; `None` while it is absent.
+    head: Option<SvcValue>,
     /// Backend id in slot `i + 1`.
     slots: Vec<u32>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// A backend is an endpoint for one protocol, on this node or not (a pod
+/// address reused on another node is another backend).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct BackendKey {
     endpoint: Endpoint,
     proto: Proto,
+    local: bool,
 }
 
 /// Remembers what it wrote, so each sync writes only the difference.
@@ -67,6 +75,7 @@ pub struct Syncer {
     free_ids: VecDeque<u32>,
     next_id: u32,
     node_ips: BTreeSet<Ipv4Addr>,
+    snat_addrs: BTreeMap<u32, Ipv4Addr>,
     /// Entries in the services map, and the maps' capacities: a frontend
     /// that would not fit is refused before anything of it is written.
     service_entries: usize,
@@ -76,15 +85,19 @@ pub struct Syncer {
 
 pub fn svc_key(frontend: &Frontend, slot: u16) -> SvcKey {
     let addr = frontend.addr.map_or(0, |a| u32::from_ne_bytes(a.octets()));
-    SvcKey::new(addr, frontend.port.to_be(), frontend.proto.number(), slot)
+    let scope = match frontend.scope {
+        Scope::External => SCOPE_EXTERNAL,
+        Scope::Internal => SCOPE_INTERNAL,
+    };
+    SvcKey::new(addr, frontend.port.to_be(), frontend.proto.number(), scope, slot)
 }
 
-pub fn backend_value(endpoint: &Endpoint, proto: Proto) -> Backend {
+pub fn backend_value(endpoint: &Endpoint, proto: Proto, local: bool) -> Backend {
     Backend {
         addr: u32::from_ne_bytes(endpoint.addr.octets()),
         port: endpoint.port.to_be(),
         proto: proto.number(),
-        _pad: 0,
+        flags: if local { BACKEND_LOCAL } else { 0 },
     }
 }
 
@@ -100,6 +113,7 @@ impl Syncer {
             free_ids: VecDeque::new(),
             next_id: 1,
             node_ips: BTreeSet::new(),
+            snat_addrs: BTreeMap::new(),
             service_entries: 0,
             services_capacity,
             backends_capacity,
@@ -128,7 +142,19 @@ impl Syncer {
             } else {
                 endpoints
             };
-            if let Err(err) = self.apply_frontend(frontend, endpoints, dp, &mut report) {
+            let keys: Vec<BackendKey> = endpoints
+                .iter()
+                .map(|e| BackendKey {
+                    endpoint: *e,
+                    proto: frontend.proto,
+                    local: desired.local_endpoints.contains(&e.addr),
+                })
+                .collect();
+            let internal = Frontend { scope: Scope::Internal, ..*frontend };
+            let has_internal =
+                frontend.scope == Scope::External && desired.services.contains_key(&internal);
+            let flags = if has_internal { SVC_HAS_INTERNAL } else { 0 };
+            if let Err(err) = self.apply_frontend(frontend, &keys, flags, dp, &mut report) {
                 report.errors.push(format!("{frontend}: {err}"));
             }
         }
@@ -140,20 +166,16 @@ impl Syncer {
     fn check_capacity(
         &self,
         frontend: &Frontend,
-        endpoints: &[Endpoint],
+        backends: &[BackendKey],
     ) -> Result<(), MapWriteError> {
-        let new_backends: BTreeSet<&Endpoint> = endpoints
-            .iter()
-            .filter(|e| {
-                !self.backends.contains_key(&BackendKey { endpoint: **e, proto: frontend.proto })
-            })
-            .collect();
+        let new_backends: BTreeSet<&BackendKey> =
+            backends.iter().filter(|k| !self.backends.contains_key(k)).collect();
         if self.backends.len() + new_backends.len() > self.backends_capacity {
             return Err(full(forwarder_common::map_names::BACKENDS, self.backends_capacity));
         }
         let applied = self.applied.get(frontend);
-        let held = applied.map_or(0, |a| usize::from(a.count.is_some()) + a.slots.len());
-        let needed = 1 + endpoints.len();
+        let held = applied.map_or(0, |a| usize::from(a.head.is_some()) + a.slots.len());
+        let needed = 1 + backends.len();
         if self.service_entries + needed.saturating_sub(held) > self.services_capacity {
             return Err(full(forwarder_common::map_names::SERVICES, self.services_capacity));
         }
@@ -188,28 +210,60 @@ impl Syncer {
         report
     }
 
+    /// Makes the masquerade addresses equal `desired` (ifindex -> address).
+    pub fn apply_snat_addrs(
+        &mut self,
+        desired: &BTreeMap<u32, Ipv4Addr>,
+        dp: &mut impl Datapath,
+    ) -> SyncReport {
+        let mut report = SyncReport::default();
+        for (ifindex, addr) in desired {
+            if self.snat_addrs.get(ifindex) == Some(addr) {
+                continue;
+            }
+            match dp.put_snat_addr(*ifindex, *addr) {
+                Ok(()) => {
+                    report.writes += 1;
+                    self.snat_addrs.insert(*ifindex, *addr);
+                }
+                Err(err) => report.errors.push(err.to_string()),
+            }
+        }
+        let gone: Vec<u32> =
+            self.snat_addrs.keys().filter(|i| !desired.contains_key(i)).copied().collect();
+        for ifindex in gone {
+            match dp.remove_snat_addr(ifindex) {
+                Ok(()) => {
+                    report.writes += 1;
+                    self.snat_addrs.remove(&ifindex);
+                }
+                Err(err) => report.errors.push(err.to_string()),
+            }
+        }
+        report
+    }
+
     fn apply_frontend(
         &mut self,
         frontend: &Frontend,
-        endpoints: &[Endpoint],
+        backends: &[BackendKey],
+        flags: u16,
         dp: &mut impl Datapath,
         report: &mut SyncReport,
     ) -> Result<(), MapWriteError> {
-        self.check_capacity(frontend, endpoints)?;
-        let ids = endpoints
+        self.check_capacity(frontend, backends)?;
+        let ids = backends
             .iter()
-            .map(|e| {
-                self.backend_id(BackendKey { endpoint: *e, proto: frontend.proto }, dp, report)
-            })
+            .map(|key| self.backend_id(*key, dp, report))
             .collect::<Result<Vec<_>, _>>()?;
         let entries = &mut self.service_entries;
         let applied = self.applied.entry(*frontend).or_default();
-        let new_count = ids.len() as u16;
+        let head = SvcValue::frontend(ids.len() as u16, flags);
         // Shrinking: lower the count before the slots disappear.
-        if applied.count.is_some_and(|c| c > new_count) {
-            dp.put_service(svc_key(frontend, 0), SvcValue::frontend(new_count))?;
+        if applied.head.is_some_and(|h| h.count > head.count) {
+            dp.put_service(svc_key(frontend, 0), head)?;
             report.writes += 1;
-            applied.count = Some(new_count);
+            applied.head = Some(head);
         }
         for (i, id) in ids.iter().enumerate() {
             if applied.slots.get(i) == Some(id) {
@@ -225,13 +279,13 @@ impl Syncer {
                 }
             }
         }
-        if applied.count != Some(new_count) {
-            dp.put_service(svc_key(frontend, 0), SvcValue::frontend(new_count))?;
+        if applied.head != Some(head) {
+            dp.put_service(svc_key(frontend, 0), head)?;
             report.writes += 1;
-            if applied.count.is_none() {
+            if applied.head.is_none() {
                 *entries += 1;
             }
-            applied.count = Some(new_count);
+            applied.head = Some(head);
         }
         while applied.slots.len() > ids.len() {
             dp.remove_service(svc_key(frontend, applied.slots.len() as u16))?;
@@ -252,10 +306,10 @@ impl Syncer {
         let Some(applied) = self.applied.get_mut(frontend) else {
             return Ok(());
         };
-        if applied.count.is_some() {
+        if applied.head.is_some() {
             dp.remove_service(svc_key(frontend, 0))?;
             report.writes += 1;
-            applied.count = None;
+            applied.head = None;
             self.service_entries -= 1;
         }
         while !applied.slots.is_empty() {
@@ -282,7 +336,7 @@ impl Syncer {
             self.next_id += 1;
             self.next_id - 1
         });
-        if let Err(err) = dp.put_backend(id, backend_value(&key.endpoint, key.proto)) {
+        if let Err(err) = dp.put_backend(id, backend_value(&key.endpoint, key.proto, key.local)) {
             self.free_ids.push_front(id);
             return Err(err);
         }

@@ -9,7 +9,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use crate::model::{DesiredState, Endpoint, Frontend, Proto};
+use crate::model::{DesiredState, Endpoint, Frontend, Proto, Scope};
 
 /// Label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -32,14 +32,21 @@ pub struct Translation {
 const IGNORE_LABELS: [&str; 2] =
     ["service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless"];
 
-/// Builds the desired state from Services and EndpointSlices.
+/// Builds the desired state from Services and EndpointSlices, for the node
+/// named `node_name`.
 ///
 /// Ignored on purpose, as kube-proxy does: ExternalName and headless
 /// Services, Services without a ClusterIP, Services labelled for another
 /// proxy or as headless. Endpoints are the ready ones (readiness unknown
 /// counts as ready, as the API says); when none is ready, the serving and
-/// terminating ones (upstream's ProxyTerminatingEndpoints).
-pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation {
+/// terminating ones (upstream's ProxyTerminatingEndpoints), and the same
+/// rule applies within this node's endpoints for a `Local` policy.
+///
+/// ClusterIPs follow `internalTrafficPolicy`. External frontends (node
+/// ports, external and load balancer IPs) follow `externalTrafficPolicy`;
+/// with `Local`, pods on this node still get the internal policy's
+/// endpoints, in a separate `Scope::Internal` entry.
+pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str) -> Translation {
     let mut out = Translation::default();
     let mut owner: BTreeMap<Frontend, String> = BTreeMap::new();
     let mut sorted: Vec<&Service> = services.iter().collect();
@@ -56,6 +63,8 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
         let external_ips = external_ips(service, &name, &mut out.skipped);
         let spec = service.spec.as_ref().expect("cluster_ip checked spec");
         let exposes_node_port = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
         let own_slices = slices_of(service, slices);
         for port in spec.ports.iter().flatten() {
             let Some(proto) = protocol(port, &name, &mut out.skipped) else {
@@ -64,18 +73,30 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
             let Some(service_port) = port_number(port.port, "port", &name, &mut out.skipped) else {
                 continue;
             };
-            let endpoints = endpoints_for(port, proto, &own_slices);
-            let mut frontends: Vec<Frontend> = std::iter::once(cluster_ip)
-                .chain(external_ips.iter().copied())
-                .map(|addr| Frontend { addr: Some(addr), port: service_port, proto })
-                .collect();
+            let cluster = endpoints_for(port, proto, &own_slices, None);
+            let local = endpoints_for(port, proto, &own_slices, Some(node_name));
+            out.state.local_endpoints.extend(local.iter().map(|e| e.addr));
+            let internal = if internal_local { &local } else { &cluster };
+            let external = if external_local { &local } else { &cluster };
+
+            let mut entries =
+                vec![(Frontend::new(Some(cluster_ip), service_port, proto), internal)];
+            let mut external_ports: Vec<(Option<Ipv4Addr>, u16)> =
+                external_ips.iter().map(|ip| (Some(*ip), service_port)).collect();
             if exposes_node_port
                 && let Some(node_port) = port.node_port
                 && let Some(node_port) = port_number(node_port, "nodePort", &name, &mut out.skipped)
             {
-                frontends.push(Frontend { addr: None, port: node_port, proto });
+                external_ports.push((None, node_port));
             }
-            for frontend in frontends {
+            for (addr, port) in external_ports {
+                let frontend = Frontend::new(addr, port, proto);
+                entries.push((frontend, external));
+                if external != internal {
+                    entries.push((Frontend { scope: Scope::Internal, ..frontend }, internal));
+                }
+            }
+            for (frontend, endpoints) in entries {
                 if let Some(first) = owner.get(&frontend) {
                     out.skipped.push(Skipped {
                         object: name.clone(),
@@ -196,11 +217,17 @@ fn slices_of<'a>(service: &Service, slices: &'a [EndpointSlice]) -> Vec<&'a Endp
         .collect()
 }
 
-/// The usable endpoints of one Service port: the ready ones, or if none is
-/// ready, the serving ones that are terminating. The slice port is matched
-/// by name and protocol; its number is the resolved targetPort, which may
-/// differ from slice to slice for a named targetPort.
-fn endpoints_for(port: &ServicePort, proto: Proto, slices: &[&EndpointSlice]) -> Vec<Endpoint> {
+/// The usable endpoints of one Service port, on `node` only if given: the
+/// ready ones, or if none is ready, the serving ones that are terminating.
+/// The slice port is matched by name and protocol; its number is the
+/// resolved targetPort, which may differ from slice to slice for a named
+/// targetPort.
+fn endpoints_for(
+    port: &ServicePort,
+    proto: Proto,
+    slices: &[&EndpointSlice],
+    node: Option<&str>,
+) -> Vec<Endpoint> {
     let wanted_name = port.name.as_deref().unwrap_or("");
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
@@ -220,6 +247,9 @@ fn endpoints_for(port: &ServicePort, proto: Proto, slices: &[&EndpointSlice]) ->
             continue;
         };
         for endpoint in &slice.endpoints {
+            if node.is_some_and(|n| endpoint.node_name.as_deref() != Some(n)) {
+                continue;
+            }
             let conditions = endpoint.conditions.as_ref();
             let is_ready = conditions.and_then(|c| c.ready).unwrap_or(true);
             let serving = conditions.and_then(|c| c.serving).unwrap_or(is_ready);

@@ -33,17 +33,17 @@ const NODE_IP: &str = "192.168.10.1";
 
 fn services(count: u32) -> DesiredState {
     let mut state = DesiredState::default();
-    let self_frontend = Frontend { addr: Some(SELF_IP), port: 80, proto: Proto::Tcp };
+    let self_frontend = Frontend::new(Some(SELF_IP), 80, Proto::Tcp);
     state.services.insert(self_frontend, vec![Endpoint { addr: SELF_IP, port: 80 }]);
     state.services.insert(
-        Frontend { addr: None, port: 30080, proto: Proto::Tcp },
+        Frontend::new(None, 30080, Proto::Tcp),
         vec![Endpoint { addr: "10.244.1.2".parse().unwrap(), port: 8080 }],
     );
     for i in 2..count {
         let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + i);
         let backend = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) + i);
         state.services.insert(
-            Frontend { addr: Some(ip), port: 80, proto: Proto::Tcp },
+            Frontend::new(Some(ip), 80, Proto::Tcp),
             vec![Endpoint { addr: backend, port: 8080 }],
         );
     }

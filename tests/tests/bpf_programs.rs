@@ -1,6 +1,6 @@
 //! Kernel decisions as fixture tables run through BPF_PROG_TEST_RUN: input
 //! frame, seeded maps, expected verdict and expected output bytes.
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use aya::{
     Ebpf,
@@ -39,7 +39,7 @@ struct Harness {
 }
 
 fn frontend(addr: Option<&str>, port: u16, proto: Proto) -> Frontend {
-    Frontend { addr: addr.map(|a| a.parse().unwrap()), port, proto }
+    Frontend::new(addr.map(|a| a.parse().unwrap()), port, proto)
 }
 
 fn endpoint(s: &str) -> Endpoint {
@@ -72,14 +72,30 @@ impl Harness {
         harness
     }
 
+    /// Every endpoint on this node.
     fn set_services(&mut self, services: &[(Frontend, Vec<&str>)]) {
-        let desired = DesiredState {
-            services: services
-                .iter()
-                .map(|(f, eps)| (*f, eps.iter().map(|e| endpoint(e)).collect()))
-                .collect(),
-        };
+        self.set_services_remote(services, &[]);
+    }
+
+    /// Endpoints on this node except those at the `remote` addresses.
+    fn set_services_remote(&mut self, services: &[(Frontend, Vec<&str>)], remote: &[&str]) {
+        let services: BTreeMap<Frontend, Vec<Endpoint>> = services
+            .iter()
+            .map(|(f, eps)| (*f, eps.iter().map(|e| endpoint(e)).collect()))
+            .collect();
+        let local_endpoints = services
+            .values()
+            .flatten()
+            .map(|e| e.addr)
+            .filter(|a| !remote.iter().any(|r| r.parse::<Ipv4Addr>().unwrap() == *a))
+            .collect();
+        let desired = DesiredState { services, local_endpoints };
         let report = self.syncer.apply(&desired, &mut self.maps);
+        assert!(report.errors.is_empty(), "{report:?}");
+        let report = self.syncer.apply_snat_addrs(
+            &[(forwarder_common::SNAT_ADDR_DEFAULT, NODE_IP.parse().unwrap())].into(),
+            &mut self.maps,
+        );
         assert!(report.errors.is_empty(), "{report:?}");
     }
 

@@ -3,7 +3,7 @@ use std::collections::BTreeSet;
 use super::{fake::FakeDatapath, *};
 
 fn fe(addr: &str, port: u16) -> Frontend {
-    Frontend { addr: Some(addr.parse().unwrap()), port, proto: Proto::Tcp }
+    Frontend::new(Some(addr.parse().unwrap()), port, Proto::Tcp)
 }
 
 fn state(entries: &[(Frontend, &[&str])]) -> DesiredState {
@@ -20,7 +20,7 @@ fn state(entries: &[(Frontend, &[&str])]) -> DesiredState {
             (*f, eps)
         })
         .collect();
-    DesiredState { services }
+    DesiredState { services, ..DesiredState::default() }
 }
 
 fn unlimited() -> Syncer {
@@ -34,7 +34,7 @@ fn resolved(dp: &FakeDatapath) -> Vec<(String, Vec<String>)> {
 #[test]
 fn encodes_keys_in_network_order() {
     let mut dp = FakeDatapath::default();
-    let nodeport = Frontend { addr: None, port: 30080, proto: Proto::Udp };
+    let nodeport = Frontend::new(None, 30080, Proto::Udp);
     unlimited().apply(&state(&[(nodeport, &["10.244.1.2:8080"])]), &mut dp);
     let key = *dp.services.keys().next().unwrap();
     assert_eq!(key.addr, 0);
@@ -165,7 +165,7 @@ fn random_changes_converge_and_never_expose_a_broken_service() {
                 .collect();
             services.insert(fe(&format!("10.96.0.{svc}"), 80), endpoints.into_iter().collect());
         }
-        let desired = DesiredState { services };
+        let desired = DesiredState { services, ..DesiredState::default() };
         let report = syncer.apply(&desired, &mut dp);
         assert!(report.errors.is_empty(), "{report:?}");
         let expect: Vec<(String, Vec<String>)> = desired

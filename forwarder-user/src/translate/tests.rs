@@ -13,7 +13,7 @@ fn slices(yaml: &str) -> Vec<EndpointSlice> {
 }
 
 fn fe(addr: Option<&str>, port: u16, proto: Proto) -> Frontend {
-    Frontend { addr: addr.map(|a| a.parse().unwrap()), port, proto }
+    Frontend::new(addr.map(|a| a.parse().unwrap()), port, proto)
 }
 
 fn ep(s: &str) -> Endpoint {
@@ -315,7 +315,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.50, ports: [{port: 70000}, {name: n, p
         },
     ];
     for case in cases {
-        let out = translate(&services(case.services), &slices(case.slices));
+        let out = translate(&services(case.services), &slices(case.slices), "node-a");
         let expect: BTreeMap<Frontend, Vec<Endpoint>> = case
             .expect
             .into_iter()
