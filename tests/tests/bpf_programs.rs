@@ -11,7 +11,7 @@ use forwarder_common::{CtKey, CtValue, map_names, program_names, stat};
 use forwarder_tests::packet::{MF, Packet, ethernet, verify_checksums};
 use forwarder_user::{
     dataplane::{Capacity, Maps, load_object},
-    model::{DesiredState, Endpoint, Frontend, Proto},
+    model::{DesiredState, Endpoint, Frontend, Proto, Scope},
     sync::Syncer,
 };
 
@@ -475,4 +475,104 @@ fn a_finished_flows_reply_entry_does_not_block_a_new_flow() {
 #[test]
 fn counters_are_named_for_every_reason() {
     assert_eq!(stat::NAMES.len(), stat::COUNT as usize);
+}
+
+/// The source port the egress program masqueraded with, checked in range.
+fn masquerade_port(out: &[u8]) -> u16 {
+    let port = u16::from_be_bytes([out[34], out[35]]);
+    assert!(port >= forwarder_common::SNAT_PORT_MIN, "masquerade port {port} out of range");
+    port
+}
+
+/// External client to a NodePort whose endpoint is on another node: DNAT in
+/// XDP, masquerade on egress; the reply is un-masqueraded in XDP and
+/// reverse-NATed on egress. Every hop's bytes are exact.
+#[test]
+fn remote_endpoint_is_masqueraded_and_the_reply_restored() {
+    let mut harness = Harness::new();
+    let mut services = default_services();
+    services[0].1 = vec!["10.244.2.2:8080"];
+    harness.set_services_remote(&services, &["10.244.2.2"]);
+    let request = Packet::tcp("192.168.10.2:40000", "192.168.10.1:30080");
+
+    let (verdict, out) = harness.run(Prog::Xdp, &request.bytes());
+    assert_eq!((verdict, &out), (XDP_PASS, &request.with_dst("10.244.2.2:8080").bytes()));
+    let (verdict, out) = harness.run(Prog::TcEgress, &out);
+    assert_eq!(verdict, TC_ACT_OK);
+    let port = masquerade_port(&out);
+    let masqueraded = request.with_src(&format!("192.168.10.1:{port}")).with_dst("10.244.2.2:8080");
+    assert_eq!(out, masqueraded.bytes());
+    verify_checksums(&out).unwrap();
+    // Later packets of the flow keep the same port.
+    let (_, again) = harness.run(Prog::TcEgress, &request.with_dst("10.244.2.2:8080").bytes());
+    assert_eq!(again, out);
+
+    let reply = masqueraded.reversed();
+    let (verdict, out) = harness.run(Prog::Xdp, &reply.bytes());
+    assert_eq!((verdict, &out), (XDP_PASS, &Packet::tcp("10.244.2.2:8080", "192.168.10.2:40000").bytes()));
+    let (_, out) = harness.run(Prog::TcEgress, &out);
+    assert_eq!(out, request.reversed().bytes(), "the client sees the NodePort answer");
+    verify_checksums(&out).unwrap();
+    assert_eq!(
+        harness.stats(),
+        [("dnat", 1), ("reverse_nat", 1), ("snat", 2), ("reverse_snat", 1)]
+    );
+}
+
+#[test]
+fn local_endpoint_keeps_the_client_address() {
+    let harness = Harness::new();
+    let request = Packet::tcp("192.168.10.2:40000", "192.168.10.1:30080");
+    let (_, out) = harness.run(Prog::Xdp, &request.bytes());
+    let (_, out) = harness.run(Prog::TcEgress, &out);
+    assert_eq!(out, request.with_dst("10.244.1.2:8080").bytes(), "no masquerade");
+}
+
+/// A pod reaching itself through its Service: masqueraded so that its reply
+/// goes back through the node, where both translations are undone.
+#[test]
+fn hairpin_is_masqueraded() {
+    let harness = Harness::new();
+    let request = Packet::tcp("10.244.1.2:41000", "10.96.0.10:80");
+    let (_, out) = harness.run(Prog::Tc, &request.bytes());
+    assert_eq!(out, request.with_dst("10.244.1.2:8080").bytes());
+    let (_, out) = harness.run(Prog::TcEgress, &out);
+    let port = masquerade_port(&out);
+    let masqueraded = request.with_src(&format!("192.168.10.1:{port}")).with_dst("10.244.1.2:8080");
+    assert_eq!(out, masqueraded.bytes());
+
+    let (_, out) = harness.run(Prog::Tc, &masqueraded.reversed().bytes());
+    assert_eq!(out, Packet::tcp("10.244.1.2:8080", "10.244.1.2:41000").bytes());
+    let (_, out) = harness.run(Prog::TcEgress, &out);
+    assert_eq!(out, request.reversed().bytes());
+    verify_checksums(&out).unwrap();
+}
+
+/// `externalTrafficPolicy: Local`: traffic from outside uses only this
+/// node's endpoints (none: dropped); pods on the node use the internal set.
+#[test]
+fn traffic_policy_scopes_follow_the_origin() {
+    let mut harness = Harness::new();
+    let nodeport = frontend(None, 30080, Proto::Tcp);
+    let internal = Frontend { scope: Scope::Internal, ..nodeport };
+    let mut services = default_services();
+    services[0].1 = vec!["10.244.1.2:8080"];
+    services.push((internal, vec!["10.244.2.2:8080"]));
+    harness.set_services_remote(&services, &["10.244.2.2"]);
+    let from_outside = Packet::tcp("192.168.10.2:40000", "192.168.10.1:30080");
+    let from_pod = Packet::tcp("10.244.1.9:40000", "192.168.10.1:30080");
+    let (_, out) = harness.run(Prog::Xdp, &from_outside.bytes());
+    assert_eq!(out, from_outside.with_dst("10.244.1.2:8080").bytes());
+    let (_, out) = harness.run(Prog::Tc, &from_pod.bytes());
+    assert_eq!(out, from_pod.with_dst("10.244.2.2:8080").bytes());
+
+    // No local endpoint: outside traffic is dropped, pods still served.
+    services[0].1 = vec![];
+    harness.set_services_remote(&services, &["10.244.2.2"]);
+    let new_outside = from_outside.with_src("192.168.10.2:40001");
+    let (verdict, _) = harness.run(Prog::Xdp, &new_outside.bytes());
+    assert_eq!(verdict, XDP_DROP);
+    let new_pod = from_pod.with_src("10.244.1.9:40001");
+    let (_, out) = harness.run(Prog::Tc, &new_pod.bytes());
+    assert_eq!(out, new_pod.with_dst("10.244.2.2:8080").bytes());
 }
