@@ -92,7 +92,9 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str
             for (addr, port) in external_ports {
                 let frontend = Frontend::new(addr, port, proto);
                 entries.push((frontend, external));
-                if external != internal {
+                // Only `Local` short-circuits pods to the internal policy,
+                // as kube-proxy does.
+                if external_local && external != internal {
                     entries.push((Frontend { scope: Scope::Internal, ..frontend }, internal));
                 }
             }

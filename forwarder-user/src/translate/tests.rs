@@ -16,6 +16,11 @@ fn fe(addr: Option<&str>, port: u16, proto: Proto) -> Frontend {
     Frontend::new(addr.map(|a| a.parse().unwrap()), port, proto)
 }
 
+/// The entry for pods on this node, where it differs.
+fn fi(addr: Option<&str>, port: u16, proto: Proto) -> Frontend {
+    Frontend { scope: Scope::Internal, ..fe(addr, port, proto) }
+}
+
 fn ep(s: &str) -> Endpoint {
     let (addr, port) = s.split_once(':').unwrap();
     Endpoint { addr: addr.parse().unwrap(), port: port.parse().unwrap() }
@@ -57,12 +62,34 @@ ports: [{name: http, port: 7070, protocol: TCP}]
 endpoints: [{addresses: [10.244.8.8]}]
 ";
 
+/// One endpoint on this node (node-a), one on node-b.
+const POLICY_SLICES: &str = "
+metadata: {name: etp-1, namespace: demo, labels: {kubernetes.io/service-name: etp}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.2], nodeName: node-a}
+- {addresses: [10.244.2.2], nodeName: node-b}
+";
+
 struct Case {
     name: &'static str,
     services: &'static str,
     slices: &'static str,
     expect: Vec<(Frontend, Vec<&'static str>)>,
     skipped: Vec<&'static str>,
+}
+
+#[test]
+fn endpoints_on_this_node_are_known_as_local() {
+    let services = services(
+        "
+metadata: {name: etp, namespace: demo}
+spec: {clusterIP: 10.96.1.1, ports: [{port: 80}]}
+",
+    );
+    let out = translate(&services, &slices(POLICY_SLICES), "node-a");
+    assert_eq!(out.state.local_endpoints, ["10.244.1.2".parse().unwrap()].into());
 }
 
 #[test]
@@ -301,6 +328,71 @@ ports: [{port: 9090}]
 endpoints: [{addresses: [10.244.1.3, 'not-an-ip']}]
 ",
             expect: vec![(fe(Some("10.96.0.95"), 80, Proto::Tcp), vec!["10.244.1.3:9090"])],
+            skipped: vec![],
+        },
+        Case {
+            name: "externalTrafficPolicy Local: outside clients get this node's endpoints, pods all",
+            services: "
+metadata: {name: etp, namespace: demo}
+spec: {type: NodePort, clusterIP: 10.96.1.1, externalTrafficPolicy: Local, externalIPs: [198.51.100.5],
+       ports: [{port: 80, nodePort: 30100}]}
+",
+            slices: POLICY_SLICES,
+            expect: vec![
+                (fe(None, 30100, Proto::Tcp), vec!["10.244.1.2:8080"]),
+                (fi(None, 30100, Proto::Tcp), vec!["10.244.1.2:8080", "10.244.2.2:8080"]),
+                (fe(Some("10.96.1.1"), 80, Proto::Tcp), vec!["10.244.1.2:8080", "10.244.2.2:8080"]),
+                (fe(Some("198.51.100.5"), 80, Proto::Tcp), vec!["10.244.1.2:8080"]),
+                (fi(Some("198.51.100.5"), 80, Proto::Tcp), vec!["10.244.1.2:8080", "10.244.2.2:8080"]),
+            ],
+            skipped: vec![],
+        },
+        Case {
+            name: "internalTrafficPolicy Local: the ClusterIP gets this node's endpoints only",
+            services: "
+metadata: {name: etp, namespace: demo}
+spec: {type: NodePort, clusterIP: 10.96.1.1, internalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30100}]}
+",
+            slices: POLICY_SLICES,
+            expect: vec![
+                (fe(None, 30100, Proto::Tcp), vec!["10.244.1.2:8080", "10.244.2.2:8080"]),
+                (fe(Some("10.96.1.1"), 80, Proto::Tcp), vec!["10.244.1.2:8080"]),
+            ],
+            skipped: vec![],
+        },
+        Case {
+            name: "both policies Local: one entry, the same set for everyone",
+            services: "
+metadata: {name: etp, namespace: demo}
+spec: {type: NodePort, clusterIP: 10.96.1.1, internalTrafficPolicy: Local, externalTrafficPolicy: Local,
+       ports: [{port: 80, nodePort: 30100}]}
+",
+            slices: POLICY_SLICES,
+            expect: vec![
+                (fe(None, 30100, Proto::Tcp), vec!["10.244.1.2:8080"]),
+                (fe(Some("10.96.1.1"), 80, Proto::Tcp), vec!["10.244.1.2:8080"]),
+            ],
+            skipped: vec![],
+        },
+        Case {
+            name: "Local policy falls back to this node's serving-terminating endpoints",
+            services: "
+metadata: {name: etp, namespace: demo}
+spec: {type: NodePort, clusterIP: 10.96.1.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30100}]}
+",
+            slices: "
+metadata: {name: etp-1, namespace: demo, labels: {kubernetes.io/service-name: etp}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.3], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.244.2.2], nodeName: node-b, conditions: {ready: true}}
+",
+            expect: vec![
+                (fe(None, 30100, Proto::Tcp), vec!["10.244.1.3:8080"]),
+                (fi(None, 30100, Proto::Tcp), vec!["10.244.2.2:8080"]),
+                (fe(Some("10.96.1.1"), 80, Proto::Tcp), vec!["10.244.2.2:8080"]),
+            ],
             skipped: vec![],
         },
         Case {
