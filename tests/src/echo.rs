@@ -1,4 +1,5 @@
-//! A tiny TCP/UDP server that answers every request with its pod's name.
+//! A tiny TCP/UDP server that answers every request with its pod's name
+//! and the client address it sees (`pod-a 192.168.10.100:40000`).
 use std::{
     io::{BufRead, BufReader, ErrorKind, Write},
     net::{TcpListener, TcpStream, UdpSocket},
@@ -29,20 +30,21 @@ impl EchoServer {
             (tcp, udp)
         });
         let stop = Arc::new(AtomicBool::new(false));
-        let reply = format!("{name}\n");
-        let threads =
-            vec![spawn_tcp(tcp, reply.clone(), stop.clone()), spawn_udp(udp, reply, stop.clone())];
+        let threads = vec![
+            spawn_tcp(tcp, name.to_owned(), stop.clone()),
+            spawn_udp(udp, name.to_owned(), stop.clone()),
+        ];
         Self { stop, threads }
     }
 }
 
-fn spawn_tcp(listener: TcpListener, reply: String, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+fn spawn_tcp(listener: TcpListener, name: String, stop: Arc<AtomicBool>) -> JoinHandle<()> {
     listener.set_nonblocking(true).expect("nonblocking listener");
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
             match listener.accept() {
-                Ok((stream, _)) => {
-                    let (reply, stop) = (reply.clone(), stop.clone());
+                Ok((stream, peer)) => {
+                    let (reply, stop) = (format!("{name} {peer}\n"), stop.clone());
                     std::thread::spawn(move || serve_connection(stream, &reply, &stop));
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -78,13 +80,13 @@ fn serve_connection(stream: TcpStream, reply: &str, stop: &AtomicBool) {
     }
 }
 
-fn spawn_udp(socket: UdpSocket, reply: String, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+fn spawn_udp(socket: UdpSocket, name: String, stop: Arc<AtomicBool>) -> JoinHandle<()> {
     socket.set_read_timeout(Some(Duration::from_millis(100))).expect("UDP timeout");
     std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
         while !stop.load(Ordering::Relaxed) {
             if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-                let _ = socket.send_to(reply.as_bytes(), peer);
+                let _ = socket.send_to(format!("{name} {peer}\n").as_bytes(), peer);
             }
         }
     })
@@ -112,21 +114,39 @@ impl EchoConn {
         Ok(Self { reader: BufReader::new(stream) })
     }
 
-    /// The name of the pod that answered, with the peer address seen.
+    /// The name of the pod that answered.
     pub fn ask(&mut self) -> std::io::Result<String> {
+        Ok(self.ask_seen()?.0)
+    }
+
+    /// The pod that answered and the client address it saw.
+    pub fn ask_seen(&mut self) -> std::io::Result<(String, String)> {
         self.reader.get_mut().write_all(b"who\n")?;
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
             return Err(ErrorKind::UnexpectedEof.into());
         }
-        Ok(line.trim().to_owned())
+        Ok(split_answer(&line))
     }
 }
 
-/// One TCP request on a new connection.
+fn split_answer(line: &str) -> (String, String) {
+    let mut words = line.split_whitespace();
+    let name = words.next().unwrap_or_default().to_owned();
+    (name, words.next().unwrap_or_default().to_owned())
+}
+
+/// One TCP request on a new connection: the pod that answered.
 pub fn tcp_once(ns: &NetNs, addr: &str) -> std::io::Result<String> {
     let mut conn = EchoConn::connect(ns, addr)?;
     conn.ask()
+}
+
+/// One TCP request: the pod that answered and the client address it saw
+/// (the address after masquerading, if any).
+pub fn tcp_once_seen(ns: &NetNs, addr: &str) -> std::io::Result<(String, String)> {
+    let mut conn = EchoConn::connect(ns, addr)?;
+    conn.ask_seen()
 }
 
 /// One UDP request; returns who answered and the source address of the
@@ -137,5 +157,5 @@ pub fn udp_once(ns: &NetNs, addr: &str) -> std::io::Result<(String, std::net::So
     socket.send_to(b"who", addr)?;
     let mut buf = [0u8; 256];
     let (n, from) = socket.recv_from(&mut buf)?;
-    Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
+    Ok((split_answer(&String::from_utf8_lossy(&buf[..n])).0, from))
 }

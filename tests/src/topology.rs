@@ -36,15 +36,37 @@ pub struct Topology {
 pub const PODS: [(&str, &str); 3] =
     [("pod-a", "10.244.1.2"), ("pod-b", "10.244.1.3"), ("pod-c", "10.244.1.9")];
 
+/// A pod namespace wired to `node` with a host-side veth `veth-<x>`, where
+/// `name` is `pod-<x>`.
+pub fn add_pod(node: &NetNs, prefix: &str, name: &'static str, ip: &'static str) -> Pod {
+    let ns = NetNs::new(format!("{prefix}-{name}"));
+    let host_side = format!("veth-{}", &name[4..]);
+    node.ip(&[
+        "link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+    ]);
+    node.ip(&["link", "set", &host_side, "up"]);
+    node.ip(&["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", &host_side, "noprefixroute"]);
+    node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_side]);
+    ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    ns.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"]);
+    ns.ip(&["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"]);
+    Pod { name, ip, ns }
+}
+
+/// A node's forwarding settings: strict reverse-path filtering, the
+/// strictest a node may have (reverse NAT must not depend on it being off).
+pub fn configure_node(node: &NetNs) {
+    node.sysctl("net.ipv4.ip_forward", "1");
+    node.sysctl("net.ipv4.conf.all.rp_filter", "1");
+    node.sysctl("net.ipv4.conf.default.rp_filter", "1");
+}
+
 impl Topology {
     pub fn new(tag: &str) -> Self {
         let prefix = unique_prefix(tag);
         let node = NetNs::new(format!("{prefix}-node"));
-        node.sysctl("net.ipv4.ip_forward", "1");
-        // Strict reverse-path filtering, the strictest setting a node may
-        // have: reverse NAT must not depend on it being off.
-        node.sysctl("net.ipv4.conf.all.rp_filter", "1");
-        node.sysctl("net.ipv4.conf.default.rp_filter", "1");
+        configure_node(&node);
 
         let client = NetNs::new(format!("{prefix}-client"));
         node.ip(&[

@@ -509,7 +509,10 @@ fn remote_endpoint_is_masqueraded_and_the_reply_restored() {
 
     let reply = masqueraded.reversed();
     let (verdict, out) = harness.run(Prog::Xdp, &reply.bytes());
-    assert_eq!((verdict, &out), (XDP_PASS, &Packet::tcp("10.244.2.2:8080", "192.168.10.2:40000").bytes()));
+    assert_eq!(
+        (verdict, &out),
+        (XDP_PASS, &Packet::tcp("10.244.2.2:8080", "192.168.10.2:40000").bytes())
+    );
     let (_, out) = harness.run(Prog::TcEgress, &out);
     assert_eq!(out, request.reversed().bytes(), "the client sees the NodePort answer");
     verify_checksums(&out).unwrap();

@@ -1,0 +1,193 @@
+//! Service semantics across two nodes, each running its own forwarder:
+//! masquerading to endpoints on other nodes, traffic policies, hairpin.
+use std::collections::BTreeSet;
+
+use forwarder_tests::{
+    cluster::{CLIENT_IP, Cluster, NODE_IFACE},
+    echo::{EchoServer, tcp_once, tcp_once_seen},
+    forwarder::Forwarder,
+    netns::NetNs,
+};
+
+const MANIFEST: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: spread, namespace: demo}
+spec: {type: NodePort, clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: demo}
+spec: {type: NodePort, clusterIP: 10.96.0.11, externalTrafficPolicy: Local,
+       ports: [{port: 80, targetPort: 8080, nodePort: 30081}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local-b-only, namespace: demo}
+spec: {type: NodePort, clusterIP: 10.96.0.12, externalTrafficPolicy: Local,
+       ports: [{port: 80, targetPort: 8080, nodePort: 30082}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: itp, namespace: demo}
+spec: {clusterIP: 10.96.0.13, internalTrafficPolicy: Local, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: self, namespace: demo}
+spec: {clusterIP: 10.96.0.14, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: spread-1, namespace: demo, labels: {kubernetes.io/service-name: spread}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.1.2], nodeName: node-a}, {addresses: [10.244.2.2], nodeName: node-b}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local-1, namespace: demo, labels: {kubernetes.io/service-name: local}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.1.2], nodeName: node-a}, {addresses: [10.244.2.2], nodeName: node-b}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local-b-only-1, namespace: demo, labels: {kubernetes.io/service-name: local-b-only}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.2.2], nodeName: node-b}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: itp-1, namespace: demo, labels: {kubernetes.io/service-name: itp}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.1.2], nodeName: node-a}, {addresses: [10.244.2.2], nodeName: node-b}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: self-1, namespace: demo, labels: {kubernetes.io/service-name: self}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.1.2], nodeName: node-a}]
+";
+
+struct Setup {
+    forwarders: Vec<Forwarder>,
+    _servers: Vec<EchoServer>,
+    _manifest: Manifest,
+    cluster: Cluster,
+}
+
+struct Manifest(std::path::PathBuf);
+
+impl Drop for Manifest {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn setup(tag: &str) -> Setup {
+    let cluster = Cluster::new(tag);
+    let servers = ["pod-a1", "pod-b1"]
+        .iter()
+        .map(|name| EchoServer::start(&cluster.pod(name).ns, name))
+        .collect();
+    let manifest =
+        Manifest(std::env::temp_dir().join(format!("{}-cluster.yaml", cluster.switch.name)));
+    std::fs::write(&manifest.0, MANIFEST).expect("write manifest");
+    let forwarders = cluster
+        .nodes
+        .iter()
+        .map(|node| Forwarder::start(&node.ns, &manifest.0, node.name, NODE_IFACE))
+        .collect();
+    Setup { forwarders, _servers: servers, _manifest: manifest, cluster }
+}
+
+impl Setup {
+    fn logs(&self) -> String {
+        self.forwarders.iter().map(Forwarder::log_text).collect::<Vec<_>>().join("\n---\n")
+    }
+
+    /// Who answers over many new connections, and the client address each
+    /// pod saw (the port dropped).
+    fn answers(&self, from: &NetNs, frontend: &str) -> BTreeSet<(String, String)> {
+        (0..24)
+            .map(|_| {
+                let (pod, seen) = tcp_once_seen(from, frontend)
+                    .unwrap_or_else(|e| panic!("TCP to {frontend}: {e}\n{}", self.logs()));
+                let seen_ip = seen.rsplit_once(':').map_or(seen.clone(), |(ip, _)| ip.to_owned());
+                (pod, seen_ip)
+            })
+            .collect()
+    }
+}
+
+fn set(pairs: &[(&str, &str)]) -> BTreeSet<(String, String)> {
+    pairs.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect()
+}
+
+/// eTP Cluster: both endpoints; the one on the other node sees the node's
+/// address (masqueraded), the local one sees the client.
+#[test]
+fn nodeport_reaches_other_nodes_masqueraded() {
+    let s = setup("mnp");
+    let answers = s.answers(&s.cluster.client, "192.168.20.1:30080");
+    assert_eq!(answers, set(&[("pod-a1", CLIENT_IP), ("pod-b1", "192.168.20.1")]), "{}", s.logs());
+}
+
+/// Pod to ClusterIP is not masqueraded, on this node or another.
+#[test]
+fn cluster_ip_from_a_pod_is_not_masqueraded() {
+    let s = setup("mcip");
+    let answers = s.answers(&s.cluster.pod("pod-a2").ns, "10.96.0.10:80");
+    assert_eq!(answers, set(&[("pod-a1", "10.244.1.3"), ("pod-b1", "10.244.1.3")]), "{}", s.logs());
+}
+
+/// eTP Local: each node serves its own endpoint, with the client's address.
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address() {
+    let s = setup("metp");
+    let client = &s.cluster.client;
+    assert_eq!(
+        s.answers(client, "192.168.20.1:30081"),
+        set(&[("pod-a1", CLIENT_IP)]),
+        "{}",
+        s.logs()
+    );
+    assert_eq!(
+        s.answers(client, "192.168.20.2:30081"),
+        set(&[("pod-b1", CLIENT_IP)]),
+        "{}",
+        s.logs()
+    );
+    // Node a has no endpoint of local-b-only: dropped there, served by b.
+    assert!(tcp_once(client, "192.168.20.1:30082").is_err());
+    assert_eq!(s.answers(client, "192.168.20.2:30082"), set(&[("pod-b1", CLIENT_IP)]));
+    // Pods on node a still reach it (internal traffic policy Cluster).
+    let pod = &s.cluster.pod("pod-a2").ns;
+    assert_eq!(
+        s.answers(pod, "192.168.20.1:30082"),
+        set(&[("pod-b1", "10.244.1.3")]),
+        "{}",
+        s.logs()
+    );
+}
+
+/// iTP Local: pods use only endpoints on their node.
+#[test]
+fn internal_traffic_policy_local() {
+    let s = setup("mitp");
+    let answers = s.answers(&s.cluster.pod("pod-a2").ns, "10.96.0.13:80");
+    assert_eq!(answers, set(&[("pod-a1", "10.244.1.3")]), "{}", s.logs());
+}
+
+/// A pod reaching itself through its own Service gets its answer back.
+#[test]
+fn hairpin() {
+    let s = setup("mhp");
+    let (pod, _) = tcp_once_seen(&s.cluster.pod("pod-a1").ns, "10.96.0.14:80")
+        .unwrap_or_else(|e| panic!("hairpin: {e}\n{}", s.logs()));
+    assert_eq!(pod, "pod-a1");
+}
