@@ -33,15 +33,27 @@ pub struct Cluster {
     pub switch: NetNs,
 }
 
-/// (node, node address, pod CIDR, pods)
-const NODES: [(&str, &str, &str, &[(&str, &str)]); 2] = [
-    (
-        "node-a",
-        "192.168.20.1",
-        "10.244.1.0/24",
-        &[("pod-a1", "10.244.1.2"), ("pod-a2", "10.244.1.3")],
-    ),
-    ("node-b", "192.168.20.2", "10.244.2.0/24", &[("pod-b1", "10.244.2.2")]),
+struct NodeSpec {
+    name: &'static str,
+    ip: &'static str,
+    pod_cidr: &'static str,
+    /// (pod, pod address)
+    pods: &'static [(&'static str, &'static str)],
+}
+
+const NODES: [NodeSpec; 2] = [
+    NodeSpec {
+        name: "node-a",
+        ip: "192.168.20.1",
+        pod_cidr: "10.244.1.0/24",
+        pods: &[("pod-a1", "10.244.1.2"), ("pod-a2", "10.244.1.3")],
+    },
+    NodeSpec {
+        name: "node-b",
+        ip: "192.168.20.2",
+        pod_cidr: "10.244.2.0/24",
+        pods: &[("pod-b1", "10.244.2.2")],
+    },
 ];
 
 /// Plugs `host`'s `iface` into the switch with `addr/24`; the wire carries
@@ -63,20 +75,20 @@ impl Cluster {
 
         let client = NetNs::new(format!("{prefix}-client"));
         wire(&switch, &client, "p-client", "eth0", CLIENT_IP);
-        client.ip(&["route", "add", "default", "via", NODES[0].1]);
+        client.ip(&["route", "add", "default", "via", NODES[0].ip]);
 
         let mut nodes = Vec::new();
         let mut pods = Vec::new();
-        for (i, (name, ip, _, node_pods)) in NODES.iter().enumerate() {
-            let ns = NetNs::new(format!("{prefix}-{name}"));
+        for (i, spec) in NODES.iter().enumerate() {
+            let ns = NetNs::new(format!("{prefix}-{}", spec.name));
             configure_node(&ns);
-            wire(&switch, &ns, &format!("p-{name}"), NODE_IFACE, ip);
-            let (_, peer_ip, peer_cidr, _) = NODES[1 - i];
-            ns.ip(&["route", "add", peer_cidr, "via", peer_ip]);
-            for (pod, pod_ip) in *node_pods {
+            wire(&switch, &ns, &format!("p-{}", spec.name), NODE_IFACE, spec.ip);
+            let peer = &NODES[1 - i];
+            ns.ip(&["route", "add", peer.pod_cidr, "via", peer.ip]);
+            for (pod, pod_ip) in spec.pods {
                 pods.push(add_pod(&ns, &prefix, pod, pod_ip));
             }
-            nodes.push(Node { name, ip, ns });
+            nodes.push(Node { name: spec.name, ip: spec.ip, ns });
         }
         Self { pods, client, nodes, switch }
     }
