@@ -18,6 +18,7 @@ pub mod map_names {
     pub const CONNTRACK: &str = "CT4_V1";
     pub const NODE_IPS: &str = "NODE_IP4_V1";
     pub const SNAT_ADDRS: &str = "SNAT_ADDR4_V1";
+    pub const AFFINITY: &str = "AFFINITY4_V1";
     pub const STATS: &str = "STATS_V1";
 }
 
@@ -34,6 +35,7 @@ pub const BACKENDS_MAX: u32 = 65_536;
 pub const CONNTRACK_MAX: u32 = 262_144;
 pub const NODE_IPS_MAX: u32 = 256;
 pub const SNAT_ADDRS_MAX: u32 = 4096;
+pub const AFFINITY_MAX: u32 = 65_536;
 
 /// Masquerading picks source ports here: above Linux's default ephemeral
 /// range (32768-60999) and the NodePort range, so the node's own sockets and
@@ -81,26 +83,51 @@ impl SvcKey {
 /// `SvcValue::flags`: a `SCOPE_INTERNAL` entry exists for pods on this node.
 pub const SVC_HAS_INTERNAL: u16 = 1;
 
-/// Value of the services map: slot 0 uses `count` and `flags`, other slots
-/// `backend_id`.
+/// Value of the services map: slot 0 uses `count`, `flags` and
+/// `affinity_timeout`, other slots `backend_id`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SvcValue {
     pub backend_id: u32,
-    /// Number of backend slots (slot 0 only).
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 without affinity.
+    pub affinity_timeout: u32,
+    /// Number of backend slots.
     pub count: u16,
-    /// `SVC_*` flags (slot 0 only).
+    /// `SVC_*` flags.
     pub flags: u16,
 }
 
 impl SvcValue {
-    pub const fn frontend(count: u16, flags: u16) -> Self {
-        Self { backend_id: 0, count, flags }
+    pub const fn frontend(count: u16, flags: u16, affinity_timeout: u32) -> Self {
+        Self { backend_id: 0, affinity_timeout, count, flags }
     }
 
     pub const fn slot(backend_id: u32) -> Self {
-        Self { backend_id, count: 0, flags: 0 }
+        Self { backend_id, affinity_timeout: 0, count: 0, flags: 0 }
     }
+}
+
+/// Key of the session affinity map: a client address and the frontend
+/// (slot-0 key fields) it reached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client: u32,
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// The backend a client is bound to, in which slot, and since when the
+/// client last opened a flow (`bpf_ktime_get_ns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub slot: u16,
+    pub _pad: u16,
+    pub last_used_ns: u64,
 }
 
 /// `Backend::flags`: the endpoint runs on this node.
@@ -212,7 +239,9 @@ pub mod stat {
 }
 
 const _: () = assert!(size_of::<SvcKey>() == 12);
-const _: () = assert!(size_of::<SvcValue>() == 8);
+const _: () = assert!(size_of::<SvcValue>() == 12);
+const _: () = assert!(size_of::<AffinityKey>() == 12);
+const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<Backend>() == 8);
 const _: () = assert!(size_of::<CtKey>() == 16);
 const _: () = assert!(size_of::<CtValue>() == 12);
@@ -225,4 +254,6 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
 }

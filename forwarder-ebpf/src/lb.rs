@@ -1,16 +1,16 @@
 //! Service lookup, backend choice and connection tracking.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_get_prandom_u32,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use forwarder_common::{
-    BACKEND_LOCAL, CT_FORWARD, CT_REPLY, CT_SNAT, CT_SNAT_REPLY, CtKey, CtValue, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SNAT_ADDR_DEFAULT, SNAT_PORT_COUNT, SNAT_PORT_MIN, SVC_HAS_INTERNAL, SvcKey,
-    stat,
+    AffinityKey, AffinityValue, BACKEND_LOCAL, CT_FORWARD, CT_REPLY, CT_SNAT, CT_SNAT_REPLY, CtKey,
+    CtValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_ADDR_DEFAULT, SNAT_PORT_COUNT, SNAT_PORT_MIN,
+    SVC_HAS_INTERNAL, SvcKey, SvcValue, stat,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, NODE_IPS, SERVICES, SNAT_ADDRS},
+    maps::{AFFINITY, BACKENDS, CONNTRACK, NODE_IPS, SERVICES, SNAT_ADDRS},
     parse::Flow,
 };
 
@@ -36,7 +36,7 @@ pub type Decision = Result<Option<Nat>, u32>;
 /// The slot-0 key of the frontend the packet is addressed to, in the scope
 /// that serves its origin.
 #[inline(always)]
-fn frontend(flow: &Flow, origin: Origin) -> Option<SvcKey> {
+fn frontend(flow: &Flow, origin: Origin) -> Option<(SvcKey, SvcValue)> {
     let exact = SvcKey::new(flow.daddr, flow.dport, flow.proto, SCOPE_EXTERNAL, 0);
     // SAFETY: copied out immediately.
     let (key, head) = match unsafe { SERVICES.get(&exact) }.copied() {
@@ -54,12 +54,12 @@ fn frontend(flow: &Flow, origin: Origin) -> Option<SvcKey> {
         let internal = SvcKey { scope: SCOPE_INTERNAL, ..key };
         // Absent while a sync is adding or removing it: the external set is
         // then still a valid answer.
-        // SAFETY: presence check only.
-        if unsafe { SERVICES.get(&internal) }.is_some() {
-            return Some(internal);
+        // SAFETY: copied out immediately.
+        if let Some(internal_head) = unsafe { SERVICES.get(&internal) }.copied() {
+            return Some((internal, internal_head));
         }
     }
-    Some(key)
+    Some((key, head))
 }
 
 #[inline(always)]
@@ -95,18 +95,43 @@ fn ensure_reply(flow: &Flow, fwd: &CtValue) -> Result<(), u32> {
 /// another node (so the reply comes back through us), and a pod reaching
 /// itself through a Service (hairpin; it would not answer its own address).
 #[inline(always)]
-fn new_flow(flow: &Flow, key: &CtKey, svc: SvcKey, origin: Origin) -> Result<CtValue, u32> {
+fn new_flow(
+    flow: &Flow,
+    key: &CtKey,
+    svc: SvcKey,
+    head: &SvcValue,
+    origin: Origin,
+) -> Result<CtValue, u32> {
     // SAFETY: helper without arguments.
     let pick = unsafe { bpf_get_prandom_u32() };
-    let (mut chosen, mut local) = choose_backend(svc, pick)?;
-    if collides(flow, &chosen) {
-        (chosen, local) = choose_backend(svc, pick.wrapping_add(1))?;
-        if collides(flow, &chosen) {
+    let affine = match head.affinity_timeout {
+        0 => None,
+        timeout => affine_backend(flow, svc, timeout),
+    };
+    let mut picked = match affine {
+        Some(bound) => bound,
+        None => choose_backend(svc, pick)?,
+    };
+    if collides(flow, &picked.ct) {
+        picked = choose_backend(svc, pick.wrapping_add(1))?;
+        if collides(flow, &picked.ct) {
             return Err(stat::DROP_CT_COLLISION);
         }
     }
+    if head.affinity_timeout != 0 {
+        let bound = AffinityValue {
+            backend_id: picked.ct.backend_id,
+            slot: picked.slot,
+            _pad: 0,
+            // SAFETY: helper without arguments.
+            last_used_ns: unsafe { bpf_ktime_get_ns() },
+        };
+        // Best effort: without the binding the next flow is balanced anew.
+        let _ = AFFINITY.insert(&affinity_key(flow, svc), &bound, u64::from(BPF_ANY));
+    }
+    let chosen = picked.ct;
     let masquerade = match origin {
-        Origin::Outside => !local,
+        Origin::Outside => !picked.local,
         Origin::LocalPod => chosen.nat_addr == flow.saddr,
     };
     if CONNTRACK.insert(key, &chosen, u64::from(BPF_NOEXIST)).is_err() {
@@ -156,39 +181,84 @@ fn collides(flow: &Flow, chosen: &CtValue) -> bool {
         .is_some_and(|v| v.nat_addr == chosen.nat_addr && v.nat_port == chosen.nat_port)
 }
 
+/// A backend picked for a new flow.
+#[derive(Clone, Copy)]
+struct Picked {
+    ct: CtValue,
+    /// The backend runs on this node.
+    local: bool,
+    slot: u16,
+}
+
 /// The backend in slot `1 + pick % count`, reading the count afresh. A
 /// concurrent sync may shrink the Service between our reads of the count
 /// and of a slot (or remove the slot's backend just after), so one miss is
 /// retried from a new count.
 #[inline(always)]
-fn choose_backend(svc: SvcKey, pick: u32) -> Result<(CtValue, bool), u32> {
-    match backend_in_slot(svc, pick) {
-        Err(stat::DROP_NO_BACKEND) => backend_in_slot(svc, pick),
-        result => result,
-    }
-}
-
-/// The chosen backend, and whether it runs on this node.
-#[inline(always)]
-fn backend_in_slot(svc: SvcKey, pick: u32) -> Result<(CtValue, bool), u32> {
+fn choose_backend(svc: SvcKey, pick: u32) -> Result<Picked, u32> {
     // SAFETY: copied out immediately.
     let count = unsafe { SERVICES.get(&svc) }.map_or(0, |v| v.count);
     if count == 0 {
         return Err(stat::DROP_NO_ENDPOINTS);
     }
-    let slot = SvcKey { slot: (pick % u32::from(count)) as u16 + 1, ..svc };
+    match backend_in_slot(svc, (pick % u32::from(count)) as u16 + 1) {
+        Some(picked) => Ok(picked),
+        None => {
+            // SAFETY: copied out immediately.
+            let count = unsafe { SERVICES.get(&svc) }.map_or(0, |v| v.count);
+            if count == 0 {
+                return Err(stat::DROP_NO_ENDPOINTS);
+            }
+            backend_in_slot(svc, (pick % u32::from(count)) as u16 + 1).ok_or(stat::DROP_NO_BACKEND)
+        }
+    }
+}
+
+#[inline(always)]
+fn backend_in_slot(svc: SvcKey, slot: u16) -> Option<Picked> {
     // SAFETY: copied out immediately.
-    let id = unsafe { SERVICES.get(&slot) }.ok_or(stat::DROP_NO_BACKEND)?.backend_id;
+    let id = unsafe { SERVICES.get(&SvcKey { slot, ..svc }) }?.backend_id;
     // SAFETY: copied out immediately.
-    let backend = unsafe { BACKENDS.get(&id) }.ok_or(stat::DROP_NO_BACKEND)?;
-    let value = CtValue { nat_addr: backend.addr, nat_port: backend.port, _pad: 0, backend_id: id };
-    Ok((value, backend.flags & BACKEND_LOCAL != 0))
+    let backend = unsafe { BACKENDS.get(&id) }.copied()?;
+    let ct = CtValue { nat_addr: backend.addr, nat_port: backend.port, _pad: 0, backend_id: id };
+    Some(Picked { ct, local: backend.flags & BACKEND_LOCAL != 0, slot })
+}
+
+#[inline(always)]
+fn affinity_key(flow: &Flow, svc: SvcKey) -> AffinityKey {
+    AffinityKey {
+        client: flow.saddr,
+        addr: svc.addr,
+        port: svc.port,
+        proto: svc.proto,
+        scope: svc.scope,
+    }
+}
+
+/// The backend this client is bound to, if the binding is younger than
+/// `timeout` seconds and its backend still holds the same slot.
+#[inline(always)]
+fn affine_backend(flow: &Flow, svc: SvcKey, timeout: u32) -> Option<Picked> {
+    // SAFETY: copied out immediately.
+    let bound = unsafe { AFFINITY.get(&affinity_key(flow, svc)) }.copied()?;
+    // SAFETY: helper without arguments.
+    let age = unsafe { bpf_ktime_get_ns() }.saturating_sub(bound.last_used_ns);
+    if age >= u64::from(timeout) * 1_000_000_000 {
+        return None;
+    }
+    // SAFETY: copied out immediately.
+    let count = unsafe { SERVICES.get(&svc) }?.count;
+    if bound.slot == 0 || bound.slot > count {
+        return None;
+    }
+    let picked = backend_in_slot(svc, bound.slot)?;
+    (picked.ct.backend_id == bound.backend_id).then_some(picked)
 }
 
 /// Destination NAT for a packet addressed to a Service frontend.
 #[inline(always)]
 pub fn service_dnat(flow: &Flow, origin: Origin) -> Decision {
-    let Some(svc) = frontend(flow, origin) else {
+    let Some((svc, head)) = frontend(flow, origin) else {
         return Ok(None);
     };
     if flow.first_fragment {
@@ -201,7 +271,7 @@ pub fn service_dnat(flow: &Flow, origin: Origin) -> Decision {
             ensure_reply(flow, &existing)?;
             existing
         }
-        None => new_flow(flow, &key, svc, origin)?,
+        None => new_flow(flow, &key, svc, &head, origin)?,
     };
     Ok(Some(Nat { addr: fwd.nat_addr, port: fwd.nat_port }))
 }

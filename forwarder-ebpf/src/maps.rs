@@ -4,8 +4,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use forwarder_common::{
-    BACKENDS_MAX, Backend, CONNTRACK_MAX, CtKey, CtValue, NODE_IPS_MAX, SERVICES_MAX,
-    SNAT_ADDRS_MAX, SvcKey, SvcValue, stat,
+    AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, CONNTRACK_MAX, CtKey, CtValue,
+    NODE_IPS_MAX, SERVICES_MAX, SNAT_ADDRS_MAX, SvcKey, SvcValue, stat,
 };
 
 #[map(name = "SVC4_V1")]
@@ -25,6 +25,12 @@ pub static NODE_IPS: HashMap<u32, u32> = HashMap::with_max_entries(NODE_IPS_MAX,
 /// Masquerade address per egress ifindex; `SNAT_ADDR_DEFAULT` for the rest.
 #[map(name = "SNAT_ADDR4_V1")]
 pub static SNAT_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(SNAT_ADDRS_MAX, 0);
+
+/// Client -> backend bindings of `sessionAffinity: ClientIP` Services; LRU
+/// so that stale bindings make room by themselves.
+#[map(name = "AFFINITY4_V1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(AFFINITY_MAX, 0);
 
 #[map(name = "STATS_V1")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);

@@ -91,4 +91,6 @@ pub struct DesiredState {
     /// Endpoint addresses on this node (`nodeName`): traffic from outside
     /// the node to any other endpoint is masqueraded.
     pub local_endpoints: BTreeSet<Ipv4Addr>,
+    /// `sessionAffinity: ClientIP` timeout in seconds, per frontend entry.
+    pub affinity: BTreeMap<Frontend, u32>,
 }

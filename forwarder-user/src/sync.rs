@@ -153,8 +153,12 @@ impl Syncer {
             let internal = Frontend { scope: Scope::Internal, ..*frontend };
             let has_internal =
                 frontend.scope == Scope::External && desired.services.contains_key(&internal);
-            let flags = if has_internal { SVC_HAS_INTERNAL } else { 0 };
-            if let Err(err) = self.apply_frontend(frontend, &keys, flags, dp, &mut report) {
+            let head = SvcValue::frontend(
+                keys.len() as u16,
+                if has_internal { SVC_HAS_INTERNAL } else { 0 },
+                desired.affinity.get(frontend).copied().unwrap_or(0),
+            );
+            if let Err(err) = self.apply_frontend(frontend, &keys, head, dp, &mut report) {
                 report.errors.push(format!("{frontend}: {err}"));
             }
         }
@@ -247,7 +251,7 @@ impl Syncer {
         &mut self,
         frontend: &Frontend,
         backends: &[BackendKey],
-        flags: u16,
+        head: SvcValue,
         dp: &mut impl Datapath,
         report: &mut SyncReport,
     ) -> Result<(), MapWriteError> {
@@ -258,7 +262,6 @@ impl Syncer {
             .collect::<Result<Vec<_>, _>>()?;
         let entries = &mut self.service_entries;
         let applied = self.applied.entry(*frontend).or_default();
-        let head = SvcValue::frontend(ids.len() as u16, flags);
         // Shrinking: lower the count before the slots disappear.
         if applied.head.is_some_and(|h| h.count > head.count) {
             dp.put_service(svc_key(frontend, 0), head)?;

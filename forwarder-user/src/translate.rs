@@ -66,6 +66,7 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str
         let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
         let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
         let own_slices = slices_of(service, slices);
+        let affinity = session_affinity(service);
         for port in spec.ports.iter().flatten() {
             let Some(proto) = protocol(port, &name, &mut out.skipped) else {
                 continue;
@@ -108,6 +109,9 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str
                 }
                 owner.insert(frontend, name.clone());
                 out.state.services.insert(frontend, endpoints.clone());
+                if let Some(timeout) = affinity {
+                    out.state.affinity.insert(frontend, timeout);
+                }
             }
         }
     }
@@ -177,6 +181,23 @@ fn external_ips(service: &Service, name: &str, skipped: &mut Vec<Skipped>) -> Ve
         }
     }
     ips
+}
+
+/// `sessionAffinity: ClientIP`'s timeout: `timeoutSeconds`, 10800 (three
+/// hours) by default, as the API defines it.
+fn session_affinity(service: &Service) -> Option<u32> {
+    let spec = service.spec.as_ref()?;
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .and_then(|t| u32::try_from(t).ok())
+        .filter(|t| *t > 0);
+    Some(timeout.unwrap_or(10_800))
 }
 
 fn protocol(port: &ServicePort, name: &str, skipped: &mut Vec<Skipped>) -> Option<Proto> {

@@ -7,7 +7,9 @@ use aya::{
     maps::HashMap,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use forwarder_common::{CtKey, CtValue, map_names, program_names, stat};
+use forwarder_common::{
+    AffinityKey, AffinityValue, CtKey, CtValue, map_names, program_names, stat,
+};
 use forwarder_tests::packet::{MF, Packet, ethernet, verify_checksums};
 use forwarder_user::{
     dataplane::{Capacity, Maps, load_object},
@@ -79,6 +81,15 @@ impl Harness {
 
     /// Endpoints on this node except those at the `remote` addresses.
     fn set_services_remote(&mut self, services: &[(Frontend, Vec<&str>)], remote: &[&str]) {
+        self.set_services_with(services, remote, &[]);
+    }
+
+    fn set_services_with(
+        &mut self,
+        services: &[(Frontend, Vec<&str>)],
+        remote: &[&str],
+        affinity: &[(Frontend, u32)],
+    ) {
         let services: BTreeMap<Frontend, Vec<Endpoint>> = services
             .iter()
             .map(|(f, eps)| (*f, eps.iter().map(|e| endpoint(e)).collect()))
@@ -89,7 +100,11 @@ impl Harness {
             .map(|e| e.addr)
             .filter(|a| !remote.iter().any(|r| r.parse::<Ipv4Addr>().unwrap() == *a))
             .collect();
-        let desired = DesiredState { services, local_endpoints };
+        let desired = DesiredState {
+            services,
+            local_endpoints,
+            affinity: affinity.iter().copied().collect(),
+        };
         let report = self.syncer.apply(&desired, &mut self.maps);
         assert!(report.errors.is_empty(), "{report:?}");
         let report = self.syncer.apply_snat_addrs(
@@ -578,4 +593,50 @@ fn traffic_policy_scopes_follow_the_origin() {
     let new_pod = from_pod.with_src("10.244.1.9:40001");
     let (_, out) = harness.run(Prog::Tc, &new_pod.bytes());
     assert_eq!(out, new_pod.with_dst("10.244.2.2:8080").bytes());
+}
+
+fn backend_of(out: &[u8]) -> String {
+    format!("{}.{}.{}.{}", out[30], out[31], out[32], out[33])
+}
+
+/// `sessionAffinity: ClientIP`: a client stays on its backend while its
+/// binding is younger than the timeout and its backend still serves.
+#[test]
+fn session_affinity_binds_a_client_to_its_backend() {
+    let mut harness = Harness::new();
+    let cluster_ip = frontend(Some(CLUSTER_IP), 80, Proto::Tcp);
+    let mut services = default_services();
+    services[2].1 = vec!["10.244.1.2:8080", "10.244.1.3:8080"];
+    harness.set_services_with(&services, &[], &[(cluster_ip, 60)]);
+    let flow = |client: &str, port: u16| Packet::tcp(&format!("{client}:{port}"), "10.96.0.10:80");
+
+    let (_, first) = harness.run(Prog::Tc, &flow("10.244.1.9", 1000).bytes());
+    let bound = backend_of(&first);
+    for port in 1001..1030 {
+        let (_, out) = harness.run(Prog::Tc, &flow("10.244.1.9", port).bytes());
+        assert_eq!(backend_of(&out), bound, "new flow {port} left the bound backend");
+    }
+
+    // Expired bindings are balanced anew: twenty clients bound long ago to
+    // the same backend do not all stay there (probability 2^-20).
+    let mut affinity: HashMap<_, AffinityKey, AffinityValue> =
+        HashMap::try_from(harness.ebpf.take_map(map_names::AFFINITY).unwrap()).unwrap();
+    let entries: Vec<(AffinityKey, AffinityValue)> = affinity.iter().map(Result::unwrap).collect();
+    let (key, value) = entries[0];
+    let mut moved = false;
+    for client in 20..40u8 {
+        let stale = AffinityValue { last_used_ns: 1, ..value };
+        let key = AffinityKey { client: u32::from_ne_bytes([10, 244, 3, client]), ..key };
+        affinity.insert(key, stale, 0).unwrap();
+        let (_, out) = harness.run(Prog::Tc, &flow(&format!("10.244.3.{client}"), 2000).bytes());
+        moved |= backend_of(&out) != bound;
+    }
+    assert!(moved, "expired bindings were still followed");
+
+    // A binding whose backend left the Service is dropped.
+    let other = if bound == "10.244.1.2" { "10.244.1.3:8080" } else { "10.244.1.2:8080" };
+    services[2].1 = vec![other];
+    harness.set_services_with(&services, &[], &[(cluster_ip, 60)]);
+    let (_, out) = harness.run(Prog::Tc, &flow("10.244.1.9", 3000).bytes());
+    assert_eq!(format!("{}:8080", backend_of(&out)), other);
 }

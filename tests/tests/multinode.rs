@@ -37,6 +37,20 @@ kind: Service
 metadata: {name: self, namespace: demo}
 spec: {clusterIP: 10.96.0.14, ports: [{port: 80, targetPort: 8080}]}
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: demo}
+spec: {type: NodePort, clusterIP: 10.96.0.15, sessionAffinity: ClientIP,
+       sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}},
+       ports: [{port: 80, targetPort: 8080, nodePort: 30085}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sticky-1, namespace: demo, labels: {kubernetes.io/service-name: sticky}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.1.2], nodeName: node-a}, {addresses: [10.244.2.2], nodeName: node-b}]
+---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {name: spread-1, namespace: demo, labels: {kubernetes.io/service-name: spread}}
@@ -190,4 +204,15 @@ fn hairpin() {
     let (pod, _) = tcp_once_seen(&s.cluster.pod("pod-a1").ns, "10.96.0.14:80")
         .unwrap_or_else(|e| panic!("hairpin: {e}\n{}", s.logs()));
     assert_eq!(pod, "pod-a1");
+}
+
+/// `sessionAffinity: ClientIP`: every new connection of a client goes to
+/// the same pod, from a pod and from outside.
+#[test]
+fn session_affinity_keeps_a_client_on_one_pod() {
+    let s = setup("maff");
+    let from_pod = s.answers(&s.cluster.pod("pod-a2").ns, "10.96.0.15:80");
+    assert_eq!(from_pod.len(), 1, "pod client spread over {from_pod:?}");
+    let from_outside = s.answers(&s.cluster.client, "192.168.20.1:30085");
+    assert_eq!(from_outside.len(), 1, "external client spread over {from_outside:?}");
 }

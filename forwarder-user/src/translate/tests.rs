@@ -93,6 +93,32 @@ spec: {clusterIP: 10.96.1.1, ports: [{port: 80}]}
 }
 
 #[test]
+fn session_affinity_timeout_applies_to_every_frontend_entry() {
+    let services = services(
+        "
+metadata: {name: etp, namespace: demo}
+spec: {type: NodePort, clusterIP: 10.96.1.1, sessionAffinity: ClientIP, externalTrafficPolicy: Local,
+       sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}, ports: [{port: 80, nodePort: 30100}]}
+---
+metadata: {name: default-timeout, namespace: demo}
+spec: {clusterIP: 10.96.1.2, sessionAffinity: ClientIP, ports: [{port: 80}]}
+---
+metadata: {name: none, namespace: demo}
+spec: {clusterIP: 10.96.1.3, sessionAffinity: None, ports: [{port: 80}]}
+",
+    );
+    let out = translate(&services, &slices(POLICY_SLICES), "node-a");
+    let expect: BTreeMap<Frontend, u32> = [
+        (fe(None, 30100, Proto::Tcp), 60),
+        (fi(None, 30100, Proto::Tcp), 60),
+        (fe(Some("10.96.1.1"), 80, Proto::Tcp), 60),
+        (fe(Some("10.96.1.2"), 80, Proto::Tcp), 10_800),
+    ]
+    .into();
+    assert_eq!(out.state.affinity, expect);
+}
+
+#[test]
 fn translation_table() {
     let cases = vec![
         Case {
