@@ -19,6 +19,7 @@ pub mod map_names {
     pub const NODE_IPS: &str = "NODE_IP4_V1";
     pub const SNAT_ADDRS: &str = "SNAT_ADDR4_V1";
     pub const AFFINITY: &str = "AFFINITY4_V1";
+    pub const CLUSTER_IPS: &str = "CLUSTER_IP4_V1";
     pub const STATS: &str = "STATS_V1";
 }
 
@@ -36,6 +37,7 @@ pub const CONNTRACK_MAX: u32 = 262_144;
 pub const NODE_IPS_MAX: u32 = 256;
 pub const SNAT_ADDRS_MAX: u32 = 4096;
 pub const AFFINITY_MAX: u32 = 65_536;
+pub const CLUSTER_IPS_MAX: u32 = 65_536;
 
 /// Masquerading picks source ports here: above Linux's default ephemeral
 /// range (32768-60999) and the NodePort range, so the node's own sockets and
@@ -82,6 +84,10 @@ impl SvcKey {
 
 /// `SvcValue::flags`: a `SCOPE_INTERNAL` entry exists for pods on this node.
 pub const SVC_HAS_INTERNAL: u16 = 1;
+/// `SvcValue::flags`: without endpoints, drop new flows instead of
+/// rejecting them (a `Local` policy whose node has none, while other nodes
+/// do).
+pub const SVC_DROP_EMPTY: u16 = 2;
 
 /// Value of the services map: slot 0 uses `count`, `flags` and
 /// `affinity_timeout`, other slots `backend_id`.
@@ -209,17 +215,29 @@ pub mod stat {
     pub const DROP_CT_COLLISION: u32 = 5;
     /// No free source port to masquerade with, or no address to use.
     pub const DROP_SNAT: u32 = 6;
+    /// A reject could not be answered (IP options, a GSO packet, a helper
+    /// failure): dropped instead.
+    pub const DROP_REJECT_FAILED: u32 = 7;
     /// Malformed IPv4 header (IHL < 5, total length shorter than the
     /// headers): passed to the kernel stack, which discards it; never rewritten.
-    pub const MALFORMED_PASSED: u32 = 7;
+    pub const MALFORMED_PASSED: u32 = 8;
     /// Frontend -> backend translations.
-    pub const DNAT: u32 = 8;
+    pub const DNAT: u32 = 9;
     /// Backend -> client reverse translations.
-    pub const REVERSE_NAT: u32 = 9;
+    pub const REVERSE_NAT: u32 = 10;
     /// Client -> node address masquerades, and their reversals.
-    pub const SNAT: u32 = 10;
-    pub const REVERSE_SNAT: u32 = 11;
-    pub const COUNT: u32 = 12;
+    pub const SNAT: u32 = 11;
+    pub const REVERSE_SNAT: u32 = 12;
+    /// New flows answered with ICMP port unreachable: the Service has no
+    /// endpoints, or the ClusterIP does not declare the port.
+    pub const REJECT_NO_ENDPOINTS: u32 = 13;
+    pub const REJECT_UNKNOWN_PORT: u32 = 14;
+    pub const COUNT: u32 = 15;
+
+    /// Whether `reason` asks for an ICMP answer rather than a silent drop.
+    pub const fn is_reject(reason: u32) -> bool {
+        matches!(reason, REJECT_NO_ENDPOINTS | REJECT_UNKNOWN_PORT)
+    }
 
     /// Metric label of each counter, indexed by its value.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -230,11 +248,14 @@ pub mod stat {
         "drop_rewrite",
         "drop_ct_collision",
         "drop_snat",
+        "drop_reject_failed",
         "malformed_passed",
         "dnat",
         "reverse_nat",
         "snat",
         "reverse_snat",
+        "reject_no_endpoints",
+        "reject_unknown_port",
     ];
 }
 

@@ -6,11 +6,11 @@ use aya_ebpf::{
 use forwarder_common::{
     AffinityKey, AffinityValue, BACKEND_LOCAL, CT_FORWARD, CT_REPLY, CT_SNAT, CT_SNAT_REPLY, CtKey,
     CtValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_ADDR_DEFAULT, SNAT_PORT_COUNT, SNAT_PORT_MIN,
-    SVC_HAS_INTERNAL, SvcKey, SvcValue, stat,
+    SVC_DROP_EMPTY, SVC_HAS_INTERNAL, SvcKey, SvcValue, stat,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONNTRACK, NODE_IPS, SERVICES, SNAT_ADDRS},
+    maps::{AFFINITY, BACKENDS, CLUSTER_IPS, CONNTRACK, NODE_IPS, SERVICES, SNAT_ADDRS},
     parse::Flow,
 };
 
@@ -259,6 +259,10 @@ fn affine_backend(flow: &Flow, svc: SvcKey, timeout: u32) -> Option<Picked> {
 #[inline(always)]
 pub fn service_dnat(flow: &Flow, origin: Origin) -> Decision {
     let Some((svc, head)) = frontend(flow, origin) else {
+        // SAFETY: presence check only.
+        if unsafe { CLUSTER_IPS.get(&flow.daddr) }.is_some() {
+            return Err(stat::REJECT_UNKNOWN_PORT);
+        }
         return Ok(None);
     };
     if flow.first_fragment {
@@ -271,7 +275,12 @@ pub fn service_dnat(flow: &Flow, origin: Origin) -> Decision {
             ensure_reply(flow, &existing)?;
             existing
         }
-        None => new_flow(flow, &key, svc, &head, origin)?,
+        None => match new_flow(flow, &key, svc, &head, origin) {
+            Err(stat::DROP_NO_ENDPOINTS) if head.flags & SVC_DROP_EMPTY == 0 => {
+                return Err(stat::REJECT_NO_ENDPOINTS);
+            }
+            result => result?,
+        },
     };
     Ok(Some(Nat { addr: fwd.nat_addr, port: fwd.nat_port }))
 }

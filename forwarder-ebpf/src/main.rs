@@ -9,6 +9,7 @@
 #![no_std]
 #![no_main]
 
+mod icmp;
 mod lb;
 mod maps;
 mod parse;

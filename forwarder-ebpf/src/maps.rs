@@ -4,8 +4,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use forwarder_common::{
-    AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, CONNTRACK_MAX, CtKey, CtValue,
-    NODE_IPS_MAX, SERVICES_MAX, SNAT_ADDRS_MAX, SvcKey, SvcValue, stat,
+    AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, CLUSTER_IPS_MAX,
+    CONNTRACK_MAX, CtKey, CtValue, NODE_IPS_MAX, SERVICES_MAX, SNAT_ADDRS_MAX, SvcKey, SvcValue,
+    stat,
 };
 
 #[map(name = "SVC4_V1")]
@@ -31,6 +32,11 @@ pub static SNAT_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(SNAT_ADDRS_
 #[map(name = "AFFINITY4_V1")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::with_max_entries(AFFINITY_MAX, 0);
+
+/// Every ClusterIP: a packet to one on a port no frontend declares is
+/// rejected, as kube-proxy's nftables mode does.
+#[map(name = "CLUSTER_IP4_V1")]
+pub static CLUSTER_IPS: HashMap<u32, u32> = HashMap::with_max_entries(CLUSTER_IPS_MAX, 0);
 
 #[map(name = "STATS_V1")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);

@@ -17,6 +17,7 @@ use aya_ebpf::{
 use forwarder_common::{PROTO_UDP, stat};
 
 use crate::{
+    icmp,
     lb::{self, Nat, Origin},
     maps::count,
     parse::{self, Flow, Parsed},
@@ -38,7 +39,15 @@ fn try_tc_pod(ctx: &TcContext) -> Result<i32, u32> {
     let Some(flow) = parse_linear(ctx) else {
         return Ok(TC_ACT_OK as i32);
     };
-    if let Some(nat) = lb::service_dnat(&flow, Origin::LocalPod)? {
+    let dnat = match lb::service_dnat(&flow, Origin::LocalPod) {
+        Err(reason) if stat::is_reject(reason) => {
+            let action = icmp::reject_tc(ctx, &flow)?;
+            count(reason);
+            return Ok(action);
+        }
+        dnat => dnat?,
+    };
+    if let Some(nat) = dnat {
         rewrite(ctx, &flow, &nat, Side::Destination)?;
         count(stat::DNAT);
     } else if let Some(nat) = lb::reverse_snat(&flow)? {

@@ -4,6 +4,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use forwarder_common::{PROTO_UDP, csum, stat};
 
 use crate::{
+    icmp,
     lb::{self, Nat, Origin},
     maps::count,
     parse::{self, Flow, Parsed},
@@ -31,7 +32,15 @@ fn try_xdp_node(ctx: &XdpContext) -> Result<u32, u32> {
         }
         Parsed::Other | Parsed::Truncated => return Ok(xdp_action::XDP_PASS),
     };
-    if let Some(nat) = lb::service_dnat(&flow, Origin::Outside)? {
+    let dnat = match lb::service_dnat(&flow, Origin::Outside) {
+        Err(reason) if stat::is_reject(reason) => {
+            let action = icmp::reject_xdp(ctx, &flow)?;
+            count(reason);
+            return Ok(action);
+        }
+        dnat => dnat?,
+    };
+    if let Some(nat) = dnat {
         rewrite_destination(ctx, &flow, &nat).ok_or(stat::DROP_REWRITE)?;
         count(stat::DNAT);
     } else if let Some(nat) = lb::reverse_snat(&flow)? {

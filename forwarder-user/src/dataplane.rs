@@ -59,6 +59,7 @@ pub struct Maps {
     backends: HashMap<MapData, u32, Backend>,
     node_ips: HashMap<MapData, u32, u32>,
     snat_addrs: HashMap<MapData, u32, u32>,
+    cluster_ips: HashMap<MapData, u32, u32>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -77,6 +78,7 @@ impl Maps {
             backends: take(ebpf, map_names::BACKENDS)?,
             node_ips: take(ebpf, map_names::NODE_IPS)?,
             snat_addrs: take(ebpf, map_names::SNAT_ADDRS)?,
+            cluster_ips: take(ebpf, map_names::CLUSTER_IPS)?,
             stats: take(ebpf, map_names::STATS)?,
         })
     }
@@ -121,6 +123,16 @@ impl Datapath for Maps {
     fn remove_node_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError> {
         let key = u32::from_ne_bytes(addr.octets());
         self.node_ips.remove(&key).map_err(write_err(map_names::NODE_IPS, "remove"))
+    }
+
+    fn put_cluster_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError> {
+        let key = u32::from_ne_bytes(addr.octets());
+        self.cluster_ips.insert(key, 0, 0).map_err(write_err(map_names::CLUSTER_IPS, "insert"))
+    }
+
+    fn remove_cluster_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError> {
+        let key = u32::from_ne_bytes(addr.octets());
+        self.cluster_ips.remove(&key).map_err(write_err(map_names::CLUSTER_IPS, "remove"))
     }
 
     fn put_snat_addr(&mut self, ifindex: u32, addr: Ipv4Addr) -> Result<(), MapWriteError> {

@@ -93,4 +93,10 @@ pub struct DesiredState {
     pub local_endpoints: BTreeSet<Ipv4Addr>,
     /// `sessionAffinity: ClientIP` timeout in seconds, per frontend entry.
     pub affinity: BTreeMap<Frontend, u32>,
+    /// Entries whose empty endpoint set means "none on this node" (a
+    /// `Local` policy): new flows are dropped. Otherwise an empty set
+    /// rejects them with ICMP port unreachable.
+    pub drop_when_empty: BTreeSet<Frontend>,
+    /// Every ClusterIP: packets to undeclared ports on them are rejected.
+    pub cluster_ips: BTreeSet<Ipv4Addr>,
 }

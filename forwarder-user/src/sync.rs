@@ -11,7 +11,8 @@ use std::{
 };
 
 use forwarder_common::{
-    BACKEND_LOCAL, Backend, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_HAS_INTERNAL, SvcKey, SvcValue,
+    BACKEND_LOCAL, Backend, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_DROP_EMPTY, SVC_HAS_INTERNAL,
+    SvcKey, SvcValue,
 };
 
 use crate::model::{DesiredState, Endpoint, Frontend, Proto, Scope};
@@ -34,6 +35,8 @@ pub trait Datapath {
     fn remove_service(&mut self, key: SvcKey) -> Result<(), MapWriteError>;
     fn put_node_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError>;
     fn remove_node_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError>;
+    fn put_cluster_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError>;
+    fn remove_cluster_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError>;
     /// The masquerade address for an egress ifindex (`SNAT_ADDR_DEFAULT`: any other).
     fn put_snat_addr(&mut self, ifindex: u32, addr: Ipv4Addr) -> Result<(), MapWriteError>;
     fn remove_snat_addr(&mut self, ifindex: u32) -> Result<(), MapWriteError>;
@@ -75,6 +78,7 @@ pub struct Syncer {
     free_ids: VecDeque<u32>,
     next_id: u32,
     node_ips: BTreeSet<Ipv4Addr>,
+    cluster_ips: BTreeSet<Ipv4Addr>,
     snat_addrs: BTreeMap<u32, Ipv4Addr>,
     /// Entries in the services map, and the maps' capacities: a frontend
     /// that would not fit is refused before anything of it is written.
@@ -113,6 +117,7 @@ impl Syncer {
             free_ids: VecDeque::new(),
             next_id: 1,
             node_ips: BTreeSet::new(),
+            cluster_ips: BTreeSet::new(),
             snat_addrs: BTreeMap::new(),
             service_entries: 0,
             services_capacity,
@@ -122,7 +127,7 @@ impl Syncer {
 
     /// Brings the maps to `desired`, writing only what changed. Removals go
     /// first so their entries are free for what is added.
-    pub fn apply(&mut self, desired: &DesiredState, dp: &mut impl Datapath) -> SyncReport {
+    pub fn apply<D: Datapath>(&mut self, desired: &DesiredState, dp: &mut D) -> SyncReport {
         let mut report = SyncReport::default();
         let gone: Vec<Frontend> =
             self.applied.keys().filter(|f| !desired.services.contains_key(f)).copied().collect();
@@ -153,9 +158,13 @@ impl Syncer {
             let internal = Frontend { scope: Scope::Internal, ..*frontend };
             let has_internal =
                 frontend.scope == Scope::External && desired.services.contains_key(&internal);
+            let mut flags = if has_internal { SVC_HAS_INTERNAL } else { 0 };
+            if desired.drop_when_empty.contains(frontend) {
+                flags |= SVC_DROP_EMPTY;
+            }
             let head = SvcValue::frontend(
                 keys.len() as u16,
-                if has_internal { SVC_HAS_INTERNAL } else { 0 },
+                flags,
                 desired.affinity.get(frontend).copied().unwrap_or(0),
             );
             if let Err(err) = self.apply_frontend(frontend, &keys, head, dp, &mut report) {
@@ -163,6 +172,15 @@ impl Syncer {
             }
         }
         self.collect_backends(dp, &mut report);
+        let cluster_ips = sync_set(
+            &mut self.cluster_ips,
+            &desired.cluster_ips,
+            dp,
+            D::put_cluster_ip,
+            D::remove_cluster_ip,
+        );
+        report.writes += cluster_ips.writes;
+        report.errors.extend(cluster_ips.errors);
         report
     }
 
@@ -187,31 +205,12 @@ impl Syncer {
     }
 
     /// Makes the map's local node addresses equal `desired`.
-    pub fn apply_node_ips(
+    pub fn apply_node_ips<Dp: Datapath>(
         &mut self,
         desired: &BTreeSet<Ipv4Addr>,
-        dp: &mut impl Datapath,
+        dp: &mut Dp,
     ) -> SyncReport {
-        let mut report = SyncReport::default();
-        for addr in desired.difference(&self.node_ips.clone()) {
-            match dp.put_node_ip(*addr) {
-                Ok(()) => {
-                    report.writes += 1;
-                    self.node_ips.insert(*addr);
-                }
-                Err(err) => report.errors.push(err.to_string()),
-            }
-        }
-        for addr in self.node_ips.clone().difference(desired) {
-            match dp.remove_node_ip(*addr) {
-                Ok(()) => {
-                    report.writes += 1;
-                    self.node_ips.remove(addr);
-                }
-                Err(err) => report.errors.push(err.to_string()),
-            }
-        }
-        report
+        sync_set(&mut self.node_ips, desired, dp, Dp::put_node_ip, Dp::remove_node_ip)
     }
 
     /// Makes the masquerade addresses equal `desired` (ifindex -> address).
@@ -369,6 +368,39 @@ impl Syncer {
             self.free_ids.push_back(id);
         }
     }
+}
+
+/// Brings `current` (what the map holds) to `desired` with one write per
+/// difference; failed writes are reported and retried by the next call.
+fn sync_set<Dp: Datapath>(
+    current: &mut BTreeSet<Ipv4Addr>,
+    desired: &BTreeSet<Ipv4Addr>,
+    dp: &mut Dp,
+    put: fn(&mut Dp, Ipv4Addr) -> Result<(), MapWriteError>,
+    remove: fn(&mut Dp, Ipv4Addr) -> Result<(), MapWriteError>,
+) -> SyncReport {
+    let mut report = SyncReport::default();
+    let added: Vec<Ipv4Addr> = desired.difference(current).copied().collect();
+    let gone: Vec<Ipv4Addr> = current.difference(desired).copied().collect();
+    for addr in added {
+        match put(dp, addr) {
+            Ok(()) => {
+                report.writes += 1;
+                current.insert(addr);
+            }
+            Err(err) => report.errors.push(err.to_string()),
+        }
+    }
+    for addr in gone {
+        match remove(dp, addr) {
+            Ok(()) => {
+                report.writes += 1;
+                current.remove(&addr);
+            }
+            Err(err) => report.errors.push(err.to_string()),
+        }
+    }
+    report
 }
 
 fn full(map: &'static str, capacity: usize) -> MapWriteError {

@@ -60,6 +60,7 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str
         let Some(cluster_ip) = cluster_ip(service, &name, &mut out.skipped) else {
             continue;
         };
+        out.state.cluster_ips.insert(cluster_ip);
         let external_ips = external_ips(service, &name, &mut out.skipped);
         let spec = service.spec.as_ref().expect("cluster_ip checked spec");
         let exposes_node_port = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
@@ -108,6 +109,9 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str
                     continue;
                 }
                 owner.insert(frontend, name.clone());
+                if endpoints.is_empty() && !cluster.is_empty() {
+                    out.state.drop_when_empty.insert(frontend);
+                }
                 out.state.services.insert(frontend, endpoints.clone());
                 if let Some(timeout) = affinity {
                     out.state.affinity.insert(frontend, timeout);

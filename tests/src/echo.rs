@@ -159,3 +159,22 @@ pub fn udp_once(ns: &NetNs, addr: &str) -> std::io::Result<(String, std::net::So
     let (n, from) = socket.recv_from(&mut buf)?;
     Ok((split_answer(&String::from_utf8_lossy(&buf[..n])).0, from))
 }
+
+/// How a connection attempt ended, and how long it took.
+pub fn tcp_connect_error(ns: &NetNs, addr: &str) -> (std::io::ErrorKind, Duration) {
+    let addr: std::net::SocketAddr = addr.parse().expect("socket address");
+    let started = std::time::Instant::now();
+    let result = ns.run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(3)));
+    let kind = result.err().map_or(ErrorKind::Other, |e| e.kind());
+    (kind, started.elapsed())
+}
+
+/// A UDP request on a connected socket, which reports ICMP errors.
+pub fn udp_connected_error(ns: &NetNs, addr: &str) -> Option<std::io::ErrorKind> {
+    let socket = ns.run(|| UdpSocket::bind("0.0.0.0:0")).ok()?;
+    socket.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    socket.connect(addr).ok()?;
+    socket.send(b"who").ok()?;
+    let mut buf = [0u8; 64];
+    socket.recv(&mut buf).err().map(|e| e.kind())
+}

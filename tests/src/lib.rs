@@ -7,3 +7,4 @@ pub mod forwarder;
 pub mod netns;
 pub mod packet;
 pub mod topology;
+pub mod xdp_pass;

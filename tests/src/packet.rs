@@ -125,8 +125,8 @@ fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
     words(src) + words(dst) + u32::from(proto) + len as u32
 }
 
-/// Verifies the IPv4 header checksum and the TCP/UDP checksum of `frame`
-/// from scratch (a UDP checksum of 0 means none).
+/// Verifies the IPv4 header checksum and the TCP/UDP/ICMP checksum of
+/// `frame` from scratch (a UDP checksum of 0 means none).
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     let ip = &frame[14..];
     let ihl = usize::from(ip[0] & 0x0f) * 4;
@@ -140,8 +140,41 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     if proto == PROTO_UDP && l4[6..8] == [0, 0] {
         return Ok(());
     }
+    if proto == 1 {
+        // ICMP: no pseudo-header.
+        return match csum::compute(l4, 0) {
+            0 => Ok(()),
+            _ => Err("ICMP checksum is wrong".into()),
+        };
+    }
     if csum::compute(l4, pseudo_sum(src, dst, proto, l4.len())) != 0 {
         return Err(format!("L4 checksum (proto {proto}) is wrong"));
     }
     Ok(())
+}
+
+/// The ICMP port unreachable answer to `frame` (an Ethernet/IPv4 frame
+/// without IP options), as forwarder builds it: MACs swapped, from the
+/// address the client targeted, quoting the IPv4 and TCP/UDP headers.
+pub fn port_unreachable(frame: &[u8]) -> Vec<u8> {
+    let ip = &frame[14..];
+    let quote = &ip[..if ip[9] == PROTO_TCP { 40 } else { 28 }];
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(quote);
+    let c = csum::compute(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let total = (20 + icmp.len()) as u16;
+    let mut header = vec![0x45, 0];
+    header.extend_from_slice(&total.to_be_bytes());
+    header.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
+    header.extend_from_slice(&ip[16..20]);
+    header.extend_from_slice(&ip[12..16]);
+    let c = csum::compute(&header, 0);
+    header[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut out = frame[6..12].to_vec();
+    out.extend_from_slice(&frame[0..6]);
+    out.extend_from_slice(&[0x08, 0x00]);
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&icmp);
+    out
 }

@@ -10,7 +10,10 @@
 //! a default route via a link-local gateway that every host-side veth holds.
 //! There are no routes or netfilter rules for Service addresses anywhere:
 //! only forwarder's programs make them reachable.
-use crate::netns::{NetNs, unique_prefix};
+use crate::{
+    netns::{NetNs, unique_prefix},
+    xdp_pass::XdpPass,
+};
 
 pub const NODE_IP: &str = "192.168.10.1";
 pub const CLIENT_IP: &str = "192.168.10.2";
@@ -28,6 +31,8 @@ pub struct Pod {
 /// Field order is drop order: pods and client go before the node.
 pub struct Topology {
     pub pods: Vec<Pod>,
+    /// Lets forwarder's XDP_TX answers reach the client over veth.
+    _client_xdp: XdpPass,
     pub client: NetNs,
     pub node: NetNs,
 }
@@ -89,6 +94,7 @@ impl Topology {
         // A real wire carries complete checksums; veth would otherwise pass
         // CHECKSUM_PARTIAL packets that no NIC ever hands to XDP.
         client.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
+        let client_xdp = XdpPass::attach(&client, "eth0");
 
         let pods = PODS
             .iter()
@@ -116,7 +122,7 @@ impl Topology {
                 Pod { name, ip, ns }
             })
             .collect();
-        Self { pods, client, node }
+        Self { pods, _client_xdp: client_xdp, client, node }
     }
 
     pub fn pod(&self, name: &str) -> &Pod {

@@ -10,7 +10,7 @@ use aya::{
 use forwarder_common::{
     AffinityKey, AffinityValue, CtKey, CtValue, map_names, program_names, stat,
 };
-use forwarder_tests::packet::{MF, Packet, ethernet, verify_checksums};
+use forwarder_tests::packet::{MF, Packet, ethernet, port_unreachable, verify_checksums};
 use forwarder_user::{
     dataplane::{Capacity, Maps, load_object},
     model::{DesiredState, Endpoint, Frontend, Proto, Scope},
@@ -19,8 +19,10 @@ use forwarder_user::{
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 
 const NODE_IP: &str = "192.168.10.1";
 const CLUSTER_IP: &str = "10.96.0.10";
@@ -84,11 +86,32 @@ impl Harness {
         self.set_services_with(services, remote, &[]);
     }
 
+    /// As `set_services_remote`; `drop_when_empty` frontends drop instead of
+    /// rejecting when empty.
+    fn set_services_dropping(
+        &mut self,
+        services: &[(Frontend, Vec<&str>)],
+        remote: &[&str],
+        drop_when_empty: &[Frontend],
+    ) {
+        self.apply(services, remote, &[], drop_when_empty);
+    }
+
     fn set_services_with(
         &mut self,
         services: &[(Frontend, Vec<&str>)],
         remote: &[&str],
         affinity: &[(Frontend, u32)],
+    ) {
+        self.apply(services, remote, affinity, &[]);
+    }
+
+    fn apply(
+        &mut self,
+        services: &[(Frontend, Vec<&str>)],
+        remote: &[&str],
+        affinity: &[(Frontend, u32)],
+        drop_when_empty: &[Frontend],
     ) {
         let services: BTreeMap<Frontend, Vec<Endpoint>> = services
             .iter()
@@ -100,10 +123,18 @@ impl Harness {
             .map(|e| e.addr)
             .filter(|a| !remote.iter().any(|r| r.parse::<Ipv4Addr>().unwrap() == *a))
             .collect();
+        // The ClusterIPs: frontends in 10.96.0.0/16.
+        let cluster_ips = services
+            .keys()
+            .filter_map(|f| f.addr)
+            .filter(|a| a.octets()[..2] == [10, 96])
+            .collect();
         let desired = DesiredState {
             services,
             local_endpoints,
             affinity: affinity.iter().copied().collect(),
+            drop_when_empty: drop_when_empty.iter().copied().collect(),
+            cluster_ips,
         };
         let report = self.syncer.apply(&desired, &mut self.maps);
         assert!(report.errors.is_empty(), "{report:?}");
@@ -162,6 +193,13 @@ struct Step {
 
 fn step(prog: Prog, input: &Packet, verdict: u32, output: Option<&Packet>) -> Step {
     Step { prog, input: input.bytes(), verdict, output: output.map(Packet::bytes) }
+}
+
+/// A step answered with ICMP port unreachable.
+fn reject(prog: Prog, input: &Packet, verdict: u32) -> Step {
+    let input = input.bytes();
+    let output = port_unreachable(&input);
+    Step { prog, input, verdict, output: Some(output) }
 }
 
 fn raw(prog: Prog, input: Vec<u8>, verdict: u32) -> Step {
@@ -281,10 +319,18 @@ fn fixtures() -> Vec<Fixture> {
             name: "no matching Service port passes untouched",
             steps: vec![
                 step(Xdp, &np_tcp.with_dst("192.168.10.1:22"), XDP_PASS, None),
-                step(Xdp, &cip_tcp.with_dst("10.96.0.10:81"), XDP_PASS, None),
-                step(Tc, &cip_tcp.with_dst("10.96.0.10:81"), TC_ACT_OK, None),
+                step(Xdp, &np_tcp.with_dst("198.51.100.1:80"), XDP_PASS, None),
+                step(Tc, &cip_tcp.with_dst("198.51.100.1:80"), TC_ACT_OK, None),
             ],
             stats: vec![],
+        },
+        Fixture {
+            name: "a ClusterIP port no Service declares is rejected with ICMP port unreachable",
+            steps: vec![
+                reject(Xdp, &cip_tcp.with_dst("10.96.0.10:81"), XDP_TX),
+                reject(Tc, &cip_udp.with_dst("10.96.0.10:81"), TC_ACT_REDIRECT),
+            ],
+            stats: vec![("reject_unknown_port", 2)],
         },
         Fixture {
             name: "IP options: L4 found from IHL, options kept, checksums right",
@@ -370,12 +416,22 @@ fn fixtures() -> Vec<Fixture> {
         },
         Fixture { name: "non-IPv4 passes", steps: vec![raw(Xdp, ipv6, XDP_PASS)], stats: vec![] },
         Fixture {
-            name: "a Service without endpoints drops and counts",
+            name: "a Service without endpoints rejects with ICMP port unreachable",
             steps: vec![
-                step(Xdp, &cip_tcp.with_dst("10.96.0.99:80"), XDP_DROP, None),
-                step(Tc, &cip_tcp.with_dst("10.96.0.99:80"), TC_ACT_SHOT, None),
+                reject(Xdp, &cip_tcp.with_dst("10.96.0.99:80"), XDP_TX),
+                reject(Tc, &cip_tcp.with_dst("10.96.0.99:80"), TC_ACT_REDIRECT),
             ],
-            stats: vec![("drop_no_endpoints", 2)],
+            stats: vec![("reject_no_endpoints", 2)],
+        },
+        Fixture {
+            name: "a rejected packet with IP options is dropped: the quote would not fit",
+            steps: vec![step(
+                Xdp,
+                &Packet { ip_options: vec![0x94, 0x04, 0, 0], ..cip_tcp.with_dst("10.96.0.99:80") },
+                XDP_DROP,
+                None,
+            )],
+            stats: vec![("drop_reject_failed", 1)],
         },
     ]
 }
@@ -586,7 +642,7 @@ fn traffic_policy_scopes_follow_the_origin() {
 
     // No local endpoint: outside traffic is dropped, pods still served.
     services[0].1 = vec![];
-    harness.set_services_remote(&services, &["10.244.2.2"]);
+    harness.set_services_dropping(&services, &["10.244.2.2"], &[nodeport]);
     let new_outside = from_outside.with_src("192.168.10.2:40001");
     let (verdict, _) = harness.run(Prog::Xdp, &new_outside.bytes());
     assert_eq!(verdict, XDP_DROP);

@@ -1,12 +1,13 @@
 //! End-to-end: real sockets across namespaces, forwarder running in the node.
 use std::{
     collections::BTreeSet,
+    io::ErrorKind,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use forwarder_tests::{
-    echo::{EchoConn, EchoServer, tcp_once, udp_once},
+    echo::{EchoConn, EchoServer, tcp_connect_error, tcp_once, udp_connected_error, udp_once},
     forwarder::{Forwarder, attachments},
     netns::NetNs,
     topology::{NODE_IFACE, NODE_IP, NODE_NAME, Topology},
@@ -155,6 +156,44 @@ fn external_and_load_balancer_ips_from_external_client() {
     tcp_reaches_both(client, &format!("{NODE_IP}:30090"), &s.forwarder);
     // ipMode Proxy: the load balancer delivers to the node, not to that IP.
     assert!(tcp_once(client, "203.0.113.11:80").is_err());
+}
+
+const NO_ENDPOINTS: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: demo}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.30
+  ports: [{name: tcp, port: 80, nodePort: 30099}, {name: udp, port: 53, protocol: UDP, nodePort: 30098}]
+";
+
+/// No endpoints, or a ClusterIP port nobody declares: ICMP port
+/// unreachable, so clients see "connection refused" at once.
+#[test]
+fn no_endpoints_and_unknown_ports_refuse_at_once() {
+    let s = setup_with("refuse", Some(NO_ENDPOINTS));
+    let pod = &s.topology.pod("pod-c").ns;
+    for (from, frontend) in [
+        (&s.topology.client, format!("{NODE_IP}:30099")),
+        (pod, "10.96.0.30:80".to_owned()),
+        (pod, "10.96.0.30:81".to_owned()),
+        (&s.topology.client, "10.96.0.30:81".to_owned()),
+    ] {
+        let (kind, took) = tcp_connect_error(from, &frontend);
+        assert_eq!(
+            kind,
+            ErrorKind::ConnectionRefused,
+            "TCP to {frontend}:\n{}",
+            s.forwarder.log_text()
+        );
+        assert!(took < Duration::from_secs(1), "TCP to {frontend} took {took:?}");
+    }
+    assert_eq!(
+        udp_connected_error(&s.topology.client, &format!("{NODE_IP}:30098")),
+        Some(ErrorKind::ConnectionRefused)
+    );
+    assert_eq!(udp_connected_error(pod, "10.96.0.30:53"), Some(ErrorKind::ConnectionRefused));
 }
 
 #[test]

@@ -13,6 +13,7 @@ pub struct FakeDatapath {
     pub services: BTreeMap<SvcKey, SvcValue>,
     pub backends: BTreeMap<u32, Backend>,
     pub node_ips: BTreeSet<Ipv4Addr>,
+    pub cluster_ips: BTreeSet<Ipv4Addr>,
     pub snat_addrs: BTreeMap<u32, Ipv4Addr>,
     /// Every write, in order, e.g. `put svc 10.96.0.10:80/6#0`.
     pub log: Vec<String>,
@@ -113,6 +114,16 @@ impl Datapath for FakeDatapath {
 
     fn remove_node_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError> {
         self.node_ips.remove(&addr);
+        Ok(())
+    }
+
+    fn put_cluster_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError> {
+        self.cluster_ips.insert(addr);
+        Ok(())
+    }
+
+    fn remove_cluster_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError> {
+        self.cluster_ips.remove(&addr);
         Ok(())
     }
 

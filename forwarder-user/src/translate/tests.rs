@@ -1,3 +1,5 @@
+use std::collections::BTreeSet;
+
 use super::*;
 
 fn services(yaml: &str) -> Vec<Service> {
@@ -116,6 +118,35 @@ spec: {clusterIP: 10.96.1.3, sessionAffinity: None, ports: [{port: 80}]}
     ]
     .into();
     assert_eq!(out.state.affinity, expect);
+}
+
+/// Empty because of a `Local` policy on this node: drop (kube-proxy does);
+/// empty everywhere: reject. Every ClusterIP is known, for unknown ports.
+#[test]
+fn empty_sets_drop_or_reject_and_cluster_ips_are_listed() {
+    let services = services(
+        "
+metadata: {name: etp, namespace: demo}
+spec: {type: NodePort, clusterIP: 10.96.1.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30100}]}
+---
+metadata: {name: empty, namespace: demo}
+spec: {clusterIP: 10.96.1.2, ports: [{port: 80}]}
+",
+    );
+    let slices = slices(
+        "
+metadata: {name: etp-1, namespace: demo, labels: {kubernetes.io/service-name: etp}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.2.2], nodeName: node-b}]
+",
+    );
+    let out = translate(&services, &slices, "node-a");
+    assert_eq!(out.state.drop_when_empty, [fe(None, 30100, Proto::Tcp)].into());
+    assert_eq!(out.state.services[&fe(Some("10.96.1.2"), 80, Proto::Tcp)], vec![]);
+    let cluster_ips: BTreeSet<std::net::Ipv4Addr> =
+        ["10.96.1.1".parse().unwrap(), "10.96.1.2".parse().unwrap()].into();
+    assert_eq!(out.state.cluster_ips, cluster_ips);
 }
 
 #[test]

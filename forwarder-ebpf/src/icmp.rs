@@ -1,0 +1,146 @@
+//! ICMP port unreachable answers to rejected flows, built in place from the
+//! offending packet: the client's kernel matches the quoted header to its
+//! socket and reports "connection refused" at once.
+//!
+//! Layout of the answer: Ethernet (MACs swapped), IPv4 (from the address
+//! the client targeted, to the client), ICMP type 3 code 3, then the quote:
+//! the original IPv4 header and its TCP or UDP header (RFC 792 asks for at
+//! least 8 bytes). Only packets without IP options are answered, so every
+//! size is fixed.
+use aya_ebpf::{
+    bindings::{TC_ACT_REDIRECT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action},
+    helpers::{
+        bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_tail, bpf_xdp_adjust_head,
+        bpf_xdp_adjust_tail,
+    },
+    programs::{TcContext, XdpContext},
+};
+use forwarder_common::{PROTO_TCP, stat};
+
+use crate::parse::{Flow, L3_OFF};
+
+const ETH_LEN: usize = 14;
+const IP_LEN: usize = 20;
+const ICMP_LEN: usize = 8;
+/// New IPv4 + ICMP headers, inserted before the quote.
+const ROOM: usize = IP_LEN + ICMP_LEN;
+const TCP_LEN: usize = 20;
+const UDP_LEN: usize = 8;
+
+/// One's-complement checksum of `WORDS` 16-bit words at `start`.
+#[inline(always)]
+fn checksum<const WORDS: usize>(start: usize) -> u16 {
+    let mut sum = 0u32;
+    for i in 0..WORDS {
+        // SAFETY: callers check `start + 2 * WORDS` against the packet end.
+        sum += u32::from(unsafe { ((start + 2 * i) as *const u16).read_unaligned() });
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Writes the answer's Ethernet, IPv4 and ICMP headers in front of a quote
+/// of `L4` bytes of TCP/UDP header (`QUOTE_WORDS` = (ICMP header + quote)
+/// / 2), the quote already sitting at `ETH_LEN + ROOM`; `eth_at` is where
+/// the original Ethernet header is.
+#[inline(always)]
+fn write_headers<const L4: usize, const QUOTE_WORDS: usize>(
+    start: usize,
+    end: usize,
+    eth_at: usize,
+    flow: &Flow,
+) -> Option<()> {
+    if start + ETH_LEN + ROOM + IP_LEN + L4 > end || start + eth_at + ETH_LEN > end {
+        return None;
+    }
+    // SAFETY: every offset below was bounds checked just above.
+    unsafe {
+        let mut macs = [0u8; 12];
+        core::ptr::copy_nonoverlapping((start + eth_at) as *const u8, macs.as_mut_ptr(), 12);
+        let eth = start as *mut u8;
+        core::ptr::copy_nonoverlapping(macs.as_ptr().add(6), eth, 6);
+        core::ptr::copy_nonoverlapping(macs.as_ptr(), eth.add(6), 6);
+        (eth.add(12) as *mut [u8; 2]).write_unaligned(0x0800u16.to_be_bytes());
+
+        let ip = eth.add(ETH_LEN);
+        let total = ((ROOM + IP_LEN + L4) as u16).to_be_bytes();
+        let header: [u8; 12] = [0x45, 0, total[0], total[1], 0, 0, 0, 0, 64, 1, 0, 0];
+        core::ptr::copy_nonoverlapping(header.as_ptr(), ip, 12);
+        (ip.add(12) as *mut u32).write_unaligned(flow.daddr);
+        (ip.add(16) as *mut u32).write_unaligned(flow.saddr);
+        let ip_check = checksum::<{ IP_LEN / 2 }>(ip as usize);
+        (ip.add(10) as *mut u16).write_unaligned(ip_check);
+
+        let icmp = ip.add(IP_LEN);
+        let header: [u8; ICMP_LEN] = [3, 3, 0, 0, 0, 0, 0, 0];
+        core::ptr::copy_nonoverlapping(header.as_ptr(), icmp, ICMP_LEN);
+        let icmp_check = checksum::<QUOTE_WORDS>(icmp as usize);
+        (icmp.add(2) as *mut u16).write_unaligned(icmp_check);
+    }
+    Some(())
+}
+
+#[inline(always)]
+fn write_for(flow: &Flow, start: usize, end: usize, eth_at: usize) -> Option<()> {
+    if flow.proto == PROTO_TCP {
+        write_headers::<TCP_LEN, { (ICMP_LEN + IP_LEN + TCP_LEN) / 2 }>(start, end, eth_at, flow)
+    } else {
+        write_headers::<UDP_LEN, { (ICMP_LEN + IP_LEN + UDP_LEN) / 2 }>(start, end, eth_at, flow)
+    }
+}
+
+#[inline(always)]
+fn answer_len(flow: &Flow) -> usize {
+    ETH_LEN + ROOM + IP_LEN + if flow.proto == PROTO_TCP { TCP_LEN } else { UDP_LEN }
+}
+
+/// Answers from XDP: shrink to the quote, grow room in front, send back out
+/// the interface the packet came in on.
+#[inline(always)]
+pub fn reject_xdp(ctx: &XdpContext, flow: &Flow) -> Result<u32, u32> {
+    if flow.l4_off != L3_OFF + IP_LEN {
+        return Err(stat::DROP_REJECT_FAILED);
+    }
+    let shrink = (answer_len(flow) - ROOM) as i32 - (ctx.data_end() - ctx.data()) as i32;
+    // SAFETY: the context pointer is the program's own.
+    if shrink < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, shrink) } != 0 {
+        return Err(stat::DROP_REJECT_FAILED);
+    }
+    // SAFETY: as above.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(ROOM as i32)) } != 0 {
+        return Err(stat::DROP_REJECT_FAILED);
+    }
+    write_for(flow, ctx.data(), ctx.data_end(), ROOM).ok_or(stat::DROP_REJECT_FAILED)?;
+    Ok(xdp_action::XDP_TX)
+}
+
+/// Answers from TC ingress: insert room after the Ethernet header, trim to
+/// the quote, redirect out the interface the packet came from.
+///
+/// The skb may stay CHECKSUM_PARTIAL (adjusting room does not reset it,
+/// and the quote keeps the L4 checksum field it points at, which is why
+/// the whole L4 header is quoted): the answer only crosses the pod's veth,
+/// whose receiver treats partial checksums as verified.
+#[inline(always)]
+pub fn reject_tc(ctx: &TcContext, flow: &Flow) -> Result<i32, u32> {
+    // SAFETY: the context's skb pointer is valid for the program's run.
+    let (ifindex, gso_segs) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_segs) };
+    if flow.l4_off != L3_OFF + IP_LEN || gso_segs > 1 {
+        return Err(stat::DROP_REJECT_FAILED);
+    }
+    let skb = ctx.skb.skb;
+    let len = answer_len(flow) as u32;
+    // SAFETY: helpers on the program's own skb.
+    let resized = unsafe {
+        bpf_skb_adjust_room(skb, ROOM as i32, BPF_ADJ_ROOM_MAC, 0) == 0
+            && bpf_skb_change_tail(skb, len, 0) == 0
+    };
+    if !resized || ctx.pull_data(len).is_err() {
+        return Err(stat::DROP_REJECT_FAILED);
+    }
+    write_for(flow, ctx.data(), ctx.data_end(), 0).ok_or(stat::DROP_REJECT_FAILED)?;
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(ifindex, 0) };
+    Ok(TC_ACT_REDIRECT as i32)
+}
