@@ -663,7 +663,9 @@ fn session_affinity_binds_a_client_to_its_backend() {
     let cluster_ip = frontend(Some(CLUSTER_IP), 80, Proto::Tcp);
     let mut services = default_services();
     services[2].1 = vec!["10.244.1.2:8080", "10.244.1.3:8080"];
-    harness.set_services_with(&services, &[], &[(cluster_ip, 60)]);
+    // Short, so that "expired" below is reachable right after a VM boots
+    // (the binding clock is CLOCK_MONOTONIC, time since boot).
+    harness.set_services_with(&services, &[], &[(cluster_ip, 2)]);
     let flow = |client: &str, port: u16| Packet::tcp(&format!("{client}:{port}"), "10.96.0.10:80");
 
     let (_, first) = harness.run(Prog::Tc, &flow("10.244.1.9", 1000).bytes());
@@ -679,9 +681,11 @@ fn session_affinity_binds_a_client_to_its_backend() {
         HashMap::try_from(harness.ebpf.take_map(map_names::AFFINITY).unwrap()).unwrap();
     let entries: Vec<(AffinityKey, AffinityValue)> = affinity.iter().map(Result::unwrap).collect();
     let (key, value) = entries[0];
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
     let mut moved = false;
     for client in 20..40u8 {
-        let stale = AffinityValue { last_used_ns: 1, ..value };
+        let stale = AffinityValue { last_used_ns: now_ns.saturating_sub(5_000_000_000), ..value };
         let key = AffinityKey { client: u32::from_ne_bytes([10, 244, 3, client]), ..key };
         affinity.insert(key, stale, 0).unwrap();
         let (_, out) = harness.run(Prog::Tc, &flow(&format!("10.244.3.{client}"), 2000).bytes());
@@ -692,7 +696,7 @@ fn session_affinity_binds_a_client_to_its_backend() {
     // A binding whose backend left the Service is dropped.
     let other = if bound == "10.244.1.2" { "10.244.1.3:8080" } else { "10.244.1.2:8080" };
     services[2].1 = vec![other];
-    harness.set_services_with(&services, &[], &[(cluster_ip, 60)]);
+    harness.set_services_with(&services, &[], &[(cluster_ip, 2)]);
     let (_, out) = harness.run(Prog::Tc, &flow("10.244.1.9", 3000).bytes());
     assert_eq!(format!("{}:8080", backend_of(&out)), other);
 }
