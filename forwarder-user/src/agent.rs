@@ -18,7 +18,9 @@ use crate::{
     dataplane::{Capacity, Dataplane, XdpAttachMode},
     healthz::{self, Health},
     manifests::{Fingerprint, ManifestSource},
+    model::DesiredState,
     netlink::{Link, Netlink, glob_match},
+    stale::removed_udp_endpoints,
     sync::Syncer,
     translate::translate,
 };
@@ -55,6 +57,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         source: ManifestSource::new(&config.manifests),
         health: Arc::new(Health::default()),
         manifest_node_ips: BTreeSet::new(),
+        applied: DesiredState::default(),
         config,
     };
     tokio::spawn(healthz::serve(listener, agent.health.clone()));
@@ -72,6 +75,8 @@ struct Agent {
     health: Arc<Health>,
     /// This node's addresses from its Node object.
     manifest_node_ips: BTreeSet<Ipv4Addr>,
+    /// The state of the last sync, to find what left.
+    applied: DesiredState,
     config: Config,
 }
 
@@ -137,9 +142,16 @@ impl Agent {
         for error in &report.errors {
             tracing::error!(%error, "map write failed; the previous entry stays in force");
         }
+        let stale = removed_udp_endpoints(&self.applied, &translation.state);
+        match self.dataplane.maps.purge_udp_flows(&stale) {
+            Ok(0) => {}
+            Ok(flows) => tracing::info!(flows, "removed UDP flows to endpoints that left"),
+            Err(error) => tracing::warn!(%error, "removing stale UDP flows failed"),
+        }
+        self.applied = translation.state;
         self.health.synced();
         tracing::info!(
-            frontends = translation.state.services.len(),
+            frontends = self.applied.services.len(),
             writes = report.writes,
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "synced"

@@ -10,9 +10,15 @@ use aya::{
     },
     util::KernelVersion,
 };
-use forwarder_common::{Backend, SvcKey, SvcValue, map_names, program_names, stat};
+use forwarder_common::{
+    Backend, CT_FORWARD, CT_REPLY, CT_SNAT, CT_SNAT_REPLY, CtKey, CtValue, PROTO_UDP, SvcKey,
+    SvcValue, map_names, program_names, stat,
+};
 
-use crate::sync::{Datapath, MapWriteError};
+use crate::{
+    model::{Endpoint, Frontend},
+    sync::{Datapath, MapWriteError},
+};
 
 /// The eBPF object built by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));
@@ -60,6 +66,7 @@ pub struct Maps {
     node_ips: HashMap<MapData, u32, u32>,
     snat_addrs: HashMap<MapData, u32, u32>,
     cluster_ips: HashMap<MapData, u32, u32>,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -79,8 +86,68 @@ impl Maps {
             node_ips: take(ebpf, map_names::NODE_IPS)?,
             snat_addrs: take(ebpf, map_names::SNAT_ADDRS)?,
             cluster_ips: take(ebpf, map_names::CLUSTER_IPS)?,
+            conntrack: take(ebpf, map_names::CONNTRACK)?,
             stats: take(ebpf, map_names::STATS)?,
         })
+    }
+
+    /// Removes every conntrack entry of the UDP flows from a frontend to an
+    /// endpoint in `pairs`; returns how many flows went.
+    pub fn purge_udp_flows(&mut self, pairs: &[(Frontend, Endpoint)]) -> Result<usize, MapError> {
+        if pairs.is_empty() {
+            return Ok(0);
+        }
+        let wanted: Vec<(Option<u32>, u16, u32, u16)> = pairs
+            .iter()
+            .map(|(f, e)| {
+                let addr = f.addr.map(|a| u32::from_ne_bytes(a.octets()));
+                (addr, f.port.to_be(), u32::from_ne_bytes(e.addr.octets()), e.port.to_be())
+            })
+            .collect();
+        let mut doomed = Vec::new();
+        for entry in self.conntrack.iter() {
+            let (key, value) = entry?;
+            if key.dir != CT_FORWARD || key.proto != PROTO_UDP {
+                continue;
+            }
+            // A NodePort frontend (no address) matches on any node address.
+            let stale = wanted.iter().any(|(addr, port, backend, backend_port)| {
+                addr.is_none_or(|a| a == key.daddr)
+                    && *port == key.dport
+                    && *backend == value.nat_addr
+                    && *backend_port == value.nat_port
+            });
+            if stale {
+                doomed.push((key, value));
+            }
+        }
+        for (key, value) in &doomed {
+            let reply = CtKey {
+                saddr: value.nat_addr,
+                daddr: key.saddr,
+                sport: value.nat_port,
+                dport: key.sport,
+                dir: CT_REPLY,
+                ..*key
+            };
+            let snat = CtKey { daddr: value.nat_addr, dport: value.nat_port, dir: CT_SNAT, ..*key };
+            if let Ok(masquerade) = self.conntrack.get(&snat, 0) {
+                let snat_reply = CtKey {
+                    saddr: value.nat_addr,
+                    daddr: masquerade.nat_addr,
+                    sport: value.nat_port,
+                    dport: masquerade.nat_port,
+                    dir: CT_SNAT_REPLY,
+                    ..*key
+                };
+                let _ = self.conntrack.remove(&snat_reply);
+                let _ = self.conntrack.remove(&snat);
+            }
+            // Already gone (evicted) is fine.
+            let _ = self.conntrack.remove(&reply);
+            let _ = self.conntrack.remove(key);
+        }
+        Ok(doomed.len())
     }
 
     /// Counters summed over CPUs, with their names.

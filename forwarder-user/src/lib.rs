@@ -7,5 +7,6 @@ pub mod healthz;
 pub mod manifests;
 pub mod model;
 pub mod netlink;
+pub mod stale;
 pub mod sync;
 pub mod translate;

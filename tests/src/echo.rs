@@ -149,15 +149,31 @@ pub fn tcp_once_seen(ns: &NetNs, addr: &str) -> std::io::Result<(String, String)
     conn.ask_seen()
 }
 
-/// One UDP request; returns who answered and the source address of the
-/// reply (the socket is not connected, so a reply from any address arrives).
+/// A UDP client on one fixed source port: one flow, as a DNS resolver's.
+pub struct UdpClient {
+    socket: UdpSocket,
+}
+
+impl UdpClient {
+    pub fn bind(ns: &NetNs) -> std::io::Result<Self> {
+        let socket = ns.run(|| UdpSocket::bind("0.0.0.0:0"))?;
+        socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+        Ok(Self { socket })
+    }
+
+    /// One request; who answered and the source address of the reply (the
+    /// socket is not connected, so a reply from any address arrives).
+    pub fn ask(&self, addr: &str) -> std::io::Result<(String, std::net::SocketAddr)> {
+        self.socket.send_to(b"who", addr)?;
+        let mut buf = [0u8; 256];
+        let (n, from) = self.socket.recv_from(&mut buf)?;
+        Ok((split_answer(&String::from_utf8_lossy(&buf[..n])).0, from))
+    }
+}
+
+/// One UDP request from a new source port.
 pub fn udp_once(ns: &NetNs, addr: &str) -> std::io::Result<(String, std::net::SocketAddr)> {
-    let socket = ns.run(|| UdpSocket::bind("0.0.0.0:0"))?;
-    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
-    socket.send_to(b"who", addr)?;
-    let mut buf = [0u8; 256];
-    let (n, from) = socket.recv_from(&mut buf)?;
-    Ok((split_answer(&String::from_utf8_lossy(&buf[..n])).0, from))
+    UdpClient::bind(ns)?.ask(addr)
 }
 
 /// How a connection attempt ended, and how long it took.

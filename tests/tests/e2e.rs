@@ -7,7 +7,9 @@ use std::{
 };
 
 use forwarder_tests::{
-    echo::{EchoConn, EchoServer, tcp_connect_error, tcp_once, udp_connected_error, udp_once},
+    echo::{
+        EchoConn, EchoServer, UdpClient, tcp_connect_error, tcp_once, udp_connected_error, udp_once,
+    },
     forwarder::{Forwarder, attachments},
     netns::NetNs,
     topology::{NODE_IFACE, NODE_IP, NODE_NAME, Topology},
@@ -123,6 +125,37 @@ fn cluster_ip_from_a_pod_reaches_both_pods() {
     let client = &s.topology.pod("pod-c").ns;
     tcp_reaches_both(client, &format!("{CLUSTER_IP}:80"), &s.forwarder);
     udp_reaches_both(client, &format!("{CLUSTER_IP}:53"), &s.forwarder);
+}
+
+/// A UDP flow whose endpoint leaves moves to another endpoint instead of
+/// being blackholed (kube-proxy's stale UDP conntrack cleanup).
+#[test]
+fn a_udp_flow_moves_when_its_endpoint_leaves() {
+    let s = setup("udpstale");
+    let client = UdpClient::bind(&s.topology.pod("pod-c").ns).expect("UDP socket");
+    let frontend = format!("{CLUSTER_IP}:53");
+    let (first, _) = client.ask(&frontend).expect("first answer");
+    let ip = s.topology.pod(&first).ip;
+    s.manifest.edit(
+        &format!("- addresses: [{ip}]\n  conditions: {{ready: true}}"),
+        &format!("- addresses: [{ip}]\n  conditions: {{ready: false}}"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        // The same socket: the same flow, all along.
+        if let Ok((pod, _)) = client.ask(&frontend)
+            && pod != first
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the UDP flow stayed on {first}:\n{}",
+            s.forwarder.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(s.forwarder.log_text().contains("removed UDP flows"), "{}", s.forwarder.log_text());
 }
 
 /// The echo pods behind a LoadBalancer Service with an external IP.
