@@ -4,7 +4,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -16,13 +16,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     cidr::Cidr,
     dataplane::{Capacity, Dataplane, XdpAttachMode},
-    healthz::{self, Health},
+    healthz::{self, Health, ServiceHealth},
     manifests::{Fingerprint, ManifestSource},
     model::DesiredState,
     netlink::{Link, Netlink, glob_match},
     stale::removed_udp_endpoints,
     sync::Syncer,
-    translate::translate,
+    translate::{HealthCheck, translate},
 };
 
 pub struct Config {
@@ -58,6 +58,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         health: Arc::new(Health::default()),
         manifest_node_ips: BTreeSet::new(),
         applied: DesiredState::default(),
+        health_checks: BTreeMap::new(),
         config,
     };
     tokio::spawn(healthz::serve(listener, agent.health.clone()));
@@ -77,6 +78,8 @@ struct Agent {
     manifest_node_ips: BTreeSet<Ipv4Addr>,
     /// The state of the last sync, to find what left.
     applied: DesiredState,
+    /// Health check node port servers, by port.
+    health_checks: BTreeMap<u16, (Arc<ServiceHealth>, tokio::task::JoinHandle<()>)>,
     config: Config,
 }
 
@@ -148,6 +151,7 @@ impl Agent {
             Ok(flows) => tracing::info!(flows, "removed UDP flows to endpoints that left"),
             Err(error) => tracing::warn!(%error, "removing stale UDP flows failed"),
         }
+        self.reconcile_health_checks(&translation.health_checks);
         self.applied = translation.state;
         self.health.synced();
         tracing::info!(
@@ -157,6 +161,43 @@ impl Agent {
             "synced"
         );
         report.errors.is_empty()
+    }
+
+    /// Serves a health check node port per `externalTrafficPolicy: Local`
+    /// Service, with its current count of local endpoints.
+    fn reconcile_health_checks(&mut self, wanted: &BTreeMap<u16, HealthCheck>) {
+        self.health_checks.retain(|port, (health, task)| {
+            let keep = wanted
+                .get(port)
+                .is_some_and(|w| w.namespace == health.namespace && w.name == health.name);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (port, check) in wanted {
+            let count = check.local_endpoints as u64;
+            if let Some((health, _)) = self.health_checks.get(port) {
+                health.local_endpoints.store(count, Ordering::Relaxed);
+                continue;
+            }
+            let listener = std::net::TcpListener::bind(("0.0.0.0", *port))
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(tokio::net::TcpListener::from_std);
+            match listener {
+                Ok(listener) => {
+                    let health = Arc::new(ServiceHealth {
+                        namespace: check.namespace.clone(),
+                        name: check.name.clone(),
+                        local_endpoints: count.into(),
+                    });
+                    let task = tokio::spawn(healthz::serve(listener, health.clone()));
+                    self.health_checks.insert(*port, (health, task));
+                }
+                // Retried at the next sync.
+                Err(error) => tracing::warn!(port, %error, "health check node port unavailable"),
+            }
+        }
     }
 
     /// Attaches to new pod-facing interfaces, forgets vanished ones, and

@@ -91,6 +91,11 @@ impl Maps {
         })
     }
 
+    /// The conntrack map, for inspection.
+    pub fn conntrack(&mut self) -> &mut HashMap<MapData, CtKey, CtValue> {
+        &mut self.conntrack
+    }
+
     /// Removes every conntrack entry of the UDP flows from a frontend to an
     /// endpoint in `pairs`; returns how many flows went.
     pub fn purge_udp_flows(&mut self, pairs: &[(Frontend, Endpoint)]) -> Result<usize, MapError> {

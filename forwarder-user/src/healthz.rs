@@ -1,5 +1,7 @@
-//! kube-proxy-compatible health endpoint: `/healthz` answers 200 once the
-//! first sync has been applied, 503 before.
+//! kube-proxy-compatible health endpoints: `/healthz` (and `/livez`)
+//! answers 200 once the first sync has been applied, 503 before; and the
+//! per-Service health check node ports of `externalTrafficPolicy: Local`
+//! Services, which load balancers probe to find nodes with endpoints.
 use std::{
     net::SocketAddr,
     sync::{
@@ -47,13 +49,24 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-pub async fn serve(listener: TcpListener, health: Arc<Health>) {
+/// Answers a request path with a status code and a JSON body.
+pub trait Respond: Send + Sync + 'static {
+    fn respond(&self, path: &str) -> (u16, String);
+}
+
+impl Respond for Health {
+    fn respond(&self, path: &str) -> (u16, String) {
+        Health::respond(self, path)
+    }
+}
+
+pub async fn serve(listener: TcpListener, responder: Arc<impl Respond>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let health = health.clone();
+                let responder = responder.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = answer(stream, &health).await {
+                    if let Err(error) = answer(stream, &*responder).await {
                         tracing::debug!(%error, "health request failed");
                     }
                 });
@@ -63,7 +76,28 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>) {
     }
 }
 
-async fn answer(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
+/// The health check node port of one `externalTrafficPolicy: Local`
+/// Service: 200 with the count of this node's ready endpoints when there is
+/// at least one, 503 otherwise (also when they are all terminating).
+#[derive(Debug)]
+pub struct ServiceHealth {
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: AtomicU64,
+}
+
+impl Respond for ServiceHealth {
+    fn respond(&self, _path: &str) -> (u16, String) {
+        let count = self.local_endpoints.load(Ordering::Relaxed);
+        let body = format!(
+            r#"{{"service": {{"namespace": "{}", "name": "{}"}}, "localEndpoints": {count}, "serviceProxyHealthy": true}}"#,
+            self.namespace, self.name
+        );
+        (if count > 0 { 200 } else { 503 }, body)
+    }
+}
+
+async fn answer(mut stream: TcpStream, health: &impl Respond) -> std::io::Result<()> {
     let mut buf = [0u8; 1024];
     let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
         .await
@@ -87,6 +121,25 @@ async fn answer(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_health_counts_local_endpoints() {
+        let health = ServiceHealth {
+            namespace: "demo".into(),
+            name: "web".into(),
+            local_endpoints: AtomicU64::new(0),
+        };
+        let (status, body) = health.respond("/");
+        assert_eq!(status, 503);
+        assert!(body.contains(r#""localEndpoints": 0"#), "{body}");
+        health.local_endpoints.store(2, Ordering::Relaxed);
+        let (status, body) = health.respond("/anything");
+        assert_eq!(status, 200);
+        assert!(
+            body.contains(r#""name": "web""#) && body.contains(r#""localEndpoints": 2"#),
+            "{body}"
+        );
+    }
 
     #[test]
     fn unhealthy_until_first_sync() {

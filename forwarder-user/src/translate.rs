@@ -22,9 +22,21 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// A health check node port to serve for an `externalTrafficPolicy: Local`
+/// Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready (not terminating) endpoints on this node.
+    pub local_endpoints: usize,
+}
+
 #[derive(Debug, Default)]
 pub struct Translation {
     pub state: DesiredState,
+    /// By `healthCheckNodePort`.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
     pub skipped: Vec<Skipped>,
 }
 
@@ -68,6 +80,28 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str
         let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
         let own_slices = slices_of(service, slices);
         let affinity = session_affinity(service);
+        if external_local
+            && exposes_node_port
+            && let Some(port) = spec.health_check_node_port
+        {
+            match u16::try_from(port) {
+                Ok(port) if port != 0 => {
+                    let meta = &service.metadata;
+                    out.health_checks.insert(
+                        port,
+                        HealthCheck {
+                            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+                            name: meta.name.clone().unwrap_or_default(),
+                            local_endpoints: ready_on_node(&own_slices, node_name),
+                        },
+                    );
+                }
+                _ => out.skipped.push(Skipped {
+                    object: name.clone(),
+                    reason: format!("healthCheckNodePort {port} is outside 1-65535"),
+                }),
+            }
+        }
         for port in spec.ports.iter().flatten() {
             let Some(proto) = protocol(port, &name, &mut out.skipped) else {
                 continue;
@@ -202,6 +236,18 @@ fn session_affinity(service: &Service) -> Option<u32> {
         .and_then(|t| u32::try_from(t).ok())
         .filter(|t| *t > 0);
     Some(timeout.unwrap_or(10_800))
+}
+
+/// Distinct ready endpoint addresses on `node`, across the Service's slices.
+fn ready_on_node(slices: &[&EndpointSlice], node: &str) -> usize {
+    slices
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .filter(|e| e.node_name.as_deref() == Some(node))
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .flat_map(|e| &e.addresses)
+        .collect::<BTreeSet<_>>()
+        .len()
 }
 
 fn protocol(port: &ServicePort, name: &str, skipped: &mut Vec<Skipped>) -> Option<Proto> {

@@ -122,17 +122,23 @@ impl Drop for Forwarder {
 
 /// Status code of GET /healthz on 127.0.0.1:10256 inside `node`.
 pub fn healthz(node: &NetNs) -> Option<u16> {
-    node.run(|| {
-        let mut stream = TcpStream::connect_timeout(
-            &"127.0.0.1:10256".parse().unwrap(),
-            Duration::from_millis(200),
-        )
-        .ok()?;
+    http_get(node, "127.0.0.1:10256", "/healthz").map(|(status, _)| status)
+}
+
+/// Status code and body of `GET path` on `addr`, from inside `ns`.
+pub fn http_get(ns: &NetNs, addr: &str, path: &str) -> Option<(u16, String)> {
+    let addr: std::net::SocketAddr = addr.parse().expect("socket address");
+    ns.run(|| {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-        stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: forwarder\r\n\r\n").as_bytes())
+            .ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).ok()?;
-        response.split_whitespace().nth(1)?.parse().ok()
+        let status = response.split_whitespace().nth(1)?.parse().ok()?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        Some((status, body))
     })
 }
 

@@ -7,9 +7,7 @@ use aya::{
     maps::HashMap,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use forwarder_common::{
-    AffinityKey, AffinityValue, CtKey, CtValue, map_names, program_names, stat,
-};
+use forwarder_common::{AffinityKey, AffinityValue, CtKey, map_names, program_names, stat};
 use forwarder_tests::packet::{MF, Packet, ethernet, port_unreachable, verify_checksums};
 use forwarder_user::{
     dataplane::{Capacity, Maps, load_object},
@@ -177,9 +175,7 @@ impl Harness {
     }
 
     fn conntrack_len(&mut self) -> usize {
-        let ct: HashMap<_, CtKey, CtValue> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::CONNTRACK).unwrap()).unwrap();
-        ct.keys().count()
+        self.maps.conntrack().keys().count()
     }
 }
 
@@ -532,9 +528,7 @@ fn a_finished_flows_reply_entry_does_not_block_a_new_flow() {
         dir: forwarder_common::CT_FORWARD,
         _pad: [0; 2],
     };
-    let mut ct: HashMap<_, CtKey, CtValue> =
-        HashMap::try_from(harness.ebpf.map_mut(map_names::CONNTRACK).unwrap()).unwrap();
-    ct.remove(&forward).expect("forward entry existed");
+    harness.maps.conntrack().remove(&forward).expect("forward entry existed");
     let (verdict, out) = harness.run(Prog::Tc, &via_node_port.bytes());
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out, via_node_port.with_dst("10.244.1.2:8080").bytes());

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use forwarder_tests::{
     cluster::{CLIENT_IP, Cluster, NODE_IFACE},
     echo::{EchoServer, tcp_once, tcp_once_seen},
-    forwarder::Forwarder,
+    forwarder::{Forwarder, http_get},
     netns::NetNs,
 };
 
@@ -18,13 +18,13 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 808
 apiVersion: v1
 kind: Service
 metadata: {name: local, namespace: demo}
-spec: {type: NodePort, clusterIP: 10.96.0.11, externalTrafficPolicy: Local,
+spec: {type: NodePort, clusterIP: 10.96.0.11, externalTrafficPolicy: Local, healthCheckNodePort: 32000,
        ports: [{port: 80, targetPort: 8080, nodePort: 30081}]}
 ---
 apiVersion: v1
 kind: Service
 metadata: {name: local-b-only, namespace: demo}
-spec: {type: NodePort, clusterIP: 10.96.0.12, externalTrafficPolicy: Local,
+spec: {type: NodePort, clusterIP: 10.96.0.12, externalTrafficPolicy: Local, healthCheckNodePort: 32001,
        ports: [{port: 80, targetPort: 8080, nodePort: 30082}]}
 ---
 apiVersion: v1
@@ -215,4 +215,21 @@ fn session_affinity_keeps_a_client_on_one_pod() {
     assert_eq!(from_pod.len(), 1, "pod client spread over {from_pod:?}");
     let from_outside = s.answers(&s.cluster.client, "192.168.20.1:30085");
     assert_eq!(from_outside.len(), 1, "external client spread over {from_outside:?}");
+}
+
+/// Health check node ports answer per node: 200 and the count where the
+/// node has endpoints of the Service, 503 where it has none.
+#[test]
+fn health_check_node_ports() {
+    let s = setup("mhc");
+    let client = &s.cluster.client;
+    let get = |addr: &str| {
+        http_get(client, addr, "/").unwrap_or_else(|| panic!("no answer from {addr}\n{}", s.logs()))
+    };
+    let (status, body) = get("192.168.20.1:32000");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""localEndpoints": 1"#), "{body}");
+    assert_eq!(get("192.168.20.1:32001").0, 503);
+    assert_eq!(get("192.168.20.2:32001").0, 200);
+    assert!(get("192.168.20.2:32001").1.contains(r#""name": "local-b-only""#));
 }

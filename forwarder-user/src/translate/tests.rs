@@ -150,6 +150,37 @@ endpoints: [{addresses: [10.244.2.2], nodeName: node-b}]
 }
 
 #[test]
+fn health_check_node_ports_count_ready_local_endpoints() {
+    let services = services(
+        "
+metadata: {name: etp, namespace: demo}
+spec: {type: LoadBalancer, clusterIP: 10.96.1.1, externalTrafficPolicy: Local, healthCheckNodePort: 32000,
+       ports: [{port: 80, nodePort: 30100}]}
+---
+metadata: {name: cluster, namespace: demo}
+spec: {type: LoadBalancer, clusterIP: 10.96.1.2, healthCheckNodePort: 32001, ports: [{port: 80, nodePort: 30101}]}
+",
+    );
+    let slices = slices(
+        "
+metadata: {name: etp-1, namespace: demo, labels: {kubernetes.io/service-name: etp}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.2], nodeName: node-a}
+- {addresses: [10.244.1.3], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.244.2.2], nodeName: node-b}
+",
+    );
+    let out = translate(&services, &slices, "node-a");
+    let check =
+        |n: usize| HealthCheck { namespace: "demo".into(), name: "etp".into(), local_endpoints: n };
+    assert_eq!(out.health_checks, [(32000, check(1))].into());
+    let out = translate(&services, &slices, "node-c");
+    assert_eq!(out.health_checks, [(32000, check(0))].into());
+}
+
+#[test]
 fn translation_table() {
     let cases = vec![
         Case {
