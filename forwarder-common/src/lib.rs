@@ -20,6 +20,7 @@ pub mod map_names {
     pub const SNAT_ADDRS: &str = "SNAT_ADDR4_V1";
     pub const AFFINITY: &str = "AFFINITY4_V1";
     pub const CLUSTER_IPS: &str = "CLUSTER_IP4_V1";
+    pub const SOURCE_RANGES: &str = "SRC_RANGE4_V1";
     pub const STATS: &str = "STATS_V1";
 }
 
@@ -38,6 +39,7 @@ pub const NODE_IPS_MAX: u32 = 256;
 pub const SNAT_ADDRS_MAX: u32 = 4096;
 pub const AFFINITY_MAX: u32 = 65_536;
 pub const CLUSTER_IPS_MAX: u32 = 65_536;
+pub const SOURCE_RANGES_MAX: u32 = 65_536;
 
 /// Masquerading picks source ports here: above Linux's default ephemeral
 /// range (32768-60999) and the NodePort range, so the node's own sockets and
@@ -84,6 +86,9 @@ impl SvcKey {
 
 /// `SvcValue::flags`: a `SCOPE_INTERNAL` entry exists for pods on this node.
 pub const SVC_HAS_INTERNAL: u16 = 1;
+/// `SvcValue::flags`: only sources in `SRC_RANGE4_V1` for this frontend may
+/// open flows (`loadBalancerSourceRanges`).
+pub const SVC_SOURCE_RANGES: u16 = 4;
 /// `SvcValue::flags`: without endpoints, drop new flows instead of
 /// rejecting them (a `Local` policy whose node has none, while other nodes
 /// do).
@@ -112,6 +117,21 @@ impl SvcValue {
         Self { backend_id, affinity_timeout: 0, count: 0, flags: 0 }
     }
 }
+
+/// Data of the source ranges LPM trie key: the frontend (slot-0 key fields)
+/// then the client address, so the prefix length is 64 + the CIDR's bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub src: u32,
+}
+
+/// Bits of `SourceRangeKey` before `src`.
+pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 64;
 
 /// Key of the session affinity map: a client address and the frontend
 /// (slot-0 key fields) it reached.
@@ -218,21 +238,23 @@ pub mod stat {
     /// A reject could not be answered (IP options, a GSO packet, a helper
     /// failure): dropped instead.
     pub const DROP_REJECT_FAILED: u32 = 7;
+    /// A client outside the load balancer's `loadBalancerSourceRanges`.
+    pub const DROP_SOURCE_RANGE: u32 = 8;
     /// Malformed IPv4 header (IHL < 5, total length shorter than the
     /// headers): passed to the kernel stack, which discards it; never rewritten.
-    pub const MALFORMED_PASSED: u32 = 8;
+    pub const MALFORMED_PASSED: u32 = 9;
     /// Frontend -> backend translations.
-    pub const DNAT: u32 = 9;
+    pub const DNAT: u32 = 10;
     /// Backend -> client reverse translations.
-    pub const REVERSE_NAT: u32 = 10;
+    pub const REVERSE_NAT: u32 = 11;
     /// Client -> node address masquerades, and their reversals.
-    pub const SNAT: u32 = 11;
-    pub const REVERSE_SNAT: u32 = 12;
+    pub const SNAT: u32 = 12;
+    pub const REVERSE_SNAT: u32 = 13;
     /// New flows answered with ICMP port unreachable: the Service has no
     /// endpoints, or the ClusterIP does not declare the port.
-    pub const REJECT_NO_ENDPOINTS: u32 = 13;
-    pub const REJECT_UNKNOWN_PORT: u32 = 14;
-    pub const COUNT: u32 = 15;
+    pub const REJECT_NO_ENDPOINTS: u32 = 14;
+    pub const REJECT_UNKNOWN_PORT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Whether `reason` asks for an ICMP answer rather than a silent drop.
     pub const fn is_reject(reason: u32) -> bool {
@@ -249,6 +271,7 @@ pub mod stat {
         "drop_ct_collision",
         "drop_snat",
         "drop_reject_failed",
+        "drop_source_range",
         "malformed_passed",
         "dnat",
         "reverse_nat",
@@ -262,6 +285,7 @@ pub mod stat {
 const _: () = assert!(size_of::<SvcKey>() == 12);
 const _: () = assert!(size_of::<SvcValue>() == 12);
 const _: () = assert!(size_of::<AffinityKey>() == 12);
+const _: () = assert!(size_of::<SourceRangeKey>() == 12);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<Backend>() == 8);
 const _: () = assert!(size_of::<CtKey>() == 16);
@@ -276,5 +300,6 @@ mod pod {
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::SourceRangeKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
 }

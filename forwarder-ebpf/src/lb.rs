@@ -2,15 +2,19 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
 };
 use forwarder_common::{
     AffinityKey, AffinityValue, BACKEND_LOCAL, CT_FORWARD, CT_REPLY, CT_SNAT, CT_SNAT_REPLY, CtKey,
     CtValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_ADDR_DEFAULT, SNAT_PORT_COUNT, SNAT_PORT_MIN,
-    SVC_DROP_EMPTY, SVC_HAS_INTERNAL, SvcKey, SvcValue, stat,
+    SOURCE_RANGE_FRONTEND_BITS, SVC_DROP_EMPTY, SVC_HAS_INTERNAL, SVC_SOURCE_RANGES,
+    SourceRangeKey, SvcKey, SvcValue, stat,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CLUSTER_IPS, CONNTRACK, NODE_IPS, SERVICES, SNAT_ADDRS},
+    maps::{
+        AFFINITY, BACKENDS, CLUSTER_IPS, CONNTRACK, NODE_IPS, SERVICES, SNAT_ADDRS, SOURCE_RANGES,
+    },
     parse::Flow,
 };
 
@@ -102,6 +106,9 @@ fn new_flow(
     head: &SvcValue,
     origin: Origin,
 ) -> Result<CtValue, u32> {
+    if head.flags & SVC_SOURCE_RANGES != 0 && !source_allowed(flow, svc) {
+        return Err(stat::DROP_SOURCE_RANGE);
+    }
     // SAFETY: helper without arguments.
     let pick = unsafe { bpf_get_prandom_u32() };
     let affine = match head.affinity_timeout {
@@ -222,6 +229,19 @@ fn backend_in_slot(svc: SvcKey, slot: u16) -> Option<Picked> {
     let backend = unsafe { BACKENDS.get(&id) }.copied()?;
     let ct = CtValue { nat_addr: backend.addr, nat_port: backend.port, _pad: 0, backend_id: id };
     Some(Picked { ct, local: backend.flags & BACKEND_LOCAL != 0, slot })
+}
+
+/// Whether the client is inside one of the frontend's source ranges.
+#[inline(always)]
+fn source_allowed(flow: &Flow, svc: SvcKey) -> bool {
+    let data = SourceRangeKey {
+        addr: svc.addr,
+        port: svc.port,
+        proto: svc.proto,
+        scope: svc.scope,
+        src: flow.saddr,
+    };
+    SOURCE_RANGES.get(Key::new(SOURCE_RANGE_FRONTEND_BITS + 32, data)).is_some()
 }
 
 #[inline(always)]

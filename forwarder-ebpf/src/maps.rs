@@ -1,12 +1,12 @@
 //! Map definitions. Names must match `forwarder_common::map_names`.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use forwarder_common::{
     AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, CLUSTER_IPS_MAX,
-    CONNTRACK_MAX, CtKey, CtValue, NODE_IPS_MAX, SERVICES_MAX, SNAT_ADDRS_MAX, SvcKey, SvcValue,
-    stat,
+    CONNTRACK_MAX, CtKey, CtValue, NODE_IPS_MAX, SERVICES_MAX, SNAT_ADDRS_MAX, SOURCE_RANGES_MAX,
+    SourceRangeKey, SvcKey, SvcValue, stat,
 };
 
 #[map(name = "SVC4_V1")]
@@ -37,6 +37,11 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 /// rejected, as kube-proxy's nftables mode does.
 #[map(name = "CLUSTER_IP4_V1")]
 pub static CLUSTER_IPS: HashMap<u32, u32> = HashMap::with_max_entries(CLUSTER_IPS_MAX, 0);
+
+/// Allowed client prefixes per load balancer frontend.
+#[map(name = "SRC_RANGE4_V1")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
+    LpmTrie::with_max_entries(SOURCE_RANGES_MAX, 0);
 
 #[map(name = "STATS_V1")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);

@@ -1,7 +1,8 @@
 //! IPv4 CIDRs as users write them in flags.
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A network, normalised: host bits cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Cidr {
     addr: Ipv4Addr,
     prefix: u8,
@@ -17,24 +18,45 @@ impl Cidr {
     }
 
     pub fn contains(self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
+        u32::from(ip) & self.mask() == u32::from(self.addr)
     }
+
+    pub const fn network(self) -> Ipv4Addr {
+        self.addr
+    }
+
+    pub const fn prefix(self) -> u8 {
+        self.prefix
+    }
+}
+
+/// Parses a decimal number that may carry leading zeros, as the sloppy
+/// parsers Kubernetes uses for CIDRs accept ("010" is ten).
+fn sloppy<T: FromStr>(s: &str) -> Option<T> {
+    let digits = s.trim_start_matches('0');
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    (if digits.is_empty() { "0" } else { digits }).parse().ok()
 }
 
 impl FromStr for Cidr {
     type Err = CidrError;
 
-    /// Accepts surrounding spaces and a bare address (a /32).
+    /// Accepts what users write: surrounding spaces, leading zeros
+    /// (decimal), host bits (cleared), a bare address (a /32).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || CidrError(s.to_owned());
         let text = s.trim();
         let (addr, prefix) = text.split_once('/').unwrap_or((text, "32"));
-        let addr: Ipv4Addr = addr.trim().parse().map_err(|_| err())?;
-        let prefix: u8 = prefix.trim().parse().map_err(|_| err())?;
-        if prefix > 32 {
+        let octets: Vec<u8> =
+            addr.trim().split('.').map(sloppy).collect::<Option<_>>().ok_or_else(err)?;
+        let [a, b, c, d] = octets[..] else {
             return Err(err());
-        }
-        Ok(Self { addr, prefix })
+        };
+        let prefix: u8 = sloppy(prefix.trim()).filter(|p| *p <= 32).ok_or_else(err)?;
+        let cidr = Self { addr: Ipv4Addr::new(a, b, c, d), prefix };
+        Ok(Self { addr: Ipv4Addr::from(u32::from(cidr.addr) & cidr.mask()), prefix })
     }
 }
 
@@ -58,8 +80,22 @@ mod tests {
         assert!(host.contains("10.0.0.1".parse().unwrap()));
         let all: Cidr = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("8.8.8.8".parse().unwrap()));
-        for bad in ["10.0.0.0/33", "10.0.0/8", "fd00::/8", "x"] {
+        for bad in
+            ["10.0.0.0/33", "10.0.0/8", "fd00::/8", "x", "10.0.0.256/8", "10.0.0.0/", "-1.0.0.0/8"]
+        {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn odd_spellings_are_normalised() {
+        for (written, normal) in [
+            (" 192.168.010.000/024 ", "192.168.10.0/24"),
+            ("10.1.2.3/8", "10.0.0.0/8"),
+            ("010.0.0.1", "10.0.0.1/32"),
+            ("0.0.0.0/00", "0.0.0.0/0"),
+        ] {
+            assert_eq!(written.parse::<Cidr>().unwrap().to_string(), normal, "{written:?}");
         }
     }
 }

@@ -3,7 +3,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
+    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
         xdp::XdpLinkId,
@@ -11,13 +11,14 @@ use aya::{
     util::KernelVersion,
 };
 use forwarder_common::{
-    Backend, CT_FORWARD, CT_REPLY, CT_SNAT, CT_SNAT_REPLY, CtKey, CtValue, PROTO_UDP, SvcKey,
-    SvcValue, map_names, program_names, stat,
+    Backend, CT_FORWARD, CT_REPLY, CT_SNAT, CT_SNAT_REPLY, CtKey, CtValue, PROTO_UDP,
+    SOURCE_RANGE_FRONTEND_BITS, SourceRangeKey, SvcKey, SvcValue, map_names, program_names, stat,
 };
 
 use crate::{
+    cidr::Cidr,
     model::{Endpoint, Frontend},
-    sync::{Datapath, MapWriteError},
+    sync::{Datapath, MapWriteError, svc_key},
 };
 
 /// The eBPF object built by `build.rs`.
@@ -67,6 +68,7 @@ pub struct Maps {
     snat_addrs: HashMap<MapData, u32, u32>,
     cluster_ips: HashMap<MapData, u32, u32>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -87,6 +89,7 @@ impl Maps {
             snat_addrs: take(ebpf, map_names::SNAT_ADDRS)?,
             cluster_ips: take(ebpf, map_names::CLUSTER_IPS)?,
             conntrack: take(ebpf, map_names::CONNTRACK)?,
+            source_ranges: take(ebpf, map_names::SOURCE_RANGES)?,
             stats: take(ebpf, map_names::STATS)?,
         })
     }
@@ -166,6 +169,18 @@ impl Maps {
     }
 }
 
+fn source_range_key(frontend: &Frontend, range: Cidr) -> lpm_trie::Key<SourceRangeKey> {
+    let svc = svc_key(frontend, 0);
+    let data = SourceRangeKey {
+        addr: svc.addr,
+        port: svc.port,
+        proto: svc.proto,
+        scope: svc.scope,
+        src: u32::from_ne_bytes(range.network().octets()),
+    };
+    lpm_trie::Key::new(SOURCE_RANGE_FRONTEND_BITS + u32::from(range.prefix()), data)
+}
+
 fn write_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapWriteError {
     move |err| MapWriteError { map, op, reason: err.to_string() }
 }
@@ -205,6 +220,20 @@ impl Datapath for Maps {
     fn remove_cluster_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError> {
         let key = u32::from_ne_bytes(addr.octets());
         self.cluster_ips.remove(&key).map_err(write_err(map_names::CLUSTER_IPS, "remove"))
+    }
+
+    fn put_source_range(&mut self, frontend: &Frontend, range: Cidr) -> Result<(), MapWriteError> {
+        let key = source_range_key(frontend, range);
+        self.source_ranges.insert(&key, 0, 0).map_err(write_err(map_names::SOURCE_RANGES, "insert"))
+    }
+
+    fn remove_source_range(
+        &mut self,
+        frontend: &Frontend,
+        range: Cidr,
+    ) -> Result<(), MapWriteError> {
+        let key = source_range_key(frontend, range);
+        self.source_ranges.remove(&key).map_err(write_err(map_names::SOURCE_RANGES, "remove"))
     }
 
     fn put_snat_addr(&mut self, ifindex: u32, addr: Ipv4Addr) -> Result<(), MapWriteError> {

@@ -1,5 +1,6 @@
 //! The desired datapath state: what the maps should hold, independent of
 //! how they are encoded.
+use crate::cidr::Cidr;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -99,4 +100,7 @@ pub struct DesiredState {
     pub drop_when_empty: BTreeSet<Frontend>,
     /// Every ClusterIP: packets to undeclared ports on them are rejected.
     pub cluster_ips: BTreeSet<Ipv4Addr>,
+    /// `loadBalancerSourceRanges` of load balancer frontends: only clients
+    /// in these may open flows.
+    pub source_ranges: BTreeMap<Frontend, BTreeSet<Cidr>>,
 }

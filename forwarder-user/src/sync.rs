@@ -12,10 +12,13 @@ use std::{
 
 use forwarder_common::{
     BACKEND_LOCAL, Backend, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_DROP_EMPTY, SVC_HAS_INTERNAL,
-    SvcKey, SvcValue,
+    SVC_SOURCE_RANGES, SvcKey, SvcValue,
 };
 
-use crate::model::{DesiredState, Endpoint, Frontend, Proto, Scope};
+use crate::{
+    cidr::Cidr,
+    model::{DesiredState, Endpoint, Frontend, Proto, Scope},
+};
 
 /// A failed map write.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,12 @@ pub trait Datapath {
     fn remove_node_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError>;
     fn put_cluster_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError>;
     fn remove_cluster_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError>;
+    fn put_source_range(&mut self, frontend: &Frontend, range: Cidr) -> Result<(), MapWriteError>;
+    fn remove_source_range(
+        &mut self,
+        frontend: &Frontend,
+        range: Cidr,
+    ) -> Result<(), MapWriteError>;
     /// The masquerade address for an egress ifindex (`SNAT_ADDR_DEFAULT`: any other).
     fn put_snat_addr(&mut self, ifindex: u32, addr: Ipv4Addr) -> Result<(), MapWriteError>;
     fn remove_snat_addr(&mut self, ifindex: u32) -> Result<(), MapWriteError>;
@@ -79,6 +88,7 @@ pub struct Syncer {
     next_id: u32,
     node_ips: BTreeSet<Ipv4Addr>,
     cluster_ips: BTreeSet<Ipv4Addr>,
+    source_ranges: BTreeSet<(Frontend, Cidr)>,
     snat_addrs: BTreeMap<u32, Ipv4Addr>,
     /// Entries in the services map, and the maps' capacities: a frontend
     /// that would not fit is refused before anything of it is written.
@@ -118,6 +128,7 @@ impl Syncer {
             next_id: 1,
             node_ips: BTreeSet::new(),
             cluster_ips: BTreeSet::new(),
+            source_ranges: BTreeSet::new(),
             snat_addrs: BTreeMap::new(),
             service_entries: 0,
             services_capacity,
@@ -129,6 +140,22 @@ impl Syncer {
     /// first so their entries are free for what is added.
     pub fn apply<D: Datapath>(&mut self, desired: &DesiredState, dp: &mut D) -> SyncReport {
         let mut report = SyncReport::default();
+        // Allowed ranges go in before the flags that enforce them, and out
+        // after (the transient state allows the union, never less).
+        let ranges: BTreeSet<(Frontend, Cidr)> = desired
+            .source_ranges
+            .iter()
+            .flat_map(|(f, cidrs)| cidrs.iter().map(move |c| (*f, *c)))
+            .collect();
+        for (frontend, range) in ranges.difference(&self.source_ranges.clone()) {
+            match dp.put_source_range(frontend, *range) {
+                Ok(()) => {
+                    report.writes += 1;
+                    self.source_ranges.insert((*frontend, *range));
+                }
+                Err(err) => report.errors.push(format!("{frontend}: {err}")),
+            }
+        }
         let gone: Vec<Frontend> =
             self.applied.keys().filter(|f| !desired.services.contains_key(f)).copied().collect();
         for frontend in gone {
@@ -162,6 +189,13 @@ impl Syncer {
             if desired.drop_when_empty.contains(frontend) {
                 flags |= SVC_DROP_EMPTY;
             }
+            // Enforced only once every range is in the map.
+            let ranges = desired.source_ranges.get(frontend);
+            if ranges
+                .is_some_and(|r| r.iter().all(|c| self.source_ranges.contains(&(*frontend, *c))))
+            {
+                flags |= SVC_SOURCE_RANGES;
+            }
             let head = SvcValue::frontend(
                 keys.len() as u16,
                 flags,
@@ -172,6 +206,15 @@ impl Syncer {
             }
         }
         self.collect_backends(dp, &mut report);
+        for (frontend, range) in self.source_ranges.clone().difference(&ranges) {
+            match dp.remove_source_range(frontend, *range) {
+                Ok(()) => {
+                    report.writes += 1;
+                    self.source_ranges.remove(&(*frontend, *range));
+                }
+                Err(err) => report.errors.push(format!("{frontend}: {err}")),
+            }
+        }
         let cluster_ips = sync_set(
             &mut self.cluster_ips,
             &desired.cluster_ips,

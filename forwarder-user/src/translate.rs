@@ -9,7 +9,10 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use crate::model::{DesiredState, Endpoint, Frontend, Proto, Scope};
+use crate::{
+    cidr::Cidr,
+    model::{DesiredState, Endpoint, Frontend, Proto, Scope},
+};
 
 /// Label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -73,7 +76,8 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str
             continue;
         };
         out.state.cluster_ips.insert(cluster_ip);
-        let external_ips = external_ips(service, &name, &mut out.skipped);
+        let (external_ips, load_balancer_ips) = external_ips(service, &name, &mut out.skipped);
+        let source_ranges = source_ranges(service, &name, &mut out.skipped);
         let spec = service.spec.as_ref().expect("cluster_ip checked spec");
         let exposes_node_port = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
         let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
@@ -117,8 +121,11 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str
 
             let mut entries =
                 vec![(Frontend::new(Some(cluster_ip), service_port, proto), internal)];
-            let mut external_ports: Vec<(Option<Ipv4Addr>, u16)> =
-                external_ips.iter().map(|ip| (Some(*ip), service_port)).collect();
+            let mut external_ports: Vec<(Option<Ipv4Addr>, u16)> = external_ips
+                .iter()
+                .chain(&load_balancer_ips)
+                .map(|ip| (Some(*ip), service_port))
+                .collect();
             if exposes_node_port
                 && let Some(node_port) = port.node_port
                 && let Some(node_port) = port_number(node_port, "nodePort", &name, &mut out.skipped)
@@ -149,6 +156,10 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str
                 out.state.services.insert(frontend, endpoints.clone());
                 if let Some(timeout) = affinity {
                     out.state.affinity.insert(frontend, timeout);
+                }
+                let load_balancer = frontend.addr.is_some_and(|a| load_balancer_ips.contains(&a));
+                if load_balancer && !source_ranges.is_empty() {
+                    out.state.source_ranges.insert(frontend, source_ranges.clone());
                 }
             }
         }
@@ -190,10 +201,14 @@ fn cluster_ip(service: &Service, name: &str, skipped: &mut Vec<Skipped>) -> Opti
     None
 }
 
-/// `spec.externalIPs` and, for LoadBalancer Services, the load balancer's
+/// `spec.externalIPs`, and for LoadBalancer Services the load balancer's
 /// ingress IPs (except `ipMode: Proxy`, where the load balancer delivers to
 /// the node itself). IPv6 entries are left to an IPv6 dataplane.
-fn external_ips(service: &Service, name: &str, skipped: &mut Vec<Skipped>) -> Vec<Ipv4Addr> {
+fn external_ips(
+    service: &Service,
+    name: &str,
+    skipped: &mut Vec<Skipped>,
+) -> (Vec<Ipv4Addr>, Vec<Ipv4Addr>) {
     let spec = service.spec.as_ref();
     let external = spec.and_then(|s| s.external_ips.as_ref()).into_iter().flatten();
     let load_balancer = service
@@ -206,19 +221,40 @@ fn external_ips(service: &Service, name: &str, skipped: &mut Vec<Skipped>) -> Ve
         .flatten()
         .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
         .filter_map(|ingress| ingress.ip.as_ref());
-    let mut ips = Vec::new();
-    for ip in external.chain(load_balancer) {
-        match ip.parse::<Ipv4Addr>() {
-            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
-            Ok(_) => {}
-            Err(_) if ip.parse::<std::net::Ipv6Addr>().is_ok() => {}
-            Err(_) => skipped.push(Skipped {
+    let mut parse = |ips: &mut Vec<Ipv4Addr>, ip: &String| match ip.parse::<Ipv4Addr>() {
+        Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+        Ok(_) => {}
+        Err(_) if ip.parse::<std::net::Ipv6Addr>().is_ok() => {}
+        Err(_) => skipped.push(Skipped {
+            object: name.to_owned(),
+            reason: format!("external IP {ip:?} is not an IP address"),
+        }),
+    };
+    let (mut externals, mut load_balancers) = (Vec::new(), Vec::new());
+    external.for_each(|ip| parse(&mut externals, ip));
+    load_balancer.for_each(|ip| parse(&mut load_balancers, ip));
+    load_balancers.retain(|ip| !externals.contains(ip));
+    (externals, load_balancers)
+}
+
+/// `loadBalancerSourceRanges`, normalised; invalid entries are reported and
+/// left out (as kube-proxy does), IPv6 ones left to an IPv6 dataplane.
+fn source_ranges(service: &Service, name: &str, skipped: &mut Vec<Skipped>) -> BTreeSet<Cidr> {
+    let ranges = service.spec.as_ref().and_then(|s| s.load_balancer_source_ranges.as_ref());
+    let mut out = BTreeSet::new();
+    for range in ranges.into_iter().flatten() {
+        match range.parse::<Cidr>() {
+            Ok(cidr) => {
+                out.insert(cidr);
+            }
+            Err(_) if range.contains(':') => {}
+            Err(err) => skipped.push(Skipped {
                 object: name.to_owned(),
-                reason: format!("external IP {ip:?} is not an IP address"),
+                reason: format!("loadBalancerSourceRanges: {err}"),
             }),
         }
     }
-    ips
+    out
 }
 
 /// `sessionAffinity: ClientIP`'s timeout: `timeoutSeconds`, 10800 (three

@@ -1,6 +1,9 @@
 //! Kernel decisions as fixture tables run through BPF_PROG_TEST_RUN: input
 //! frame, seeded maps, expected verdict and expected output bytes.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use aya::{
     Ebpf,
@@ -111,6 +114,17 @@ impl Harness {
         affinity: &[(Frontend, u32)],
         drop_when_empty: &[Frontend],
     ) {
+        self.apply_ranges(services, remote, affinity, drop_when_empty, &[]);
+    }
+
+    fn apply_ranges(
+        &mut self,
+        services: &[(Frontend, Vec<&str>)],
+        remote: &[&str],
+        affinity: &[(Frontend, u32)],
+        drop_when_empty: &[Frontend],
+        source_ranges: &[(Frontend, &str)],
+    ) {
         let services: BTreeMap<Frontend, Vec<Endpoint>> = services
             .iter()
             .map(|(f, eps)| (*f, eps.iter().map(|e| endpoint(e)).collect()))
@@ -133,6 +147,10 @@ impl Harness {
             affinity: affinity.iter().copied().collect(),
             drop_when_empty: drop_when_empty.iter().copied().collect(),
             cluster_ips,
+            source_ranges: source_ranges.iter().fold(BTreeMap::new(), |mut map, (f, range)| {
+                map.entry(*f).or_insert_with(BTreeSet::new).insert(range.parse().unwrap());
+                map
+            }),
         };
         let report = self.syncer.apply(&desired, &mut self.maps);
         assert!(report.errors.is_empty(), "{report:?}");
@@ -693,4 +711,25 @@ fn session_affinity_binds_a_client_to_its_backend() {
     harness.set_services_with(&services, &[], &[(cluster_ip, 2)]);
     let (_, out) = harness.run(Prog::Tc, &flow("10.244.1.9", 3000).bytes());
     assert_eq!(format!("{}:8080", backend_of(&out)), other);
+}
+
+/// `loadBalancerSourceRanges`: clients outside the ranges cannot open flows
+/// to the load balancer IP (dropped, counted); the NodePort stays open.
+#[test]
+fn source_ranges_admit_only_listed_clients() {
+    let mut harness = Harness::new();
+    let lb = frontend(Some("203.0.113.10"), 80, Proto::Tcp);
+    let mut services = default_services();
+    services.push((lb, vec!["10.244.1.2:8080"]));
+    harness.apply_ranges(&services, &[], &[], &[], &[(lb, "192.168.10.0/24")]);
+    let inside = Packet::tcp("192.168.10.2:40000", "203.0.113.10:80");
+    let (verdict, out) = harness.run(Prog::Xdp, &inside.bytes());
+    assert_eq!((verdict, out), (XDP_PASS, inside.with_dst("10.244.1.2:8080").bytes()));
+    let outside = Packet::tcp("172.16.0.1:40000", "203.0.113.10:80");
+    let (verdict, _) = harness.run(Prog::Xdp, &outside.bytes());
+    assert_eq!(verdict, XDP_DROP);
+    let node_port = Packet::tcp("172.16.0.1:40001", "192.168.10.1:30080");
+    let (verdict, out) = harness.run(Prog::Xdp, &node_port.bytes());
+    assert_eq!((verdict, out), (XDP_PASS, node_port.with_dst("10.244.1.2:8080").bytes()));
+    assert_eq!(harness.stats(), [("drop_source_range", 1), ("dnat", 2)]);
 }

@@ -167,6 +167,7 @@ spec:
   type: LoadBalancer
   clusterIP: 10.96.0.20
   externalIPs: [198.51.100.10]
+  loadBalancerSourceRanges: [' 192.168.010.0/24 ']
   ports: [{name: tcp, port: 80, targetPort: 8080, nodePort: 30090}]
 status:
   loadBalancer:
@@ -178,6 +179,25 @@ metadata: {name: lb-1, namespace: demo, labels: {kubernetes.io/service-name: lb}
 addressType: IPv4
 ports: [{name: tcp, port: 8080}]
 endpoints: [{addresses: [10.244.1.2]}, {addresses: [10.244.1.3]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb-closed, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.21
+  loadBalancerSourceRanges: [10.0.0.0/8]
+  ports: [{name: tcp, port: 80, targetPort: 8080, nodePort: 30091}]
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.20}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-closed-1, namespace: demo, labels: {kubernetes.io/service-name: lb-closed}}
+addressType: IPv4
+ports: [{name: tcp, port: 8080}]
+endpoints: [{addresses: [10.244.1.2]}]
 ";
 
 #[test]
@@ -189,6 +209,10 @@ fn external_and_load_balancer_ips_from_external_client() {
     tcp_reaches_both(client, &format!("{NODE_IP}:30090"), &s.forwarder);
     // ipMode Proxy: the load balancer delivers to the node, not to that IP.
     assert!(tcp_once(client, "203.0.113.11:80").is_err());
+    // Source ranges close the load balancer IP to clients outside them;
+    // the NodePort stays open.
+    assert!(tcp_once(client, "203.0.113.20:80").is_err());
+    assert_eq!(tcp_once(client, &format!("{NODE_IP}:30091")).expect("NodePort"), "pod-a");
 }
 
 const NO_ENDPOINTS: &str = "

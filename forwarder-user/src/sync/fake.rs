@@ -7,6 +7,7 @@ use std::{
 use forwarder_common::{Backend, SvcKey, SvcValue};
 
 use super::{Datapath, MapWriteError};
+use crate::{cidr::Cidr, model::Frontend};
 
 #[derive(Debug, Default)]
 pub struct FakeDatapath {
@@ -14,6 +15,7 @@ pub struct FakeDatapath {
     pub backends: BTreeMap<u32, Backend>,
     pub node_ips: BTreeSet<Ipv4Addr>,
     pub cluster_ips: BTreeSet<Ipv4Addr>,
+    pub source_ranges: BTreeSet<(Frontend, Cidr)>,
     pub snat_addrs: BTreeMap<u32, Ipv4Addr>,
     /// Every write, in order, e.g. `put svc 10.96.0.10:80/6#0`.
     pub log: Vec<String>,
@@ -124,6 +126,20 @@ impl Datapath for FakeDatapath {
 
     fn remove_cluster_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError> {
         self.cluster_ips.remove(&addr);
+        Ok(())
+    }
+
+    fn put_source_range(&mut self, frontend: &Frontend, range: Cidr) -> Result<(), MapWriteError> {
+        self.source_ranges.insert((*frontend, range));
+        Ok(())
+    }
+
+    fn remove_source_range(
+        &mut self,
+        frontend: &Frontend,
+        range: Cidr,
+    ) -> Result<(), MapWriteError> {
+        self.source_ranges.remove(&(*frontend, range));
         Ok(())
     }
 

@@ -193,3 +193,23 @@ fn node_ips_follow_desired_set() {
     assert_eq!(report.writes, 1);
     assert_eq!(dp.node_ips, [b].into());
 }
+
+#[test]
+fn source_ranges_are_in_the_map_whenever_the_flag_is() {
+    let mut dp = FakeDatapath::default();
+    let mut syncer = unlimited();
+    let lb = fe("203.0.113.10", 80);
+    let range: crate::cidr::Cidr = "192.168.10.0/24".parse().unwrap();
+    let mut desired = state(&[(lb, &["10.244.1.2:8080"])]);
+    desired.source_ranges.insert(lb, [range].into());
+    syncer.apply(&desired, &mut dp);
+    let head = dp.services[&svc_key(&lb, 0)];
+    assert_ne!(head.flags & forwarder_common::SVC_SOURCE_RANGES, 0);
+    assert_eq!(dp.source_ranges, [(lb, range)].into());
+
+    desired.source_ranges.clear();
+    syncer.apply(&desired, &mut dp);
+    let head = dp.services[&svc_key(&lb, 0)];
+    assert_eq!(head.flags & forwarder_common::SVC_SOURCE_RANGES, 0);
+    assert!(dp.source_ranges.is_empty());
+}

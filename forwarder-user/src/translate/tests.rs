@@ -181,6 +181,33 @@ endpoints:
 }
 
 #[test]
+fn source_ranges_guard_load_balancer_ips_only() {
+    let services = services(
+        "
+metadata: {name: lb, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.1.1
+  externalIPs: [198.51.100.1]
+  loadBalancerSourceRanges: [' 192.168.010.0/24 ', 10.1.2.3/8, 'fd00::/8', nonsense]
+  ports: [{port: 80, nodePort: 30100}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.10}]}}
+",
+    );
+    let out = translate(&services, &[], "node-a");
+    let cidrs: BTreeSet<crate::cidr::Cidr> =
+        ["10.0.0.0/8".parse().unwrap(), "192.168.10.0/24".parse().unwrap()].into();
+    let expect: BTreeMap<Frontend, BTreeSet<crate::cidr::Cidr>> =
+        [(fe(Some("203.0.113.10"), 80, Proto::Tcp), cidrs)].into();
+    assert_eq!(out.state.source_ranges, expect);
+    let skipped: Vec<String> = out.skipped.iter().map(|s| s.reason.clone()).collect();
+    assert_eq!(
+        skipped,
+        [r#"loadBalancerSourceRanges: "nonsense" is not an IPv4 CIDR (a.b.c.d/n)"#]
+    );
+}
+
+#[test]
 fn translation_table() {
     let cases = vec![
         Case {
