@@ -21,12 +21,15 @@ pub mod map_names {
     pub const AFFINITY: &str = "AFFINITY4_V1";
     pub const CLUSTER_IPS: &str = "CLUSTER_IP4_V1";
     pub const SOURCE_RANGES: &str = "SRC_RANGE4_V1";
+    pub const SOCKET_FRONTENDS: &str = "SOCK_FE4_V1";
     pub const STATS: &str = "STATS_V1";
 }
 
 /// Program names, as seen by `bpftool prog` and `Ebpf::program_mut`.
 pub mod program_names {
     pub const XDP_NODE: &str = "fwd_xdp_node";
+    pub const SOCK_CONNECT: &str = "fwd_sock_connect4";
+    pub const SOCK_PEERNAME: &str = "fwd_sock_peername4";
     pub const TC_POD: &str = "fwd_tc_pod";
     pub const TC_REVERSE_NAT: &str = "fwd_tc_rnat";
 }
@@ -40,6 +43,11 @@ pub const SNAT_ADDRS_MAX: u32 = 4096;
 pub const AFFINITY_MAX: u32 = 65_536;
 pub const CLUSTER_IPS_MAX: u32 = 65_536;
 pub const SOURCE_RANGES_MAX: u32 = 65_536;
+pub const SOCKET_FRONTENDS_MAX: u32 = 65_536;
+
+/// Global set at load time: the network namespace (cookie) whose sockets
+/// the socket-level programs translate, the node's own.
+pub const NODE_NETNS_COOKIE: &str = "NODE_NETNS_COOKIE";
 
 /// Masquerading picks source ports here: above Linux's default ephemeral
 /// range (32768-60999) and the NodePort range, so the node's own sockets and
@@ -254,7 +262,9 @@ pub mod stat {
     /// endpoints, or the ClusterIP does not declare the port.
     pub const REJECT_NO_ENDPOINTS: u32 = 14;
     pub const REJECT_UNKNOWN_PORT: u32 = 15;
-    pub const COUNT: u32 = 16;
+    /// Sockets of the node itself connected straight to a backend.
+    pub const SOCKET_CONNECT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     /// Whether `reason` asks for an ICMP answer rather than a silent drop.
     pub const fn is_reject(reason: u32) -> bool {
@@ -279,6 +289,7 @@ pub mod stat {
         "reverse_snat",
         "reject_no_endpoints",
         "reject_unknown_port",
+        "socket_connect",
     ];
 }
 

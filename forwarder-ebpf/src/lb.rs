@@ -400,3 +400,27 @@ pub fn snat(flow: &Flow, ifindex: u32) -> Decision {
     }
     Err(stat::DROP_SNAT)
 }
+
+/// The backend for a socket of the node itself connecting to `daddr:dport`
+/// (network order): node traffic uses the internal endpoint set, as pods do.
+/// `Ok(None)`: not a frontend.
+#[inline(always)]
+pub fn socket_backend(daddr: u32, dport: u16, proto: u8) -> Result<Option<Nat>, u32> {
+    let flow = Flow { saddr: 0, daddr, sport: 0, dport, proto, first_fragment: false, l4_off: 0 };
+    let Some((svc, head)) = frontend(&flow, Origin::LocalPod) else {
+        // SAFETY: presence check only.
+        if unsafe { CLUSTER_IPS.get(&daddr) }.is_some() {
+            return Err(stat::REJECT_UNKNOWN_PORT);
+        }
+        return Ok(None);
+    };
+    // SAFETY: helper without arguments.
+    let pick = unsafe { bpf_get_prandom_u32() };
+    match choose_backend(svc, pick) {
+        Ok(picked) => Ok(Some(Nat { addr: picked.ct.nat_addr, port: picked.ct.nat_port })),
+        Err(stat::DROP_NO_ENDPOINTS) if head.flags & SVC_DROP_EMPTY == 0 => {
+            Err(stat::REJECT_NO_ENDPOINTS)
+        }
+        Err(reason) => Err(reason),
+    }
+}

@@ -5,7 +5,9 @@
 //! - `fwd_tc_pod` (TC ingress, pod-facing interfaces): the same DNAT for pod
 //!   clients.
 //! - `fwd_tc_rnat` (TC egress, node and pod-facing interfaces): reverse NAT
-//!   of backend replies.
+//!   of backend replies, and masquerading.
+//! - `fwd_sock_connect4`, `fwd_sock_peername4` (cgroup): socket-level
+//!   translation of the node's own connections.
 #![no_std]
 #![no_main]
 
@@ -13,6 +15,7 @@ mod icmp;
 mod lb;
 mod maps;
 mod parse;
+mod sock;
 mod tc;
 mod xdp;
 

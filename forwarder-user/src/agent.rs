@@ -33,6 +33,9 @@ pub struct Config {
     pub healthz_bind_address: SocketAddr,
     /// Node addresses that serve NodePorts; empty means all of them.
     pub nodeport_addresses: Vec<Cidr>,
+    /// cgroup v2 directory for the socket-level programs (node-originated
+    /// traffic); `None`: the root of the mounted cgroup v2 hierarchy.
+    pub cgroup_path: Option<PathBuf>,
 }
 
 /// How often the manifests are checked for changes (edits apply within 1 s).
@@ -94,6 +97,18 @@ impl Agent {
                 XdpAttachMode::Driver => tracing::info!(%iface, "XDP attached in driver mode"),
                 XdpAttachMode::Generic => tracing::warn!(%iface, "XDP attached in generic mode"),
             }
+        }
+        match self.config.cgroup_path.clone().or_else(cgroup2_root).or_else(mount_cgroup2) {
+            Some(cgroup) => match self.dataplane.attach_sockets(&cgroup) {
+                Ok(()) => tracing::info!(cgroup = %cgroup.display(), "socket programs attached"),
+                Err(error) => tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::new(error)),
+                    "node-originated traffic to Services is not translated"
+                ),
+            },
+            None => tracing::warn!(
+                "no cgroup v2 hierarchy: node-originated traffic to Services is not translated"
+            ),
         }
         let mut link_changes = Netlink::changes().context("netlink subscription")?;
         let mut sigterm = signal(SignalKind::terminate())?;
@@ -280,6 +295,33 @@ fn snat_addresses(
         out.insert(forwarder_common::SNAT_ADDR_DEFAULT, primary);
     }
     out
+}
+
+/// Where the cgroup v2 hierarchy is mounted, per /proc/self/mountinfo.
+fn cgroup2_root() -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        let (fields, rest) = line.split_once(" - ")?;
+        (rest.split_whitespace().next() == Some("cgroup2"))
+            .then(|| fields.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+/// Mounts the cgroup v2 hierarchy for ourselves when nobody has (`ip netns
+/// exec` hides the host's mounts under /sys; containers may lack it).
+fn mount_cgroup2() -> Option<PathBuf> {
+    let dir = PathBuf::from("/run/forwarder/cgroup2");
+    std::fs::create_dir_all(&dir).ok()?;
+    let target = std::ffi::CString::new(dir.to_str()?).ok()?;
+    // SAFETY: valid C strings; mounting a filesystem has no memory effects.
+    let rc = unsafe {
+        libc::mount(c"cgroup2".as_ptr(), target.as_ptr(), c"cgroup2".as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "mounting cgroup2");
+        return None;
+    }
+    Some(dir)
 }
 
 /// The addresses NodePorts are served on: the node's own, plus its Node

@@ -5,8 +5,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie},
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
-        xdp::XdpLinkId,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
+        XdpMode, cgroup_sock_addr::CgroupSockAddrLinkId, tc::SchedClassifierLinkId, xdp::XdpLinkId,
     },
     util::KernelVersion,
 };
@@ -249,13 +249,22 @@ impl Datapath for Maps {
 }
 
 /// Loads the object and returns it with the programs loaded (not attached).
-pub fn load_object(capacity: Capacity) -> Result<Ebpf, DataplaneError> {
+/// The socket-level programs act on sockets of the network namespace with
+/// cookie `node_netns` only (0: none).
+pub fn load_object(capacity: Capacity, node_netns: u64) -> Result<Ebpf, DataplaneError> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(map_names::SERVICES, capacity.services)
         .map_max_entries(map_names::BACKENDS, capacity.backends)
         .map_max_entries(map_names::CONNTRACK, capacity.conntrack)
+        .override_global(forwarder_common::NODE_NETNS_COOKIE, &node_netns, true)
         .load(OBJECT)?;
-    for name in [program_names::XDP_NODE, program_names::TC_POD, program_names::TC_REVERSE_NAT] {
+    for name in [
+        program_names::XDP_NODE,
+        program_names::TC_POD,
+        program_names::TC_REVERSE_NAT,
+        program_names::SOCK_CONNECT,
+        program_names::SOCK_PEERNAME,
+    ] {
         let program = ebpf.program_mut(name).ok_or(DataplaneError::Program {
             name,
             source: ProgramError::InvalidName { name: name.to_owned() },
@@ -263,7 +272,8 @@ pub fn load_object(capacity: Capacity) -> Result<Ebpf, DataplaneError> {
         let loaded = match program {
             aya::programs::Program::Xdp(p) => p.load(),
             aya::programs::Program::SchedClassifier(p) => p.load(),
-            _ => unreachable!("the object defines only XDP and TC programs"),
+            aya::programs::Program::CgroupSockAddr(p) => p.load(),
+            _ => unreachable!("the object defines only XDP, TC and socket programs"),
         };
         loaded.map_err(|source| DataplaneError::Program { name, source })?;
     }
@@ -275,6 +285,27 @@ pub fn load_object(capacity: Capacity) -> Result<Ebpf, DataplaneError> {
 pub enum XdpAttachMode {
     Driver,
     Generic,
+}
+
+/// The cookie of the calling thread's network namespace.
+fn current_netns_cookie() -> std::io::Result<u64> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket and an output buffer of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// One TC attachment: which program, and its link.
@@ -291,13 +322,48 @@ pub struct Dataplane {
     node_tc: Vec<(String, TcLink)>,
     /// Pod-facing attachments by ifindex (names can be reused).
     pod_tc: BTreeMap<u32, (String, Vec<TcLink>)>,
+    sock_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
 }
 
 impl Dataplane {
+    /// Loads for the node whose network namespace is the current one.
     pub fn load(capacity: Capacity) -> Result<Self, DataplaneError> {
-        let mut ebpf = load_object(capacity)?;
+        let node_netns = current_netns_cookie().map_err(|source| DataplaneError::Attach {
+            iface: "the network namespace".into(),
+            source: ProgramError::IOError(source),
+        })?;
+        let mut ebpf = load_object(capacity, node_netns)?;
         let maps = Maps::take(&mut ebpf)?;
-        Ok(Self { ebpf, maps, node_xdp: Vec::new(), node_tc: Vec::new(), pod_tc: BTreeMap::new() })
+        Ok(Self {
+            ebpf,
+            maps,
+            node_xdp: Vec::new(),
+            node_tc: Vec::new(),
+            pod_tc: BTreeMap::new(),
+            sock_links: Vec::new(),
+        })
+    }
+
+    /// Attaches the socket-level programs to the cgroup v2 at `cgroup`
+    /// (the root one covers every process); they act on this node's
+    /// network namespace only, so several nodes can share the hierarchy.
+    pub fn attach_sockets(&mut self, cgroup: &std::path::Path) -> Result<(), DataplaneError> {
+        let attach_err =
+            |source| DataplaneError::Attach { iface: cgroup.display().to_string(), source };
+        let dir = std::fs::File::open(cgroup).map_err(|e| attach_err(ProgramError::IOError(e)))?;
+        for name in [program_names::SOCK_CONNECT, program_names::SOCK_PEERNAME] {
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .expect("loaded in load()")
+                .try_into()
+                .expect("socket program");
+            // With BPF links (5.7+) several programs share a cgroup whatever the
+            // mode; the kernel rejects any other mode flag on a link.
+            let link = program.attach(&dir, CgroupAttachMode::Single).map_err(attach_err)?;
+            self.sock_links.push((name, link));
+        }
+        Ok(())
     }
 
     fn xdp(&mut self) -> &mut Xdp {
@@ -393,6 +459,17 @@ impl Dataplane {
 
     /// Detaches every program; run on shutdown.
     pub fn detach_all(&mut self) {
+        for (name, link) in std::mem::take(&mut self.sock_links) {
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .expect("loaded in load()")
+                .try_into()
+                .expect("socket program");
+            if let Err(error) = program.detach(link) {
+                tracing::warn!(program = name, %error, "socket program detach failed");
+            }
+        }
         for index in self.pod_tc.keys().copied().collect::<Vec<_>>() {
             self.detach_pod_iface(index);
         }

@@ -40,6 +40,11 @@ struct RunArgs {
     /// NodePorts (kube-proxy's flag). Default: every local address.
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<Cidr>,
+    /// cgroup v2 directory whose processes' connections to Services are
+    /// translated at the socket (default: the hierarchy's root, every
+    /// process of this node's network namespace).
+    #[arg(long)]
+    cgroup_path: Option<PathBuf>,
 }
 
 /// A parent may have blocked SIGINT/SIGTERM (the mask survives exec); we
@@ -74,6 +79,7 @@ async fn run() -> anyhow::Result<()> {
         pod_iface_globs: args.pod_ifaces,
         healthz_bind_address: args.healthz_bind_address,
         nodeport_addresses: args.nodeport_addresses,
+        cgroup_path: args.cgroup_path,
     })
     .await
 }

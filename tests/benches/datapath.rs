@@ -63,7 +63,7 @@ impl Bench {
             backends: (count + 1024).max(forwarder_common::BACKENDS_MAX),
             conntrack: forwarder_common::CONNTRACK_MAX,
         };
-        let mut ebpf = load_object(capacity).expect("load forwarder programs");
+        let mut ebpf = load_object(capacity, 0).expect("load forwarder programs");
         let mut maps = Maps::take(&mut ebpf).expect("maps");
         let mut syncer = Syncer::new(capacity.services as usize, capacity.backends as usize);
         let report = syncer.apply(&services(count), &mut maps);

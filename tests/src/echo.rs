@@ -114,6 +114,11 @@ impl EchoConn {
         Ok(Self { reader: BufReader::new(stream) })
     }
 
+    /// The peer address the socket reports (getpeername).
+    pub fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.reader.get_ref().peer_addr()
+    }
+
     /// The name of the pod that answered.
     pub fn ask(&mut self) -> std::io::Result<String> {
         Ok(self.ask_seen()?.0)

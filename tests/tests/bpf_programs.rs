@@ -67,7 +67,8 @@ fn default_services() -> Vec<(Frontend, Vec<&'static str>)> {
 
 impl Harness {
     fn new() -> Self {
-        let mut ebpf = load_object(Capacity::default()).expect("eBPF object loads (are you root?)");
+        let mut ebpf =
+            load_object(Capacity::default(), 0).expect("eBPF object loads (are you root?)");
         let maps = Maps::take(&mut ebpf).expect("maps present");
         let mut harness = Self { ebpf, maps, syncer: Syncer::new(usize::MAX, usize::MAX) };
         let report =

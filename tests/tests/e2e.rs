@@ -8,11 +8,12 @@ use std::{
 
 use forwarder_tests::{
     echo::{
-        EchoConn, EchoServer, UdpClient, tcp_connect_error, tcp_once, udp_connected_error, udp_once,
+        EchoConn, EchoServer, UdpClient, tcp_connect_error, tcp_once, tcp_once_seen,
+        udp_connected_error, udp_once,
     },
     forwarder::{Forwarder, attachments},
     netns::NetNs,
-    topology::{NODE_IFACE, NODE_IP, NODE_NAME, Topology},
+    topology::{NODE_IFACE, NODE_IP, NODE_NAME, POD_GATEWAY, Topology},
 };
 
 const CLUSTER_IP: &str = "10.96.0.10";
@@ -232,6 +233,7 @@ fn no_endpoints_and_unknown_ports_refuse_at_once() {
     let s = setup_with("refuse", Some(NO_ENDPOINTS));
     let pod = &s.topology.pod("pod-c").ns;
     for (from, frontend) in [
+        (&s.topology.node, "10.96.0.30:80".to_owned()),
         (&s.topology.client, format!("{NODE_IP}:30099")),
         (pod, "10.96.0.30:80".to_owned()),
         (pod, "10.96.0.30:81".to_owned()),
@@ -251,6 +253,24 @@ fn no_endpoints_and_unknown_ports_refuse_at_once() {
         Some(ErrorKind::ConnectionRefused)
     );
     assert_eq!(udp_connected_error(pod, "10.96.0.30:53"), Some(ErrorKind::ConnectionRefused));
+}
+
+/// Host-network processes of the node (kubelet probes, say) reach Services
+/// too, through the socket-level programs; getpeername shows the frontend.
+#[test]
+fn the_node_itself_reaches_cluster_ips_and_node_ports() {
+    let s = setup("host");
+    let node = &s.topology.node;
+    for frontend in [format!("{CLUSTER_IP}:80"), format!("{NODE_IP}:30080")] {
+        tcp_reaches_both(node, &frontend, &s.forwarder);
+        let conn = EchoConn::connect(node, &frontend).expect("connect");
+        assert_eq!(conn.peer_addr().unwrap().to_string(), frontend, "getpeername");
+    }
+    let seen = tcp_once_seen(node, &format!("{CLUSTER_IP}:80")).expect("request").1;
+    assert!(
+        seen.starts_with("192.168.10.1:") || seen.starts_with(&format!("{}:", POD_GATEWAY)),
+        "{seen}"
+    );
 }
 
 #[test]
