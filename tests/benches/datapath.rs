@@ -35,9 +35,16 @@ fn services(count: u32) -> DesiredState {
     let mut state = DesiredState::default();
     let self_frontend = Frontend::new(Some(SELF_IP), 80, Proto::Tcp);
     state.services.insert(self_frontend, vec![Endpoint { addr: SELF_IP, port: 80 }]);
+    // A NodePort with an endpoint on this node, and one whose endpoint is on
+    // another node (its new flows are masqueraded too).
+    let local: Ipv4Addr = "10.244.1.2".parse().unwrap();
+    state.local_endpoints.insert(local);
+    state
+        .services
+        .insert(Frontend::new(None, 30080, Proto::Tcp), vec![Endpoint { addr: local, port: 8080 }]);
     state.services.insert(
-        Frontend::new(None, 30080, Proto::Tcp),
-        vec![Endpoint { addr: "10.244.1.2".parse().unwrap(), port: 8080 }],
+        Frontend::new(None, 30081, Proto::Tcp),
+        vec![Endpoint { addr: "10.244.2.2".parse().unwrap(), port: 8080 }],
     );
     for i in 2..count {
         let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + i);
@@ -61,7 +68,8 @@ impl Bench {
         let capacity = Capacity {
             services: (count * 2 + 1024).max(forwarder_common::SERVICES_MAX),
             backends: (count + 1024).max(forwarder_common::BACKENDS_MAX),
-            conntrack: forwarder_common::CONNTRACK_MAX,
+            // Room for every flow the rounds open: eviction would be measured too.
+            conntrack: 1 << 20,
         };
         let mut ebpf = load_object(capacity, 0).expect("load forwarder programs");
         let mut maps = Maps::take(&mut ebpf).expect("maps");
@@ -129,23 +137,24 @@ fn main() {
         batch(xdp, established);
         for round in 0..ROUNDS {
             let base = 1000 + (round as u16) * SINGLE_RUNS;
-            let new_flows: Vec<Vec<u8>> = (0..SINGLE_RUNS)
-                .map(|i| {
-                    Packet::tcp(
-                        &format!("192.168.11.{}:{}", round + 1, base.wrapping_add(i)),
-                        "192.168.10.1:30080",
-                    )
-                    .bytes()
-                })
-                .collect();
+            let new_flows = |port: u16| -> Vec<Vec<u8>> {
+                (0..SINGLE_RUNS)
+                    .map(|i| {
+                        let client = format!("192.168.11.{}:{}", round + 1, base.wrapping_add(i));
+                        Packet::tcp(&client, &format!("192.168.10.1:{port}")).bytes()
+                    })
+                    .collect()
+            };
+            let (local_flows, remote_flows) = (new_flows(30080), new_flows(30081));
             let measurements = [
                 ("bare_xdp_pass", "batch", batch(bare_xdp, no_match)),
                 ("no_match", "batch", batch(xdp, no_match)),
                 ("established", "batch", batch(xdp, established)),
                 ("bare_tc_ok", "batch", batch(bare_tc, reply)),
                 ("reply", "batch", batch(rnat, reply)),
-                ("bare_xdp_pass", "single", single(bare_xdp, &new_flows)),
-                ("new_flow", "single", single(xdp, &new_flows)),
+                ("bare_xdp_pass", "single", single(bare_xdp, &local_flows)),
+                ("new_flow", "single", single(xdp, &local_flows)),
+                ("new_flow_masquerade", "single", single(xdp, &remote_flows)),
             ];
             for (path, mode, ns) in measurements {
                 println!(

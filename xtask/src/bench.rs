@@ -8,10 +8,11 @@ use serde_json::{Value, json};
 use crate::setup::{self, workspace_root};
 
 /// Per-packet cost, in the order the table shows it.
-const PATHS: [(&str, &str, &str); 5] = [
+const PATHS: [(&str, &str, &str); 6] = [
     ("no_match", "batch", "bare_xdp_pass"),
     ("established", "batch", "bare_xdp_pass"),
     ("new_flow", "single", "bare_xdp_pass"),
+    ("new_flow_masquerade", "single", "bare_xdp_pass"),
     ("reply", "batch", "bare_tc_ok"),
     ("reply", "batch", "bare_xdp_pass"),
 ];
@@ -76,7 +77,7 @@ pub fn run() -> anyhow::Result<()> {
         }
     }
     writeln!(md, "\nScale: 100,000 Services against 10 (median ns):\n")?;
-    for (path, mode, _) in &PATHS[..4] {
+    for (path, mode, _) in &PATHS[..5] {
         if let (Some((small, ..)), Some((large, ..))) =
             (stats(10, path, mode), stats(100_000, path, mode))
         {
