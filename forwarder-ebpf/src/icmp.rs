@@ -72,6 +72,22 @@ fn write_headers<const L4: usize, const QUOTE_WORDS: usize>(
         let ip_check = checksum::<{ IP_LEN / 2 }>(ip as usize);
         (ip.add(10) as *mut u16).write_unaligned(ip_check);
 
+        // A CHECKSUM_PARTIAL skb keeps pointing its L4 checksum at the
+        // quoted header, and anything on the way may complete it. Give the
+        // field the value completion reproduces, so the ICMP checksum below
+        // holds either way: F = -S / 2 (mod 0xffff), S the sum of the other
+        // quoted words, solves F = ~(S + F).
+        let quoted_l4 = ip.add(IP_LEN + ICMP_LEN + IP_LEN);
+        let field = quoted_l4.add(if L4 == TCP_LEN { 16 } else { 6 }) as *mut u16;
+        field.write_unaligned(0);
+        let others = if L4 == TCP_LEN {
+            !checksum::<{ TCP_LEN / 2 }>(quoted_l4 as usize)
+        } else {
+            !checksum::<{ UDP_LEN / 2 }>(quoted_l4 as usize)
+        };
+        let fixed = ((u32::from(!others) * 0x8000) % 0xffff) as u16;
+        field.write_unaligned(fixed);
+
         let icmp = ip.add(IP_LEN);
         let header: [u8; ICMP_LEN] = [3, 3, 0, 0, 0, 0, 0, 0];
         core::ptr::copy_nonoverlapping(header.as_ptr(), icmp, ICMP_LEN);
@@ -118,10 +134,9 @@ pub fn reject_xdp(ctx: &XdpContext, flow: &Flow) -> Result<u32, u32> {
 /// Answers from TC ingress: insert room after the Ethernet header, trim to
 /// the quote, redirect out the interface the packet came from.
 ///
-/// The skb may stay CHECKSUM_PARTIAL (adjusting room does not reset it,
-/// and the quote keeps the L4 checksum field it points at, which is why
-/// the whole L4 header is quoted): the answer only crosses the pod's veth,
-/// whose receiver treats partial checksums as verified.
+/// The skb may stay CHECKSUM_PARTIAL (adjusting room does not reset it; the
+/// whole L4 header is quoted so the field it points at stays in the
+/// packet): `write_headers` makes the quote immune to its completion.
 #[inline(always)]
 pub fn reject_tc(ctx: &TcContext, flow: &Flow) -> Result<i32, u32> {
     // SAFETY: the context's skb pointer is valid for the program's run.

@@ -88,6 +88,7 @@ struct Agent {
 
 impl Agent {
     async fn run(&mut self) -> anyhow::Result<()> {
+        reserve_masquerade_ports();
         for iface in &self.config.ifaces {
             let mode = self
                 .dataplane
@@ -166,7 +167,7 @@ impl Agent {
             Ok(flows) => tracing::info!(flows, "removed UDP flows to endpoints that left"),
             Err(error) => tracing::warn!(%error, "removing stale UDP flows failed"),
         }
-        self.reconcile_health_checks(&translation.health_checks);
+        let health_checks_bound = self.reconcile_health_checks(&translation.health_checks);
         self.applied = translation.state;
         self.health.synced();
         tracing::info!(
@@ -175,12 +176,13 @@ impl Agent {
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "synced"
         );
-        report.errors.is_empty()
+        report.errors.is_empty() && health_checks_bound
     }
 
     /// Serves a health check node port per `externalTrafficPolicy: Local`
-    /// Service, with its current count of local endpoints.
-    fn reconcile_health_checks(&mut self, wanted: &BTreeMap<u16, HealthCheck>) {
+    /// Service, with its current count of local endpoints. Returns whether
+    /// every port is served (a failed bind is retried with the sync).
+    fn reconcile_health_checks(&mut self, wanted: &BTreeMap<u16, HealthCheck>) -> bool {
         self.health_checks.retain(|port, (health, task)| {
             let keep = wanted
                 .get(port)
@@ -190,6 +192,7 @@ impl Agent {
             }
             keep
         });
+        let mut all_bound = true;
         for (port, check) in wanted {
             let count = check.local_endpoints as u64;
             if let Some((health, _)) = self.health_checks.get(port) {
@@ -209,10 +212,15 @@ impl Agent {
                     let task = tokio::spawn(healthz::serve(listener, health.clone()));
                     self.health_checks.insert(*port, (health, task));
                 }
-                // Retried at the next sync.
-                Err(error) => tracing::warn!(port, %error, "health check node port unavailable"),
+                // A port just released by an aborted server may still be
+                // busy: the failed sync is retried.
+                Err(error) => {
+                    tracing::warn!(port, %error, "health check node port unavailable");
+                    all_bound = false;
+                }
             }
         }
+        all_bound
     }
 
     /// Attaches to new pod-facing interfaces, forgets vanished ones, and
@@ -295,6 +303,28 @@ fn snat_addresses(
         out.insert(forwarder_common::SNAT_ADDR_DEFAULT, primary);
     }
     out
+}
+
+/// Keeps the node's own sockets off the masquerade ports, whose replies
+/// the datapath would take (net.ipv4.ip_local_reserved_ports).
+fn reserve_masquerade_ports() {
+    use forwarder_common::{SNAT_PORT_COUNT, SNAT_PORT_MIN};
+    let path = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let range =
+        format!("{}-{}", SNAT_PORT_MIN, u32::from(SNAT_PORT_MIN) + u32::from(SNAT_PORT_COUNT) - 1);
+    let current = std::fs::read_to_string(path).unwrap_or_default();
+    if current.split(',').any(|r| r.trim() == range) {
+        return;
+    }
+    let value = if current.trim().is_empty() {
+        range.clone()
+    } else {
+        format!("{},{range}", current.trim())
+    };
+    match std::fs::write(path, value) {
+        Ok(()) => tracing::info!(%range, "reserved the masquerade ports from local sockets"),
+        Err(error) => tracing::warn!(%range, %error, "could not reserve the masquerade ports"),
+    }
 }
 
 /// Where the cgroup v2 hierarchy is mounted, per /proc/self/mountinfo.

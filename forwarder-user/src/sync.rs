@@ -164,7 +164,14 @@ impl Syncer {
             }
         }
         self.collect_backends(dp, &mut report);
-        for (frontend, endpoints) in &desired.services {
+        // Internal-scope entries first: the external entry's flag pointing at
+        // one must never come before it.
+        let ordered = desired
+            .services
+            .iter()
+            .filter(|(f, _)| f.scope == Scope::Internal)
+            .chain(desired.services.iter().filter(|(f, _)| f.scope == Scope::External));
+        for (frontend, endpoints) in ordered {
             let endpoints = if endpoints.len() > MAX_SLOTS {
                 report.errors.push(format!(
                     "{frontend}: {} endpoints, only the first {MAX_SLOTS} are used",

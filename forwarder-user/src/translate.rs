@@ -58,9 +58,9 @@ const IGNORE_LABELS: [&str; 2] =
 /// rule applies within this node's endpoints for a `Local` policy.
 ///
 /// ClusterIPs follow `internalTrafficPolicy`. External frontends (node
-/// ports, external and load balancer IPs) follow `externalTrafficPolicy`;
-/// with `Local`, pods on this node still get the internal policy's
-/// endpoints, in a separate `Scope::Internal` entry.
+/// ports, external and load balancer IPs) follow `externalTrafficPolicy`
+/// for traffic from outside; pods and the node itself reach them through
+/// every endpoint (a separate `Scope::Internal` entry where that differs).
 pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str) -> Translation {
     let mut out = Translation::default();
     let mut owner: BTreeMap<Frontend, String> = BTreeMap::new();
@@ -135,10 +135,11 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str
             for (addr, port) in external_ports {
                 let frontend = Frontend::new(addr, port, proto);
                 entries.push((frontend, external));
-                // Only `Local` short-circuits pods to the internal policy,
-                // as kube-proxy does.
-                if external_local && external != internal {
-                    entries.push((Frontend { scope: Scope::Internal, ..frontend }, internal));
+                // Pods and the node itself reach an external frontend
+                // "subject to neither traffic policy" (kube-proxy): with
+                // `Local`, they get every endpoint in their own entry.
+                if external_local && *external != cluster {
+                    entries.push((Frontend { scope: Scope::Internal, ..frontend }, &cluster));
                 }
             }
             for (frontend, endpoints) in entries {

@@ -158,9 +158,17 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
 /// address the client targeted, quoting the IPv4 and TCP/UDP headers.
 pub fn port_unreachable(frame: &[u8]) -> Vec<u8> {
     let ip = &frame[14..];
-    let quote = &ip[..if ip[9] == PROTO_TCP { 40 } else { 28 }];
+    let mut quote = ip[..if ip[9] == PROTO_TCP { 40 } else { 28 }].to_vec();
+    // The quoted L4 checksum field holds F with F = ~(S + F): completing a
+    // partial checksum over the quote leaves it unchanged.
+    let field = 20 + if ip[9] == PROTO_TCP { 16 } else { 6 };
+    quote[field..field + 2].copy_from_slice(&[0, 0]);
+    let others = !csum::compute(&quote[20..], 0);
+    let fixed = ((u32::from(!others) * 0x8000) % 0xffff) as u16;
+    quote[field..field + 2].copy_from_slice(&fixed.to_be_bytes());
+    assert_eq!(csum::compute(&quote[20..], 0), fixed, "completion would rewrite the quoted field");
     let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
-    icmp.extend_from_slice(quote);
+    icmp.extend_from_slice(&quote);
     let c = csum::compute(&icmp, 0);
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
     let total = (20 + icmp.len()) as u16;

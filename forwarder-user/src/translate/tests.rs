@@ -476,7 +476,7 @@ spec: {type: NodePort, clusterIP: 10.96.1.1, internalTrafficPolicy: Local, ports
             skipped: vec![],
         },
         Case {
-            name: "both policies Local: one entry, the same set for everyone",
+            name: "both policies Local: pods still reach every endpoint of external frontends",
             services: "
 metadata: {name: etp, namespace: demo}
 spec: {type: NodePort, clusterIP: 10.96.1.1, internalTrafficPolicy: Local, externalTrafficPolicy: Local,
@@ -485,6 +485,7 @@ spec: {type: NodePort, clusterIP: 10.96.1.1, internalTrafficPolicy: Local, exter
             slices: POLICY_SLICES,
             expect: vec![
                 (fe(None, 30100, Proto::Tcp), vec!["10.244.1.2:8080"]),
+                (fi(None, 30100, Proto::Tcp), vec!["10.244.1.2:8080", "10.244.2.2:8080"]),
                 (fe(Some("10.96.1.1"), 80, Proto::Tcp), vec!["10.244.1.2:8080"]),
             ],
             skipped: vec![],
