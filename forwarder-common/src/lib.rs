@@ -21,7 +21,7 @@ pub mod map_names {
     pub const AFFINITY: &str = "AFFINITY4_V1";
     pub const CLUSTER_IPS: &str = "CLUSTER_IP4_V1";
     pub const SOURCE_RANGES: &str = "SRC_RANGE4_V1";
-    pub const SOCKET_FRONTENDS: &str = "SOCK_FE4_V1";
+    pub const SOCKET_NAT: &str = "SOCK_NAT4_V1";
     pub const STATS: &str = "STATS_V1";
 }
 
@@ -29,6 +29,8 @@ pub mod map_names {
 pub mod program_names {
     pub const XDP_NODE: &str = "fwd_xdp_node";
     pub const SOCK_CONNECT: &str = "fwd_sock_connect4";
+    pub const SOCK_SENDMSG: &str = "fwd_sock_sendmsg4";
+    pub const SOCK_RECVMSG: &str = "fwd_sock_recvmsg4";
     pub const SOCK_PEERNAME: &str = "fwd_sock_peername4";
     pub const TC_POD: &str = "fwd_tc_pod";
     pub const TC_REVERSE_NAT: &str = "fwd_tc_rnat";
@@ -43,7 +45,7 @@ pub const SNAT_ADDRS_MAX: u32 = 4096;
 pub const AFFINITY_MAX: u32 = 65_536;
 pub const CLUSTER_IPS_MAX: u32 = 65_536;
 pub const SOURCE_RANGES_MAX: u32 = 65_536;
-pub const SOCKET_FRONTENDS_MAX: u32 = 65_536;
+pub const SOCKET_NAT_MAX: u32 = 65_536;
 
 /// Global set at load time: the network namespace (cookie) whose sockets
 /// the socket-level programs translate, the node's own.
@@ -136,6 +138,17 @@ pub struct SourceRangeKey {
     pub proto: u8,
     pub scope: u8,
     pub src: u32,
+}
+
+/// What a node socket (by cookie) was sent to instead of the frontend the
+/// application named: replies and `getpeername` are shown from the frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockNat {
+    pub frontend_addr: u32,
+    pub backend_addr: u32,
+    pub frontend_port: u16,
+    pub backend_port: u16,
 }
 
 /// Bits of `SourceRangeKey` before `src`.
@@ -297,6 +310,7 @@ const _: () = assert!(size_of::<SvcKey>() == 12);
 const _: () = assert!(size_of::<SvcValue>() == 12);
 const _: () = assert!(size_of::<AffinityKey>() == 12);
 const _: () = assert!(size_of::<SourceRangeKey>() == 12);
+const _: () = assert!(size_of::<SockNat>() == 12);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<Backend>() == 8);
 const _: () = assert!(size_of::<CtKey>() == 16);
@@ -312,5 +326,6 @@ mod pod {
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::SourceRangeKey {}
+    unsafe impl aya::Pod for super::SockNat {}
     unsafe impl aya::Pod for super::AffinityValue {}
 }

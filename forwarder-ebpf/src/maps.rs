@@ -5,8 +5,8 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, CLUSTER_IPS_MAX,
-    CONNTRACK_MAX, CtKey, CtValue, NODE_IPS_MAX, SERVICES_MAX, SNAT_ADDRS_MAX,
-    SOCKET_FRONTENDS_MAX, SOURCE_RANGES_MAX, SourceRangeKey, SvcKey, SvcValue, stat,
+    CONNTRACK_MAX, CtKey, CtValue, NODE_IPS_MAX, SERVICES_MAX, SNAT_ADDRS_MAX, SOCKET_NAT_MAX,
+    SOURCE_RANGES_MAX, SockNat, SourceRangeKey, SvcKey, SvcValue, stat,
 };
 
 #[map(name = "SVC4_V1")]
@@ -43,11 +43,10 @@ pub static CLUSTER_IPS: HashMap<u32, u32> = HashMap::with_max_entries(CLUSTER_IP
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
     LpmTrie::with_max_entries(SOURCE_RANGES_MAX, 0);
 
-/// Socket cookie -> the frontend a node socket was connected to, so
-/// `getpeername` shows the address the application asked for.
-#[map(name = "SOCK_FE4_V1")]
-pub static SOCKET_FRONTENDS: LruHashMap<u64, CtValue> =
-    LruHashMap::with_max_entries(SOCKET_FRONTENDS_MAX, 0);
+/// Socket cookie -> the frontend a node socket named and the backend it was
+/// sent to, so replies and `getpeername` show the frontend.
+#[map(name = "SOCK_NAT4_V1")]
+pub static SOCKET_NAT: LruHashMap<u64, SockNat> = LruHashMap::with_max_entries(SOCKET_NAT_MAX, 0);
 
 #[map(name = "STATS_V1")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);

@@ -1,19 +1,20 @@
 //! Socket-level translation for traffic the node itself originates
-//! (host-network processes, kubelet probes): `connect()` to a frontend is
-//! turned into a connection to a backend, so no packet ever carries the
-//! frontend address; `getpeername()` still shows it. Attached to the root
-//! cgroup, it acts only on sockets of the node's network namespace.
+//! (host-network processes: kubelet probes, DNS lookups). `connect()` and
+//! `sendto()` to a frontend go to a backend instead, so no packet carries
+//! the frontend address; replies (`recvfrom`) and `getpeername()` still show
+//! the frontend, as resolvers check. Attached to the root cgroup, the
+//! programs act only on sockets of the node's network namespace.
 use aya_ebpf::{
-    bindings::BPF_ANY,
+    bindings::{BPF_ANY, bpf_sock_addr},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use forwarder_common::{CtValue, PROTO_TCP, PROTO_UDP, stat};
+use forwarder_common::{PROTO_TCP, PROTO_UDP, SockNat, stat};
 
 use crate::{
     lb,
-    maps::{SOCKET_FRONTENDS, count},
+    maps::{SOCKET_NAT, count},
 };
 
 /// The node's network namespace cookie, set at load time.
@@ -33,64 +34,97 @@ fn on_node(ctx: &SockAddrContext) -> bool {
     }
 }
 
-#[cgroup_sock_addr(connect4)]
-pub fn fwd_sock_connect4(ctx: SockAddrContext) -> i32 {
-    match try_connect4(&ctx) {
-        Ok(verdict) => verdict,
-        // No usable endpoint: "connection refused", as the ICMP reject
-        // gives other clients.
-        Err(reason) if stat::is_reject(reason) => {
-            count(reason);
-            // SAFETY: plain helper call.
-            unsafe { bpf_set_retval(-ECONNREFUSED) };
-            DENY
+#[inline(always)]
+fn cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: helper on our context.
+    unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
+}
+
+/// Sends a socket that names a frontend to a backend. A drop decision
+/// (a `Local` policy without endpoint here) denies the call rather than
+/// let the frontend address leak onto the wire; a reject also reports
+/// "connection refused", as the ICMP answer does for other clients.
+#[inline(always)]
+fn translate(ctx: &SockAddrContext) -> i32 {
+    if !on_node(ctx) {
+        return ALLOW;
+    }
+    // SAFETY: the context's pointer is valid for the program's run.
+    let addr: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    let proto = match addr.protocol {
+        6 => PROTO_TCP,
+        17 => PROTO_UDP,
+        _ => return ALLOW,
+    };
+    let (daddr, dport) = (addr.user_ip4, addr.user_port as u16);
+    match lb::socket_backend(daddr, dport, proto) {
+        Ok(Some(backend)) => {
+            let nat = SockNat {
+                frontend_addr: daddr,
+                backend_addr: backend.addr,
+                frontend_port: dport,
+                backend_port: backend.port,
+            };
+            // Best effort: without it replies show the backend.
+            let _ = SOCKET_NAT.insert(&cookie(ctx), &nat, u64::from(BPF_ANY));
+            addr.user_ip4 = backend.addr;
+            addr.user_port = u32::from(backend.port);
+            count(stat::SOCKET_CONNECT);
+            ALLOW
         }
-        // Any other failure leaves the socket alone: the packet path still
-        // sees the frontend address.
+        Ok(None) => {
+            // Not (or no longer) talking to a frontend.
+            let _ = SOCKET_NAT.remove(&cookie(ctx));
+            ALLOW
+        }
         Err(reason) => {
             count(reason);
-            ALLOW
+            if stat::is_reject(reason) {
+                // SAFETY: plain helper call.
+                unsafe { bpf_set_retval(-ECONNREFUSED) };
+            }
+            DENY
         }
     }
 }
 
-fn try_connect4(ctx: &SockAddrContext) -> Result<i32, u32> {
+#[cgroup_sock_addr(connect4)]
+pub fn fwd_sock_connect4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx)
+}
+
+/// `sendto()` on an unconnected UDP socket.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn fwd_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx)
+}
+
+/// Shows the frontend instead of the backend the socket was sent to.
+#[inline(always)]
+fn restore(ctx: &SockAddrContext) -> i32 {
     if !on_node(ctx) {
-        return Ok(ALLOW);
+        return ALLOW;
     }
     // SAFETY: the context's pointer is valid for the program's run.
-    let addr = unsafe { &mut *ctx.sock_addr };
-    let proto = match addr.protocol {
-        6 => PROTO_TCP,
-        17 => PROTO_UDP,
-        _ => return Ok(ALLOW),
-    };
-    let (daddr, dport) = (addr.user_ip4, addr.user_port as u16);
-    let Some(backend) = lb::socket_backend(daddr, dport, proto)? else {
-        return Ok(ALLOW);
-    };
-    // SAFETY: helper on our context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let frontend = CtValue { nat_addr: daddr, nat_port: dport, _pad: 0, backend_id: 0 };
-    // Best effort: without it getpeername shows the backend.
-    let _ = SOCKET_FRONTENDS.insert(&cookie, &frontend, u64::from(BPF_ANY));
-    addr.user_ip4 = backend.addr;
-    addr.user_port = u32::from(backend.port);
-    count(stat::SOCKET_CONNECT);
-    Ok(ALLOW)
+    let addr: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: copied out immediately.
+    if let Some(nat) = unsafe { SOCKET_NAT.get(&cookie(ctx)) }.copied()
+        && addr.user_ip4 == nat.backend_addr
+        && addr.user_port as u16 == nat.backend_port
+    {
+        addr.user_ip4 = nat.frontend_addr;
+        addr.user_port = u32::from(nat.frontend_port);
+    }
+    ALLOW
+}
+
+/// The source of a received datagram (`recvfrom`).
+#[cgroup_sock_addr(recvmsg4)]
+pub fn fwd_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn fwd_sock_peername4(ctx: SockAddrContext) -> i32 {
-    if on_node(&ctx) {
-        // SAFETY: helper on our context; the pointer is valid for the run.
-        unsafe {
-            let cookie = bpf_get_socket_cookie(ctx.sock_addr.cast());
-            if let Some(frontend) = SOCKET_FRONTENDS.get(&cookie) {
-                (*ctx.sock_addr).user_ip4 = frontend.nat_addr;
-                (*ctx.sock_addr).user_port = u32::from(frontend.nat_port);
-            }
-        }
-    }
-    ALLOW
+    restore(&ctx)
 }

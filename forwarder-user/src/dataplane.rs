@@ -263,6 +263,8 @@ pub fn load_object(capacity: Capacity, node_netns: u64) -> Result<Ebpf, Dataplan
         program_names::TC_POD,
         program_names::TC_REVERSE_NAT,
         program_names::SOCK_CONNECT,
+        program_names::SOCK_SENDMSG,
+        program_names::SOCK_RECVMSG,
         program_names::SOCK_PEERNAME,
     ] {
         let program = ebpf.program_mut(name).ok_or(DataplaneError::Program {
@@ -351,7 +353,12 @@ impl Dataplane {
         let attach_err =
             |source| DataplaneError::Attach { iface: cgroup.display().to_string(), source };
         let dir = std::fs::File::open(cgroup).map_err(|e| attach_err(ProgramError::IOError(e)))?;
-        for name in [program_names::SOCK_CONNECT, program_names::SOCK_PEERNAME] {
+        for name in [
+            program_names::SOCK_CONNECT,
+            program_names::SOCK_SENDMSG,
+            program_names::SOCK_RECVMSG,
+            program_names::SOCK_PEERNAME,
+        ] {
             let program: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)

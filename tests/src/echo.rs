@@ -190,6 +190,21 @@ pub fn tcp_connect_error(ns: &NetNs, addr: &str) -> (std::io::ErrorKind, Duratio
     (kind, started.elapsed())
 }
 
+/// One UDP request on a connected socket: who answered, and the source of
+/// the reply as `recvfrom` reports it.
+pub fn udp_once_connected(
+    ns: &NetNs,
+    addr: &str,
+) -> std::io::Result<(String, std::net::SocketAddr)> {
+    let socket = ns.run(|| UdpSocket::bind("0.0.0.0:0"))?;
+    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+    ns.run(|| socket.connect(addr))?;
+    socket.send(b"who")?;
+    let mut buf = [0u8; 256];
+    let (n, from) = socket.recv_from(&mut buf)?;
+    Ok((split_answer(&String::from_utf8_lossy(&buf[..n])).0, from))
+}
+
 /// A UDP request on a connected socket, which reports ICMP errors.
 pub fn udp_connected_error(ns: &NetNs, addr: &str) -> Option<std::io::ErrorKind> {
     let socket = ns.run(|| UdpSocket::bind("0.0.0.0:0")).ok()?;

@@ -9,7 +9,7 @@ use std::{
 use forwarder_tests::{
     echo::{
         EchoConn, EchoServer, UdpClient, tcp_connect_error, tcp_once, tcp_once_seen,
-        udp_connected_error, udp_once,
+        udp_connected_error, udp_once, udp_once_connected,
     },
     forwarder::{Forwarder, attachments},
     netns::NetNs,
