@@ -221,6 +221,18 @@ pub struct CtKey {
     pub _pad: [u8; 2],
 }
 
+/// `CtValue::flags`: the flow is masqueraded (forward entries).
+pub const CT_MASQUERADE: u16 = 1;
+/// `CtValue::flags`: a FIN or RST was seen (masquerade reply entries).
+pub const CT_CLOSING: u16 = 2;
+
+/// A masquerade port whose flow closed may be reused this many seconds
+/// after its last packet...
+pub const SNAT_CLOSED_TIMEOUT: u32 = 10;
+/// ...and one whose flow went idle, after these (Cilium's defaults).
+pub const SNAT_TCP_IDLE_TIMEOUT: u32 = 21_600;
+pub const SNAT_UDP_IDLE_TIMEOUT: u32 = 60;
+
 /// Value of the conntrack map: the address to write into the packet.
 ///
 /// Keeping the backend's address in the forward entry, not only its id,
@@ -231,8 +243,18 @@ pub struct CtKey {
 pub struct CtValue {
     pub nat_addr: u32,
     pub nat_port: u16,
-    pub _pad: u16,
+    /// `CT_*` flags.
+    pub flags: u16,
     pub backend_id: u32,
+    /// Seconds (monotonic, coarse) of the last packet, kept up to date on
+    /// the masquerade entries, whose ports are reclaimed by age.
+    pub last_seen: u32,
+}
+
+impl CtValue {
+    pub const fn new(nat_addr: u32, nat_port: u16, backend_id: u32) -> Self {
+        Self { nat_addr, nat_port, flags: 0, backend_id, last_seen: 0 }
+    }
 }
 
 /// Per-CPU counters (`STATS_V1` index). Drops are counted by reason; a few
@@ -254,7 +276,8 @@ pub mod stat {
     /// A new flow would become, after DNAT, the same tuple as a live flow
     /// from the same client address and port to another frontend.
     pub const DROP_CT_COLLISION: u32 = 5;
-    /// No free source port to masquerade with, or no address to use.
+    /// No free source port to masquerade with (every port to that backend
+    /// is held by a live flow), or no address to use.
     pub const DROP_SNAT: u32 = 6;
     /// A reject could not be answered (IP options, a GSO packet, a helper
     /// failure): dropped instead.
@@ -314,7 +337,7 @@ const _: () = assert!(size_of::<SockNat>() == 12);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<Backend>() == 8);
 const _: () = assert!(size_of::<CtKey>() == 16);
-const _: () = assert!(size_of::<CtValue>() == 12);
+const _: () = assert!(size_of::<CtValue>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -1,14 +1,15 @@
 //! Service lookup, backend choice and connection tracking.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     maps::lpm_trie::Key,
 };
 use forwarder_common::{
-    AffinityKey, AffinityValue, BACKEND_LOCAL, CT_FORWARD, CT_REPLY, CT_SNAT, CT_SNAT_REPLY, CtKey,
-    CtValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_ADDR_DEFAULT, SNAT_PORT_COUNT, SNAT_PORT_MIN,
-    SOURCE_RANGE_FRONTEND_BITS, SVC_DROP_EMPTY, SVC_HAS_INTERNAL, SVC_SOURCE_RANGES,
-    SourceRangeKey, SvcKey, SvcValue, stat,
+    AffinityKey, AffinityValue, BACKEND_LOCAL, CT_CLOSING, CT_FORWARD, CT_MASQUERADE, CT_REPLY,
+    CT_SNAT, CT_SNAT_REPLY, CtKey, CtValue, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SNAT_ADDR_DEFAULT, SNAT_CLOSED_TIMEOUT, SNAT_PORT_COUNT, SNAT_PORT_MIN, SNAT_TCP_IDLE_TIMEOUT,
+    SNAT_UDP_IDLE_TIMEOUT, SOURCE_RANGE_FRONTEND_BITS, SVC_DROP_EMPTY, SVC_HAS_INTERNAL,
+    SVC_SOURCE_RANGES, SourceRangeKey, SvcKey, SvcValue, stat,
 };
 
 use crate::{
@@ -78,8 +79,7 @@ fn reply_entry(flow: &Flow, fwd: &CtValue) -> (CtKey, CtValue) {
         _pad: [0; 2],
     };
     // The address the client used, not the wildcard of a NodePort entry.
-    let value =
-        CtValue { nat_addr: flow.daddr, nat_port: flow.dport, _pad: 0, backend_id: fwd.backend_id };
+    let value = CtValue::new(flow.daddr, flow.dport, fwd.backend_id);
     (key, value)
 }
 
@@ -136,11 +136,11 @@ fn new_flow(
         // Best effort: without the binding the next flow is balanced anew.
         let _ = AFFINITY.insert(&affinity_key(flow, svc), &bound, u64::from(BPF_ANY));
     }
-    let chosen = picked.ct;
     let masquerade = match origin {
         Origin::Outside => !picked.local,
-        Origin::LocalPod => chosen.nat_addr == flow.saddr,
+        Origin::LocalPod => picked.ct.nat_addr == flow.saddr,
     };
+    let chosen = CtValue { flags: if masquerade { CT_MASQUERADE } else { 0 }, ..picked.ct };
     if CONNTRACK.insert(key, &chosen, u64::from(BPF_NOEXIST)).is_err() {
         // Another CPU created the flow first: follow its choice.
         // SAFETY: copied out immediately.
@@ -151,13 +151,22 @@ fn new_flow(
     let (reply_key, reply) = reply_entry(flow, &chosen);
     CONNTRACK.insert(&reply_key, &reply, u64::from(BPF_ANY)).map_err(|_| stat::DROP_CT_INSERT)?;
     if masquerade {
-        // The egress program fills in the address and port: it knows the
-        // interface. An existing entry keeps its allocation.
-        let snat = CtKey { daddr: chosen.nat_addr, dport: chosen.nat_port, dir: CT_SNAT, ..*key };
-        let pending = CtValue { nat_addr: 0, nat_port: 0, _pad: 0, backend_id: chosen.backend_id };
-        let _ = CONNTRACK.insert(&snat, &pending, u64::from(BPF_NOEXIST));
+        ensure_snat(key, &chosen);
     }
     Ok(chosen)
+}
+
+/// Makes sure a masqueraded flow has its SNAT entry, also after LRU
+/// eviction took it: the egress program fills in the address and port (it
+/// knows the interface); an existing entry keeps its allocation.
+#[inline(always)]
+fn ensure_snat(forward: &CtKey, fwd: &CtValue) {
+    let snat = CtKey { daddr: fwd.nat_addr, dport: fwd.nat_port, dir: CT_SNAT, ..*forward };
+    // SAFETY: presence check only.
+    if unsafe { CONNTRACK.get(&snat) }.is_none() {
+        let pending = CtValue::new(0, 0, fwd.backend_id);
+        let _ = CONNTRACK.insert(&snat, &pending, u64::from(BPF_NOEXIST));
+    }
 }
 
 /// Whether a live flow from the same client address and port to another
@@ -227,7 +236,7 @@ fn backend_in_slot(svc: SvcKey, slot: u16) -> Option<Picked> {
     let id = unsafe { SERVICES.get(&SvcKey { slot, ..svc }) }?.backend_id;
     // SAFETY: copied out immediately.
     let backend = unsafe { BACKENDS.get(&id) }.copied()?;
-    let ct = CtValue { nat_addr: backend.addr, nat_port: backend.port, _pad: 0, backend_id: id };
+    let ct = CtValue::new(backend.addr, backend.port, id);
     Some(Picked { ct, local: backend.flags & BACKEND_LOCAL != 0, slot })
 }
 
@@ -293,6 +302,9 @@ pub fn service_dnat(flow: &Flow, origin: Origin) -> Decision {
     let fwd = match unsafe { CONNTRACK.get(&key) }.copied() {
         Some(existing) => {
             ensure_reply(flow, &existing)?;
+            if existing.flags & CT_MASQUERADE != 0 {
+                ensure_snat(&key, &existing);
+            }
             existing
         }
         None => match new_flow(flow, &key, svc, &head, origin) {
@@ -340,14 +352,42 @@ pub fn reverse_snat(flow: &Flow) -> Decision {
     if u16::from_be(flow.dport) < SNAT_PORT_MIN {
         return Ok(None);
     }
-    // SAFETY: copied out immediately.
-    let Some(entry) = (unsafe { CONNTRACK.get(&key_of(flow, CT_SNAT_REPLY)) }).copied() else {
+    let Some(entry) = CONNTRACK.get_ptr_mut(&key_of(flow, CT_SNAT_REPLY)) else {
         return Ok(None);
     };
     if flow.first_fragment {
         return Err(stat::DROP_FRAGMENT);
     }
+    // SAFETY: a live map value; racing writers only store a time or a flag.
+    let entry = unsafe {
+        touch(&mut *entry, flow.closing);
+        *entry
+    };
     Ok(Some(Nat { addr: entry.nat_addr, port: entry.nat_port }))
+}
+
+#[inline(always)]
+fn now_seconds() -> u32 {
+    // SAFETY: helper without arguments.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+/// Records a packet of a masqueraded flow on its port's entry: its age and
+/// whether it is closing decide when the port may be reused.
+#[inline(always)]
+fn touch(entry: &mut CtValue, closing: bool) {
+    entry.last_seen = now_seconds();
+    if closing {
+        entry.flags |= CT_CLOSING;
+    }
+}
+
+/// Whether a masquerade port's entry belongs to a finished flow.
+#[inline(always)]
+fn reclaimable(entry: &CtValue, proto: u8) -> bool {
+    let age = now_seconds().saturating_sub(entry.last_seen);
+    let idle = if proto == PROTO_TCP { SNAT_TCP_IDLE_TIMEOUT } else { SNAT_UDP_IDLE_TIMEOUT };
+    age > idle || (entry.flags & CT_CLOSING != 0 && age > SNAT_CLOSED_TIMEOUT)
 }
 
 /// Masquerading of a flow marked at DNAT time, on the interface it leaves
@@ -362,8 +402,30 @@ pub fn snat(flow: &Flow, ifindex: u32) -> Decision {
     if flow.first_fragment {
         return Err(stat::DROP_FRAGMENT);
     }
+    let restore = CtValue {
+        flags: if flow.closing { CT_CLOSING } else { 0 },
+        last_seen: now_seconds(),
+        ..CtValue::new(flow.saddr, flow.sport, entry.backend_id)
+    };
     if entry.nat_addr != 0 {
-        return Ok(Some(Nat { addr: entry.nat_addr, port: entry.nat_port }));
+        // The port is ours as long as its reply entry restores this client;
+        // LRU eviction may have taken it, and another flow the port.
+        let reply = snat_reply_key(flow, entry.nat_addr, entry.nat_port);
+        match CONNTRACK.get_ptr_mut(&reply) {
+            // SAFETY: a live map value; racing writers only store a time or a flag.
+            Some(held)
+                if unsafe { (*held).nat_addr == flow.saddr && (*held).nat_port == flow.sport } =>
+            {
+                unsafe { touch(&mut *held, flow.closing) };
+                return Ok(Some(Nat { addr: entry.nat_addr, port: entry.nat_port }));
+            }
+            Some(_) => {}
+            None => {
+                if CONNTRACK.insert(&reply, &restore, u64::from(BPF_NOEXIST)).is_ok() {
+                    return Ok(Some(Nat { addr: entry.nat_addr, port: entry.nat_port }));
+                }
+            }
+        }
     }
     // SAFETY: copied out immediately.
     let addr = unsafe { SNAT_ADDRS.get(&ifindex).or_else(|| SNAT_ADDRS.get(&SNAT_ADDR_DEFAULT)) }
@@ -371,26 +433,16 @@ pub fn snat(flow: &Flow, ifindex: u32) -> Decision {
         .ok_or(stat::DROP_SNAT)?;
     // SAFETY: helper without arguments.
     let start = unsafe { bpf_get_prandom_u32() };
-    let restore = CtValue {
-        nat_addr: flow.saddr,
-        nat_port: flow.sport,
-        _pad: 0,
-        backend_id: entry.backend_id,
-    };
-    for attempt in 0..4u32 {
+    for attempt in 0..8u32 {
         let port =
             SNAT_PORT_MIN + (start.wrapping_add(attempt) % u32::from(SNAT_PORT_COUNT)) as u16;
         let port = port.to_be();
-        let reply = CtKey {
-            saddr: flow.daddr,
-            daddr: addr,
-            sport: flow.dport,
-            dport: port,
-            proto: flow.proto,
-            dir: CT_SNAT_REPLY,
-            _pad: [0; 2],
-        };
-        if CONNTRACK.insert(&reply, &restore, u64::from(BPF_NOEXIST)).is_ok() {
+        let reply = snat_reply_key(flow, addr, port);
+        let free = CONNTRACK.insert(&reply, &restore, u64::from(BPF_NOEXIST)).is_ok()
+            // SAFETY: copied out immediately.
+            || (unsafe { CONNTRACK.get(&reply) }.is_some_and(|held| reclaimable(held, flow.proto))
+                && CONNTRACK.insert(&reply, &restore, u64::from(BPF_ANY)).is_ok());
+        if free {
             let mapped = CtValue { nat_addr: addr, nat_port: port, ..entry };
             CONNTRACK
                 .insert(&key, &mapped, u64::from(BPF_ANY))
@@ -401,12 +453,36 @@ pub fn snat(flow: &Flow, ifindex: u32) -> Decision {
     Err(stat::DROP_SNAT)
 }
 
+/// Key of the entry that restores a masqueraded flow's client: the reply
+/// from the backend to the node address and port.
+#[inline(always)]
+fn snat_reply_key(flow: &Flow, addr: u32, port: u16) -> CtKey {
+    CtKey {
+        saddr: flow.daddr,
+        daddr: addr,
+        sport: flow.dport,
+        dport: port,
+        proto: flow.proto,
+        dir: CT_SNAT_REPLY,
+        _pad: [0; 2],
+    }
+}
+
 /// The backend for a socket of the node itself connecting to `daddr:dport`
 /// (network order): node traffic uses the internal endpoint set, as pods do.
 /// `Ok(None)`: not a frontend.
 #[inline(always)]
 pub fn socket_backend(daddr: u32, dport: u16, proto: u8) -> Result<Option<Nat>, u32> {
-    let flow = Flow { saddr: 0, daddr, sport: 0, dport, proto, first_fragment: false, l4_off: 0 };
+    let flow = Flow {
+        saddr: 0,
+        daddr,
+        sport: 0,
+        dport,
+        proto,
+        first_fragment: false,
+        closing: false,
+        l4_off: 0,
+    };
     let Some((svc, head)) = frontend(&flow, Origin::LocalPod) else {
         // SAFETY: presence check only.
         if unsafe { CLUSTER_IPS.get(&daddr) }.is_some() {

@@ -18,6 +18,8 @@ pub struct Flow {
     pub proto: u8,
     /// First fragment of a fragmented datagram (MF set, offset 0).
     pub first_fragment: bool,
+    /// TCP FIN or RST: the flow is closing (false for UDP).
+    pub closing: bool,
     /// Offset of the L4 header (from IHL, so IP options are skipped).
     pub l4_off: usize,
 }
@@ -93,14 +95,15 @@ pub fn parse(start: usize, end: usize) -> Parsed {
     if tot_len < ihl + l4_len {
         return Parsed::Malformed;
     }
-    let (sport, dport) = match proto {
+    let (sport, dport, closing) = match proto {
         PROTO_TCP => {
             let Some(tcp) = ptr_at::<TcpHdr>(start, end, l4_off) else {
                 return Parsed::Truncated;
             };
             // SAFETY: bounds checked above.
             let tcp = unsafe { &*tcp };
-            (u16::from_ne_bytes(tcp.source), u16::from_ne_bytes(tcp.dest))
+            let closing = tcp.fin() != 0 || tcp.rst() != 0;
+            (u16::from_ne_bytes(tcp.source), u16::from_ne_bytes(tcp.dest), closing)
         }
         PROTO_UDP => {
             let Some(udp) = ptr_at::<UdpHdr>(start, end, l4_off) else {
@@ -108,7 +111,7 @@ pub fn parse(start: usize, end: usize) -> Parsed {
             };
             // SAFETY: bounds checked above.
             let udp = unsafe { &*udp };
-            (u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst))
+            (u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst), false)
         }
         _ => return Parsed::Other,
     };
@@ -119,6 +122,7 @@ pub fn parse(start: usize, end: usize) -> Parsed {
         dport,
         proto,
         first_fragment: frags & IP_MF != 0,
+        closing,
         l4_off,
     })
 }
