@@ -788,6 +788,20 @@ fn masquerade_survives_eviction_without_misdirecting_replies() {
 /// flows that have closed long ago, new flows still get a port.
 #[test]
 fn masquerade_ports_of_finished_flows_are_reused() {
+    // "Long ago" is measured from boot: right after a VM boots there is no
+    // long ago yet.
+    let uptime = |_| {
+        std::fs::read_to_string("/proc/uptime")
+            .unwrap()
+            .split('.')
+            .next()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    while uptime(()) <= u64::from(forwarder_common::SNAT_CLOSED_TIMEOUT) + 1 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     let mut harness = masquerade_harness();
     for i in 0..4000u32 {
         let client = format!("172.16.{}.{}:40000", i / 250, i % 250 + 1);

@@ -275,6 +275,18 @@ fn the_node_itself_reaches_cluster_ips_and_node_ports() {
         seen.starts_with("192.168.10.1:") || seen.starts_with(&format!("{}:", POD_GATEWAY)),
         "{seen}"
     );
+    // UDP, as resolvers do it: sendto() on an unconnected socket, and the
+    // answer must come from the address asked.
+    let udp = UdpClient::bind(node).expect("UDP socket");
+    let frontend = format!("{CLUSTER_IP}:53");
+    for _ in 0..8 {
+        let (_, from) =
+            udp.ask(&frontend).unwrap_or_else(|e| panic!("UDP: {e}\n{}", s.forwarder.log_text()));
+        assert_eq!(from.to_string(), frontend, "recvfrom must show the frontend");
+    }
+    // A connected UDP socket gets the same.
+    let (_, from) = udp_once_connected(node, &frontend).expect("connected UDP");
+    assert_eq!(from.to_string(), frontend);
 }
 
 #[test]
