@@ -305,12 +305,13 @@ impl Syncer {
         report: &mut SyncReport,
     ) -> Result<(), MapWriteError> {
         self.check_capacity(frontend, backends)?;
-        let ids = backends
+        let wanted = backends
             .iter()
             .map(|key| self.backend_id(*key, dp, report))
             .collect::<Result<Vec<_>, _>>()?;
         let entries = &mut self.service_entries;
         let applied = self.applied.entry(*frontend).or_default();
+        let ids = stable_order(&applied.slots, &wanted);
         // Shrinking: lower the count before the slots disappear.
         if applied.head.is_some_and(|h| h.count > head.count) {
             dp.put_service(svc_key(frontend, 0), head)?;
@@ -418,6 +419,30 @@ impl Syncer {
             self.free_ids.push_back(id);
         }
     }
+}
+
+/// The slot order for `wanted` backend ids that moves as few of the
+/// `current` ones as possible: a backend that stays keeps its slot (session
+/// affinity bindings name slots), one from a slot past the new count moves
+/// into a freed slot, then new backends fill the rest.
+fn stable_order(current: &[u32], wanted: &[u32]) -> Vec<u32> {
+    let n = wanted.len();
+    let mut order: Vec<Option<u32>> =
+        (0..n).map(|i| current.get(i).copied().filter(|id| wanted.contains(id))).collect();
+    let placed: BTreeSet<u32> = order.iter().flatten().copied().collect();
+    let mut movers = current
+        .iter()
+        .skip(n)
+        .chain(wanted)
+        .filter(|id| wanted.contains(id) && !placed.contains(id))
+        .copied()
+        .collect::<Vec<_>>()
+        .into_iter();
+    let mut seen = BTreeSet::new();
+    for slot in order.iter_mut().filter(|s| s.is_none()) {
+        *slot = movers.by_ref().find(|id| seen.insert(*id));
+    }
+    order.into_iter().flatten().collect()
 }
 
 /// Brings `current` (what the map holds) to `desired` with one write per

@@ -688,6 +688,16 @@ fn session_affinity_binds_a_client_to_its_backend() {
         assert_eq!(backend_of(&out), bound, "new flow {port} left the bound backend");
     }
 
+    // Adding an endpoint moves nobody's binding.
+    services[2].1 = vec!["10.244.1.2:8080", "10.244.1.3:8080", "10.244.1.4:8080"];
+    harness.set_services_with(&services, &[], &[(cluster_ip, 2)]);
+    for port in 1030..1040 {
+        let (_, out) = harness.run(Prog::Tc, &flow("10.244.1.9", port).bytes());
+        assert_eq!(backend_of(&out), bound, "a new endpoint moved the binding");
+    }
+    services[2].1 = vec!["10.244.1.2:8080", "10.244.1.3:8080"];
+    harness.set_services_with(&services, &[], &[(cluster_ip, 2)]);
+
     // Expired bindings are balanced anew: twenty clients bound long ago to
     // the same backend do not all stay there (probability 2^-20).
     let mut affinity: HashMap<_, AffinityKey, AffinityValue> =

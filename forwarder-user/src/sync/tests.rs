@@ -168,14 +168,17 @@ fn random_changes_converge_and_never_expose_a_broken_service() {
         let desired = DesiredState { services, ..DesiredState::default() };
         let report = syncer.apply(&desired, &mut dp);
         assert!(report.errors.is_empty(), "{report:?}");
-        let expect: Vec<(String, Vec<String>)> = desired
+        // Slots keep their backends, so compare the sets.
+        let expect: Vec<(String, BTreeSet<String>)> = desired
             .services
             .iter()
             .map(|(f, eps)| {
                 (f.to_string().replace("/TCP", "/6"), eps.iter().map(ToString::to_string).collect())
             })
             .collect();
-        assert_eq!(resolved(&dp), expect);
+        let got: Vec<(String, BTreeSet<String>)> =
+            resolved(&dp).into_iter().map(|(f, eps)| (f, eps.into_iter().collect())).collect();
+        assert_eq!(got, expect);
         let used: BTreeSet<u32> =
             dp.services.iter().filter(|(k, _)| k.slot > 0).map(|(_, v)| v.backend_id).collect();
         assert_eq!(used, dp.backends.keys().copied().collect(), "no leaked backends");
@@ -212,4 +215,34 @@ fn source_ranges_are_in_the_map_whenever_the_flag_is() {
     let head = dp.services[&svc_key(&lb, 0)];
     assert_eq!(head.flags & forwarder_common::SVC_SOURCE_RANGES, 0);
     assert!(dp.source_ranges.is_empty());
+}
+
+#[test]
+fn backends_keep_their_slots() {
+    for (current, wanted, expect) in [
+        (vec![1, 2, 3], vec![1, 2, 3, 4], vec![1, 2, 3, 4]),
+        (vec![1, 2, 3], vec![1, 3], vec![1, 3]),
+        (vec![1, 2, 3], vec![2, 3], vec![3, 2]),
+        (vec![1, 2, 3], vec![4, 2, 3], vec![4, 2, 3]),
+        (vec![1, 2, 3], vec![3], vec![3]),
+        (vec![], vec![5, 6], vec![5, 6]),
+        (vec![1, 2], vec![], vec![]),
+    ] {
+        assert_eq!(super::stable_order(&current, &wanted), expect, "{current:?} -> {wanted:?}");
+    }
+}
+
+#[test]
+fn adding_an_endpoint_moves_no_existing_backend() {
+    let mut dp = FakeDatapath::default();
+    let mut syncer = unlimited();
+    let f = fe("10.96.0.10", 80);
+    syncer.apply(&state(&[(f, &["10.244.1.2:8080", "10.244.1.5:8080"])]), &mut dp);
+    let before = resolved(&dp)[0].1.clone();
+    dp.log.clear();
+    syncer
+        .apply(&state(&[(f, &["10.244.1.2:8080", "10.244.1.3:8080", "10.244.1.5:8080"])]), &mut dp);
+    let after = resolved(&dp)[0].1.clone();
+    assert_eq!(after[..2], before[..], "existing backends kept their slots");
+    assert_eq!(dp.log, ["put backend 3", "put svc 10.96.0.10:80/6#3", "put svc 10.96.0.10:80/6#0"]);
 }
