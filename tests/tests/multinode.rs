@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use forwarder_tests::{
     cluster::{CLIENT_IP, Cluster, NODE_IFACE},
-    echo::{EchoServer, tcp_once, tcp_once_seen},
+    echo::{EchoServer, tcp_connect_error, tcp_once_seen},
     forwarder::{Forwarder, http_get},
     netns::NetNs,
 };
@@ -177,7 +177,7 @@ fn external_traffic_policy_local_keeps_the_client_address() {
         s.logs()
     );
     // Node a has no endpoint of local-b-only: dropped there, served by b.
-    assert!(tcp_once(client, "192.168.20.1:30082").is_err());
+    assert_eq!(tcp_connect_error(client, "192.168.20.1:30082").0, std::io::ErrorKind::TimedOut);
     assert_eq!(s.answers(client, "192.168.20.2:30082"), set(&[("pod-b1", CLIENT_IP)]));
     // Pods on node a still reach it (internal traffic policy Cluster).
     let pod = &s.cluster.pod("pod-a2").ns;
