@@ -156,6 +156,14 @@ fn new_flow(
     Ok(chosen)
 }
 
+/// Whether the backend a flow was sent to is still in the backends map.
+#[inline(always)]
+fn backend_present(fwd: &CtValue) -> bool {
+    // SAFETY: compared in place.
+    unsafe { BACKENDS.get(&fwd.backend_id) }
+        .is_some_and(|b| b.addr == fwd.nat_addr && b.port == fwd.nat_port)
+}
+
 /// Makes sure a masqueraded flow has its SNAT entry, also after LRU
 /// eviction took it: the egress program fills in the address and port (it
 /// knows the interface); an existing entry keeps its allocation.
@@ -299,7 +307,15 @@ pub fn service_dnat(flow: &Flow, origin: Origin) -> Decision {
     }
     let key = key_of(flow, CT_FORWARD);
     // SAFETY: copied out immediately.
-    let fwd = match unsafe { CONNTRACK.get(&key) }.copied() {
+    let mut existing = unsafe { CONNTRACK.get(&key) }.copied();
+    // A new connection reusing the client port of a finished one whose
+    // backend is gone starts afresh, as netfilter does for a SYN in
+    // TIME_WAIT; established flows keep their backend whatever happens.
+    if flow.opening && existing.is_some_and(|e| !backend_present(&e)) {
+        let _ = CONNTRACK.remove(&key);
+        existing = None;
+    }
+    let fwd = match existing {
         Some(existing) => {
             ensure_reply(flow, &existing)?;
             if existing.flags & CT_MASQUERADE != 0 {
@@ -481,6 +497,7 @@ pub fn socket_backend(daddr: u32, dport: u16, proto: u8) -> Result<Option<Nat>, 
         proto,
         first_fragment: false,
         closing: false,
+        opening: false,
         l4_off: 0,
     };
     let Some((svc, head)) = frontend(&flow, Origin::LocalPod) else {

@@ -20,6 +20,8 @@ pub struct Flow {
     pub first_fragment: bool,
     /// TCP FIN or RST: the flow is closing (false for UDP).
     pub closing: bool,
+    /// TCP SYN without ACK: a client opening a connection.
+    pub opening: bool,
     /// Offset of the L4 header (from IHL, so IP options are skipped).
     pub l4_off: usize,
 }
@@ -95,7 +97,7 @@ pub fn parse(start: usize, end: usize) -> Parsed {
     if tot_len < ihl + l4_len {
         return Parsed::Malformed;
     }
-    let (sport, dport, closing) = match proto {
+    let (sport, dport, closing, opening) = match proto {
         PROTO_TCP => {
             let Some(tcp) = ptr_at::<TcpHdr>(start, end, l4_off) else {
                 return Parsed::Truncated;
@@ -103,7 +105,8 @@ pub fn parse(start: usize, end: usize) -> Parsed {
             // SAFETY: bounds checked above.
             let tcp = unsafe { &*tcp };
             let closing = tcp.fin() != 0 || tcp.rst() != 0;
-            (u16::from_ne_bytes(tcp.source), u16::from_ne_bytes(tcp.dest), closing)
+            let opening = tcp.syn() != 0 && tcp.ack() == 0;
+            (u16::from_ne_bytes(tcp.source), u16::from_ne_bytes(tcp.dest), closing, opening)
         }
         PROTO_UDP => {
             let Some(udp) = ptr_at::<UdpHdr>(start, end, l4_off) else {
@@ -111,7 +114,7 @@ pub fn parse(start: usize, end: usize) -> Parsed {
             };
             // SAFETY: bounds checked above.
             let udp = unsafe { &*udp };
-            (u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst), false)
+            (u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst), false, false)
         }
         _ => return Parsed::Other,
     };
@@ -123,6 +126,7 @@ pub fn parse(start: usize, end: usize) -> Parsed {
         proto,
         first_fragment: frags & IP_MF != 0,
         closing,
+        opening,
         l4_off,
     })
 }

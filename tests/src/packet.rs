@@ -18,7 +18,11 @@ pub struct Packet {
     pub frag: u16,
     /// Send UDP without a checksum (0).
     pub no_udp_checksum: bool,
+    /// TCP flags; PSH|ACK unless set.
+    pub tcp_flags: u8,
 }
+
+pub const SYN: u8 = 0x02;
 
 pub const MF: u16 = 0x2000;
 
@@ -36,6 +40,7 @@ impl Packet {
             ip_options: Vec::new(),
             frag: 0,
             no_udp_checksum: false,
+            tcp_flags: 0x18,
         }
     }
 
@@ -71,7 +76,7 @@ impl Packet {
         if self.proto == PROTO_TCP {
             l4.extend_from_slice(&1u32.to_be_bytes()); // seq
             l4.extend_from_slice(&0u32.to_be_bytes()); // ack
-            l4.extend_from_slice(&[0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]); // doff=5 PSH|ACK
+            l4.extend_from_slice(&[0x50, self.tcp_flags, 0xff, 0xff, 0, 0, 0, 0]); // doff=5
         } else {
             l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
             l4.extend_from_slice(&[0, 0]);

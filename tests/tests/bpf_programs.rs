@@ -11,7 +11,7 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use forwarder_common::{AffinityKey, AffinityValue, CtKey, map_names, program_names, stat};
-use forwarder_tests::packet::{MF, Packet, ethernet, port_unreachable, verify_checksums};
+use forwarder_tests::packet::{MF, Packet, SYN, ethernet, port_unreachable, verify_checksums};
 use forwarder_user::{
     dataplane::{Capacity, Maps, load_object},
     model::{DesiredState, Endpoint, Frontend, Proto, Scope},
@@ -834,4 +834,23 @@ fn masquerade_ports_of_finished_flows_are_reused() {
         })
         .count();
     assert_eq!(failed, 0, "{failed} new flows found no port ({before} drops while filling)");
+}
+
+/// A SYN reusing the client port of a flow whose backend is gone opens a
+/// new flow; other packets of the old flow stay where they were.
+#[test]
+fn a_new_connection_does_not_follow_a_finished_flow_to_a_deleted_backend() {
+    let mut harness = Harness::new();
+    let flow = Packet::tcp("192.168.10.2:40000", "192.168.10.1:30080");
+    harness.run(Prog::Xdp, &flow.bytes());
+    // The pod behind 10.244.1.2:8080 goes away: no frontend uses it.
+    let mut services = default_services();
+    services[0].1 = vec!["10.244.1.3:8080"];
+    services[2].1 = vec!["10.244.1.3:8080"];
+    harness.set_services(&services);
+    let (_, out) = harness.run(Prog::Xdp, &flow.bytes());
+    assert_eq!(out, flow.with_dst("10.244.1.2:8080").bytes(), "established packets stay");
+    let syn = Packet { tcp_flags: SYN, ..flow.clone() };
+    let (_, out) = harness.run(Prog::Xdp, &syn.bytes());
+    assert_eq!(out, syn.with_dst("10.244.1.3:8080").bytes(), "the new connection is balanced anew");
 }
