@@ -38,7 +38,7 @@ fn services(count: u32) -> DesiredState {
     // A NodePort with an endpoint on this node, and one whose endpoint is on
     // another node (its new flows are masqueraded too).
     let local: Ipv4Addr = "10.244.1.2".parse().unwrap();
-    state.local_endpoints.insert(local);
+    state.local_endpoints.extend([local, SELF_IP]);
     state
         .services
         .insert(Frontend::new(None, 30080, Proto::Tcp), vec![Endpoint { addr: local, port: 8080 }]);
