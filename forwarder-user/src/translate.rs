@@ -362,7 +362,8 @@ fn endpoints_for(
             }
             let conditions = endpoint.conditions.as_ref();
             let is_ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-            let serving = conditions.and_then(|c| c.serving).unwrap_or(is_ready);
+            // As kube-proxy reads them: an unset `serving` counts as serving.
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
             let is_terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             let set = if is_ready {
                 &mut ready

@@ -401,6 +401,7 @@ endpoints:
 - {addresses: [10.244.1.3], conditions: {ready: false, serving: true, terminating: true}}
 - {addresses: [10.244.1.4], conditions: {ready: false, serving: false, terminating: true}}
 - {addresses: [10.244.1.5], conditions: {ready: false, serving: true, terminating: false}}
+- {addresses: [10.244.1.6], conditions: {ready: false, terminating: true}}
 ---
 metadata: {name: c-1, namespace: demo, labels: {kubernetes.io/service-name: c}}
 addressType: IPv4
@@ -410,7 +411,7 @@ endpoints:
 ",
             expect: vec![
                 (fe(Some("10.96.0.90"), 80, Proto::Tcp), vec!["10.244.1.2:8080"]),
-                (fe(Some("10.96.0.91"), 80, Proto::Tcp), vec!["10.244.1.3:8080"]),
+                (fe(Some("10.96.0.91"), 80, Proto::Tcp), vec!["10.244.1.3:8080", "10.244.1.6:8080"]),
                 (fe(Some("10.96.0.92"), 80, Proto::Tcp), vec![]),
             ],
             skipped: vec![],
