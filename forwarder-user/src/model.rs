@@ -104,3 +104,22 @@ pub struct DesiredState {
     /// in these may open flows.
     pub source_ranges: BTreeMap<Frontend, BTreeSet<Cidr>>,
 }
+
+/// `DesiredState` from `(frontend, ["podIP:port", ...])` pairs, for tests.
+#[cfg(test)]
+pub fn desired(entries: &[(Frontend, &[&str])]) -> DesiredState {
+    let services = entries
+        .iter()
+        .map(|(f, eps)| {
+            let eps = eps
+                .iter()
+                .map(|s| {
+                    let (a, p) = s.split_once(':').expect("podIP:port");
+                    Endpoint { addr: a.parse().unwrap(), port: p.parse().unwrap() }
+                })
+                .collect();
+            (*f, eps)
+        })
+        .collect();
+    DesiredState { services, ..DesiredState::default() }
+}

@@ -18,22 +18,7 @@ pub fn removed_udp_endpoints(old: &DesiredState, new: &DesiredState) -> Vec<(Fro
 mod tests {
     use super::*;
 
-    fn state(entries: &[(Frontend, &[&str])]) -> DesiredState {
-        let services = entries
-            .iter()
-            .map(|(f, eps)| {
-                let eps = eps
-                    .iter()
-                    .map(|s| {
-                        let (a, p) = s.split_once(':').unwrap();
-                        Endpoint { addr: a.parse().unwrap(), port: p.parse().unwrap() }
-                    })
-                    .collect();
-                (*f, eps)
-            })
-            .collect();
-        DesiredState { services, ..DesiredState::default() }
-    }
+    use crate::model::desired as state;
 
     #[test]
     fn only_udp_endpoints_that_left_their_frontend() {

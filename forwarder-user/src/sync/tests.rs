@@ -1,26 +1,10 @@
 use std::collections::BTreeSet;
 
 use super::{fake::FakeDatapath, *};
+use crate::model::desired as state;
 
 fn fe(addr: &str, port: u16) -> Frontend {
     Frontend::new(Some(addr.parse().unwrap()), port, Proto::Tcp)
-}
-
-fn state(entries: &[(Frontend, &[&str])]) -> DesiredState {
-    let services = entries
-        .iter()
-        .map(|(f, eps)| {
-            let eps = eps
-                .iter()
-                .map(|s| {
-                    let (a, p) = s.split_once(':').unwrap();
-                    Endpoint { addr: a.parse().unwrap(), port: p.parse().unwrap() }
-                })
-                .collect();
-            (*f, eps)
-        })
-        .collect();
-    DesiredState { services, ..DesiredState::default() }
 }
 
 fn unlimited() -> Syncer {
