@@ -1,0 +1,109 @@
+//! Flows across backend changes, collisions and reuse of client ports.
+#[allow(clippy::wildcard_imports, reason = "the shared test vocabulary")]
+use crate::harness::*;
+
+#[test]
+fn established_flow_keeps_its_backend_when_backends_change() {
+    let mut harness = Harness::new();
+    let flow = Packet::tcp("192.168.10.2:40000", "192.168.10.1:30080");
+    let (_, out) = harness.run(Prog::Xdp, &flow.bytes());
+    assert_eq!(out, flow.with_dst("10.244.1.2:8080").bytes());
+
+    let mut services = default_services();
+    services[0].1 = vec!["10.244.1.3:8080"];
+    harness.set_services(&services);
+
+    let (_, out) = harness.run(Prog::Xdp, &flow.bytes());
+    assert_eq!(out, flow.with_dst("10.244.1.2:8080").bytes(), "established flow moved");
+    let new_flow = flow.with_src("192.168.10.2:40001");
+    let (_, out) = harness.run(Prog::Xdp, &new_flow.bytes());
+    assert_eq!(out, new_flow.with_dst("10.244.1.3:8080").bytes(), "new flow uses the new backend");
+    assert_eq!(harness.conntrack_len(), 4, "forward and reply entry per flow");
+}
+
+#[test]
+fn new_flows_spread_over_all_ready_backends() {
+    let mut harness = Harness::new();
+    let mut services = default_services();
+    services[0].1 = vec!["10.244.1.2:8080", "10.244.1.3:8080"];
+    harness.set_services(&services);
+    let mut hits = [0u32; 2];
+    for sport in 0..200u16 {
+        let flow = Packet::tcp(&format!("192.168.10.2:{}", 20000 + sport), "192.168.10.1:30080");
+        let (_, out) = harness.run(Prog::Xdp, &flow.bytes());
+        let dst = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+        hits[usize::from(dst.octets()[3] - 2)] += 1;
+    }
+    // Binomial(200, 0.5): outside 60..=140 has probability ~1e-8.
+    assert!(hits.iter().all(|h| (60..=140).contains(h)), "uneven spread: {hits:?}");
+}
+
+/// One client port to two frontends that share a backend: after DNAT both
+/// flows would be the same tuple.
+#[test]
+fn same_client_port_to_two_frontends_of_one_backend() {
+    let mut harness = Harness::new();
+    let via_cluster_ip = Packet::tcp("10.244.1.9:41000", "10.96.0.10:80");
+    let via_node_port = Packet::tcp("10.244.1.9:41000", "192.168.10.1:30080");
+    let to_backend = via_cluster_ip.with_dst("10.244.1.2:8080");
+    harness.run(Prog::Tc, &via_cluster_ip.bytes());
+
+    // One backend only: the second flow is refused, the first keeps its reply.
+    let (verdict, _) = harness.run(Prog::Tc, &via_node_port.bytes());
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(harness.stats(), [("drop_ct_collision", 1), ("dnat", 1)]);
+    let (_, out) = harness.run(Prog::TcEgress, &to_backend.reversed().bytes());
+    assert_eq!(out, via_cluster_ip.reversed().bytes(), "first flow's reply hijacked");
+
+    // With a second backend the new flow goes there instead.
+    let mut services = default_services();
+    services[0].1 = vec!["10.244.1.2:8080", "10.244.1.3:8080"];
+    harness.set_services(&services);
+    let (verdict, out) = harness.run(Prog::Tc, &via_node_port.bytes());
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, via_node_port.with_dst("10.244.1.3:8080").bytes());
+}
+
+#[test]
+fn a_finished_flows_reply_entry_does_not_block_a_new_flow() {
+    let mut harness = Harness::new();
+    let via_cluster_ip = Packet::tcp("10.244.1.9:41000", "10.96.0.10:80");
+    let via_node_port = Packet::tcp("10.244.1.9:41000", "192.168.10.1:30080");
+    harness.run(Prog::Tc, &via_cluster_ip.bytes());
+    // The first flow's forward entry is gone (evicted, or the flow ended).
+    let forward = CtKey {
+        saddr: u32::from_ne_bytes([10, 244, 1, 9]),
+        daddr: u32::from_ne_bytes([10, 96, 0, 10]),
+        sport: 41000u16.to_be(),
+        dport: 80u16.to_be(),
+        proto: 6,
+        dir: forwarder_common::CT_FORWARD,
+        _pad: [0; 2],
+    };
+    harness.maps.conntrack().remove(&forward).expect("forward entry existed");
+    let (verdict, out) = harness.run(Prog::Tc, &via_node_port.bytes());
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, via_node_port.with_dst("10.244.1.2:8080").bytes());
+    let (_, out) =
+        harness.run(Prog::TcEgress, &via_node_port.with_dst("10.244.1.2:8080").reversed().bytes());
+    assert_eq!(out, via_node_port.reversed().bytes(), "reply belongs to the new flow");
+}
+
+/// A SYN reusing the client port of a flow whose backend is gone opens a
+/// new flow; other packets of the old flow stay where they were.
+#[test]
+fn a_new_connection_does_not_follow_a_finished_flow_to_a_deleted_backend() {
+    let mut harness = Harness::new();
+    let flow = Packet::tcp("192.168.10.2:40000", "192.168.10.1:30080");
+    harness.run(Prog::Xdp, &flow.bytes());
+    // The pod behind 10.244.1.2:8080 goes away: no frontend uses it.
+    let mut services = default_services();
+    services[0].1 = vec!["10.244.1.3:8080"];
+    services[2].1 = vec!["10.244.1.3:8080"];
+    harness.set_services(&services);
+    let (_, out) = harness.run(Prog::Xdp, &flow.bytes());
+    assert_eq!(out, flow.with_dst("10.244.1.2:8080").bytes(), "established packets stay");
+    let syn = Packet { tcp_flags: SYN, ..flow.clone() };
+    let (_, out) = harness.run(Prog::Xdp, &syn.bytes());
+    assert_eq!(out, syn.with_dst("10.244.1.3:8080").bytes(), "the new connection is balanced anew");
+}

@@ -1,0 +1,7 @@
+//! Kernel decisions as fixture tables run through BPF_PROG_TEST_RUN: input
+//! frame, seeded maps, expected verdict and expected output bytes.
+mod fixtures;
+mod flows;
+mod harness;
+mod masquerade;
+mod policies;

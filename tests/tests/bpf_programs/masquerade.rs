@@ -1,0 +1,161 @@
+//! Masquerading to endpoints on other nodes, hairpin, port reuse.
+#[allow(clippy::wildcard_imports, reason = "the shared test vocabulary")]
+use crate::harness::*;
+
+/// External client to a NodePort whose endpoint is on another node: DNAT in
+/// XDP, masquerade on egress; the reply is un-masqueraded in XDP and
+/// reverse-NATed on egress. Every hop's bytes are exact.
+#[test]
+fn remote_endpoint_is_masqueraded_and_the_reply_restored() {
+    let mut harness = Harness::new();
+    let mut services = default_services();
+    services[0].1 = vec!["10.244.2.2:8080"];
+    harness.set_services_remote(&services, &["10.244.2.2"]);
+    let request = Packet::tcp("192.168.10.2:40000", "192.168.10.1:30080");
+
+    let (verdict, out) = harness.run(Prog::Xdp, &request.bytes());
+    assert_eq!((verdict, &out), (XDP_PASS, &request.with_dst("10.244.2.2:8080").bytes()));
+    let (verdict, out) = harness.run(Prog::TcEgress, &out);
+    assert_eq!(verdict, TC_ACT_OK);
+    let port = masquerade_port(&out);
+    let masqueraded = request.with_src(&format!("192.168.10.1:{port}")).with_dst("10.244.2.2:8080");
+    assert_eq!(out, masqueraded.bytes());
+    verify_checksums(&out).unwrap();
+    // Later packets of the flow keep the same port.
+    let (_, again) = harness.run(Prog::TcEgress, &request.with_dst("10.244.2.2:8080").bytes());
+    assert_eq!(again, out);
+
+    let reply = masqueraded.reversed();
+    let (verdict, out) = harness.run(Prog::Xdp, &reply.bytes());
+    assert_eq!(
+        (verdict, &out),
+        (XDP_PASS, &Packet::tcp("10.244.2.2:8080", "192.168.10.2:40000").bytes())
+    );
+    let (_, out) = harness.run(Prog::TcEgress, &out);
+    assert_eq!(out, request.reversed().bytes(), "the client sees the NodePort answer");
+    verify_checksums(&out).unwrap();
+    assert_eq!(
+        harness.stats(),
+        [("dnat", 1), ("reverse_nat", 1), ("snat", 2), ("reverse_snat", 1)]
+    );
+}
+
+#[test]
+fn local_endpoint_keeps_the_client_address() {
+    let harness = Harness::new();
+    let request = Packet::tcp("192.168.10.2:40000", "192.168.10.1:30080");
+    let (_, out) = harness.run(Prog::Xdp, &request.bytes());
+    let (_, out) = harness.run(Prog::TcEgress, &out);
+    assert_eq!(out, request.with_dst("10.244.1.2:8080").bytes(), "no masquerade");
+}
+
+/// A pod reaching itself through its Service: masqueraded so that its reply
+/// goes back through the node, where both translations are undone.
+#[test]
+fn hairpin_is_masqueraded() {
+    let harness = Harness::new();
+    let request = Packet::tcp("10.244.1.2:41000", "10.96.0.10:80");
+    let (_, out) = harness.run(Prog::Tc, &request.bytes());
+    assert_eq!(out, request.with_dst("10.244.1.2:8080").bytes());
+    let (_, out) = harness.run(Prog::TcEgress, &out);
+    let port = masquerade_port(&out);
+    let masqueraded = request.with_src(&format!("192.168.10.1:{port}")).with_dst("10.244.1.2:8080");
+    assert_eq!(out, masqueraded.bytes());
+
+    let (_, out) = harness.run(Prog::Tc, &masqueraded.reversed().bytes());
+    assert_eq!(out, Packet::tcp("10.244.1.2:8080", "10.244.1.2:41000").bytes());
+    let (_, out) = harness.run(Prog::TcEgress, &out);
+    assert_eq!(out, request.reversed().bytes());
+    verify_checksums(&out).unwrap();
+}
+
+/// The masqueraded flow of `remote_endpoint_is_masqueraded_and_the_reply_restored`,
+/// on a harness whose NodePort 30080 endpoint is on another node.
+fn masquerade_harness() -> Harness {
+    let mut harness = Harness::new();
+    let mut services = default_services();
+    services[0].1 = vec!["10.244.2.2:8080"];
+    harness.set_services_remote(&services, &["10.244.2.2"]);
+    harness
+}
+
+/// Sends the first packet of a flow from `client` through XDP and egress;
+/// returns the masquerade port, or `None` if egress dropped it.
+fn masquerade(harness: &Harness, client: &str) -> Option<u16> {
+    let request = Packet::tcp(client, "192.168.10.1:30080");
+    let (_, out) = harness.run(Prog::Xdp, &request.bytes());
+    let (verdict, out) = harness.run(Prog::TcEgress, &out);
+    (verdict == TC_ACT_OK).then(|| masquerade_port(&out))
+}
+
+fn snat_reply_entries(harness: &mut Harness) -> Vec<(CtKey, forwarder_common::CtValue)> {
+    let ct = harness.maps.conntrack();
+    let all: Vec<_> = ct.iter().map(Result::unwrap).collect();
+    all.into_iter().filter(|(k, _)| k.dir == forwarder_common::CT_SNAT_REPLY).collect()
+}
+
+/// Losing half of a masquerade (LRU eviction) never misdirects a reply:
+/// a port whose reply entry now restores someone else is given up.
+#[test]
+fn masquerade_survives_eviction_without_misdirecting_replies() {
+    let mut harness = masquerade_harness();
+    let port = masquerade(&harness, "192.168.10.2:40000").expect("masqueraded");
+
+    // The reply entry is evicted: the next packet puts it back, same port.
+    let (key, value) = snat_reply_entries(&mut harness)[0];
+    harness.maps.conntrack().remove(&key).unwrap();
+    assert_eq!(masquerade(&harness, "192.168.10.2:40000"), Some(port));
+    assert_eq!(snat_reply_entries(&mut harness).len(), 1);
+
+    // Another client took the port meanwhile: the flow moves to another.
+    let stolen =
+        forwarder_common::CtValue { nat_addr: u32::from_ne_bytes([192, 168, 10, 77]), ..value };
+    harness.maps.conntrack().insert(key, stolen, 0).unwrap();
+    let moved = masquerade(&harness, "192.168.10.2:40000").expect("masqueraded");
+    assert_ne!(moved, port);
+    let reply = Packet::tcp("10.244.2.2:8080", &format!("192.168.10.1:{moved}"));
+    let (_, out) = harness.run(Prog::Xdp, &reply.bytes());
+    assert_eq!(out, Packet::tcp("10.244.2.2:8080", "192.168.10.2:40000").bytes());
+}
+
+/// Ports of finished flows are reused: with most of the range held by
+/// flows that have closed long ago, new flows still get a port.
+#[test]
+fn masquerade_ports_of_finished_flows_are_reused() {
+    // "Long ago" is measured from boot: right after a VM boots there is no
+    // long ago yet.
+    let uptime = |_| {
+        std::fs::read_to_string("/proc/uptime")
+            .unwrap()
+            .split('.')
+            .next()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    while uptime(()) <= u64::from(forwarder_common::SNAT_CLOSED_TIMEOUT) + 1 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let mut harness = masquerade_harness();
+    for i in 0..4000u32 {
+        let client = format!("172.16.{}.{}:40000", i / 250, i % 250 + 1);
+        masquerade(&harness, &client);
+    }
+    let held = snat_reply_entries(&mut harness);
+    assert!(held.len() > 3000, "only {} ports allocated", held.len());
+    for (key, value) in held {
+        let closed = forwarder_common::CtValue {
+            flags: value.flags | forwarder_common::CT_CLOSING,
+            last_seen: 0,
+            ..value
+        };
+        harness.maps.conntrack().insert(key, closed, 0).unwrap();
+    }
+    let before = harness.stats().iter().find(|(n, _)| *n == "drop_snat").map_or(0, |(_, v)| *v);
+    let failed = (0..500u32)
+        .filter(|i| {
+            masquerade(&harness, &format!("172.17.{}.{}:40000", i / 250, i % 250 + 1)).is_none()
+        })
+        .count();
+    assert_eq!(failed, 0, "{failed} new flows found no port ({before} drops while filling)");
+}
