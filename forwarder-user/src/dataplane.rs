@@ -56,6 +56,8 @@ pub enum DataplaneError {
     MissingMap { name: &'static str },
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: MapError },
+    #[error("reading this network namespace's cookie: {0}")]
+    NetnsCookie(std::io::Error),
     #[error("attaching to {iface}: {source}")]
     Attach { iface: String, source: ProgramError },
 }
@@ -330,10 +332,7 @@ pub struct Dataplane {
 impl Dataplane {
     /// Loads for the node whose network namespace is the current one.
     pub fn load(capacity: Capacity) -> Result<Self, DataplaneError> {
-        let node_netns = current_netns_cookie().map_err(|source| DataplaneError::Attach {
-            iface: "the network namespace".into(),
-            source: ProgramError::IOError(source),
-        })?;
+        let node_netns = current_netns_cookie().map_err(DataplaneError::NetnsCookie)?;
         let mut ebpf = load_object(capacity, node_netns)?;
         let maps = Maps::take(&mut ebpf)?;
         Ok(Self {

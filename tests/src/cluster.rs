@@ -61,7 +61,7 @@ const NODES: [NodeSpec; 2] = [
 /// Plugs `host`'s `iface` into the switch with `addr/24`; the wire carries
 /// complete checksums (TX offload off), as XDP on a real NIC sees them.
 fn wire(switch: &NetNs, host: &NetNs, port: &str, iface: &str, addr: &str) -> XdpPass {
-    switch.ip(&["link", "add", port, "type", "veth", "peer", "name", iface, "netns", &host.name]);
+    switch.veth(port, host, iface);
     switch.ip(&["link", "set", port, "master", "br0", "up"]);
     host.ip(&["addr", "add", &format!("{addr}/24"), "dev", iface]);
     host.ip(&["link", "set", iface, "up"]);

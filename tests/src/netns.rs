@@ -48,6 +48,13 @@ impl NetNs {
         sh(&full)
     }
 
+    /// A veth pair: `name` here, `peer_name` in `peer`.
+    pub fn veth(&self, name: &str, peer: &NetNs, peer_name: &str) {
+        self.ip(&[
+            "link", "add", name, "type", "veth", "peer", "name", peer_name, "netns", &peer.name,
+        ]);
+    }
+
     /// Any command inside the namespace.
     pub fn exec(&self, args: &[&str]) -> Output {
         let mut full = vec!["ip", "netns", "exec", &self.name];

@@ -46,9 +46,7 @@ pub const PODS: [(&str, &str); 3] =
 pub fn add_pod(node: &NetNs, prefix: &str, name: &'static str, ip: &'static str) -> Pod {
     let ns = NetNs::new(format!("{prefix}-{name}"));
     let host_side = format!("veth-{}", &name[4..]);
-    node.ip(&[
-        "link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-    ]);
+    node.veth(&host_side, &ns, "eth0");
     node.ip(&["link", "set", &host_side, "up"]);
     node.ip(&["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", &host_side, "noprefixroute"]);
     node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_side]);
@@ -74,18 +72,7 @@ impl Topology {
         configure_node(&node);
 
         let client = NetNs::new(format!("{prefix}-client"));
-        node.ip(&[
-            "link",
-            "add",
-            NODE_IFACE,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &client.name,
-        ]);
+        node.veth(NODE_IFACE, &client, "eth0");
         node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", NODE_IFACE]);
         node.ip(&["link", "set", NODE_IFACE, "up"]);
         client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"]);
@@ -96,32 +83,7 @@ impl Topology {
         client.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
         let client_xdp = XdpPass::attach(&client, "eth0");
 
-        let pods = PODS
-            .iter()
-            .map(|(name, ip)| {
-                let ns = NetNs::new(format!("{prefix}-{name}"));
-                let host_side = format!("veth-{}", &name[4..]);
-                node.ip(&[
-                    "link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns",
-                    &ns.name,
-                ]);
-                node.ip(&["link", "set", &host_side, "up"]);
-                node.ip(&[
-                    "addr",
-                    "add",
-                    &format!("{POD_GATEWAY}/32"),
-                    "dev",
-                    &host_side,
-                    "noprefixroute",
-                ]);
-                node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_side]);
-                ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
-                ns.ip(&["link", "set", "eth0", "up"]);
-                ns.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"]);
-                ns.ip(&["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"]);
-                Pod { name, ip, ns }
-            })
-            .collect();
+        let pods = PODS.iter().map(|(name, ip)| add_pod(&node, &prefix, name, ip)).collect();
         Self { pods, _client_xdp: client_xdp, client, node }
     }
 

@@ -357,18 +357,7 @@ fn sigterm_detaches_every_program() {
 fn pod_interfaces_created_after_start_get_the_program() {
     let s = setup("late");
     let late = NetNs::new(format!("{}-late", s.topology.node.name));
-    s.topology.node.ip(&[
-        "link",
-        "add",
-        "veth-late",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        &late.name,
-    ]);
+    s.topology.node.veth("veth-late", &late, "eth0");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let attached = attachments(&s.topology.node);
