@@ -8,6 +8,7 @@
 
 use core::mem::size_of;
 
+pub mod crc32c;
 pub mod csum;
 
 /// Map names. A layout change bumps the suffix so an old pinned map is never
@@ -62,6 +63,7 @@ pub const SNAT_ADDR_DEFAULT: u32 = 0;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
 
 /// `SvcKey::scope`: the entry for every client...
 pub const SCOPE_EXTERNAL: u8 = 0;

@@ -5,8 +5,9 @@
 //! Layout of the answer: Ethernet (MACs swapped), IPv4 (from the address
 //! the client targeted, to the client), ICMP type 3 code 3, then the quote:
 //! the original IPv4 header and its TCP or UDP header (RFC 792 asks for at
-//! least 8 bytes). Only packets without IP options are answered, so every
-//! size is fixed.
+//! least 8 bytes). For SCTP the quote runs on to the INIT chunk's initiate
+//! tag, which Linux matches when the quoted verification tag is zero. Only
+//! packets without IP options are answered, so every size is fixed.
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action},
     helpers::{
@@ -15,7 +16,7 @@ use aya_ebpf::{
     },
     programs::{TcContext, XdpContext},
 };
-use forwarder_common::{PROTO_TCP, stat};
+use forwarder_common::{PROTO_SCTP, PROTO_TCP, stat};
 
 use crate::parse::{Flow, L3_OFF};
 
@@ -26,13 +27,20 @@ const ICMP_LEN: usize = 8;
 const ROOM: usize = IP_LEN + ICMP_LEN;
 const TCP_LEN: usize = 20;
 const UDP_LEN: usize = 8;
+/// SCTP common header, chunk header, initiate tag.
+const SCTP_LEN: usize = 20;
+/// Offsets of the quoted Internet checksum; SCTP has none.
+const TCP_CHECK: usize = 16;
+const UDP_CHECK: usize = 6;
+const NO_CHECK: usize = usize::MAX;
 
-/// One's-complement checksum of `WORDS` 16-bit words at `start`.
+/// One's-complement checksum of `words` 16-bit words at `start` (always a
+/// constant, so the loop unrolls).
 #[inline(always)]
-fn checksum<const WORDS: usize>(start: usize) -> u16 {
+fn checksum(start: usize, words: usize) -> u16 {
     let mut sum = 0u32;
-    for i in 0..WORDS {
-        // SAFETY: callers check `start + 2 * WORDS` against the packet end.
+    for i in 0..words {
+        // SAFETY: callers check `start + 2 * words` against the packet end.
         sum += u32::from(unsafe { ((start + 2 * i) as *const u16).read_unaligned() });
     }
     sum = (sum & 0xffff) + (sum >> 16);
@@ -41,11 +49,11 @@ fn checksum<const WORDS: usize>(start: usize) -> u16 {
 }
 
 /// Writes the answer's Ethernet, IPv4 and ICMP headers in front of a quote
-/// of `L4` bytes of TCP/UDP header (`QUOTE_WORDS` = (ICMP header + quote)
-/// / 2), the quote already sitting at `ETH_LEN + ROOM`; `eth_at` is where
-/// the original Ethernet header is.
+/// of `L4` bytes of L4 header (`QUOTE_WORDS` = (ICMP header + quote) / 2,
+/// `CHECK` the offset of its Internet checksum), the quote already sitting
+/// at `ETH_LEN + ROOM`; `eth_at` is where the original Ethernet header is.
 #[inline(always)]
-fn write_headers<const L4: usize, const QUOTE_WORDS: usize>(
+fn write_headers<const L4: usize, const QUOTE_WORDS: usize, const CHECK: usize>(
     start: usize,
     end: usize,
     eth_at: usize,
@@ -69,7 +77,7 @@ fn write_headers<const L4: usize, const QUOTE_WORDS: usize>(
         core::ptr::copy_nonoverlapping(header.as_ptr(), ip, 12);
         (ip.add(12) as *mut u32).write_unaligned(flow.daddr);
         (ip.add(16) as *mut u32).write_unaligned(flow.saddr);
-        let ip_check = checksum::<{ IP_LEN / 2 }>(ip as usize);
+        let ip_check = checksum(ip as usize, IP_LEN / 2);
         (ip.add(10) as *mut u16).write_unaligned(ip_check);
 
         // A CHECKSUM_PARTIAL skb keeps pointing its L4 checksum at the
@@ -77,21 +85,20 @@ fn write_headers<const L4: usize, const QUOTE_WORDS: usize>(
         // field the value completion reproduces, so the ICMP checksum below
         // holds either way: F = -S / 2 (mod 0xffff), S the sum of the other
         // quoted words, solves F = ~(S + F).
-        let quoted_l4 = ip.add(IP_LEN + ICMP_LEN + IP_LEN);
-        let field = quoted_l4.add(if L4 == TCP_LEN { 16 } else { 6 }) as *mut u16;
-        field.write_unaligned(0);
-        let others = if L4 == TCP_LEN {
-            !checksum::<{ TCP_LEN / 2 }>(quoted_l4 as usize)
-        } else {
-            !checksum::<{ UDP_LEN / 2 }>(quoted_l4 as usize)
-        };
-        let fixed = ((u32::from(!others) * 0x8000) % 0xffff) as u16;
-        field.write_unaligned(fixed);
+        // (SCTP's CRC is not an Internet checksum and stays as it came.)
+        if CHECK != NO_CHECK {
+            let quoted_l4 = ip.add(IP_LEN + ICMP_LEN + IP_LEN);
+            let field = quoted_l4.add(CHECK) as *mut u16;
+            field.write_unaligned(0);
+            let others = !checksum(quoted_l4 as usize, L4 / 2);
+            let fixed = ((u32::from(!others) * 0x8000) % 0xffff) as u16;
+            field.write_unaligned(fixed);
+        }
 
         let icmp = ip.add(IP_LEN);
         let header: [u8; ICMP_LEN] = [3, 3, 0, 0, 0, 0, 0, 0];
         core::ptr::copy_nonoverlapping(header.as_ptr(), icmp, ICMP_LEN);
-        let icmp_check = checksum::<QUOTE_WORDS>(icmp as usize);
+        let icmp_check = checksum(icmp as usize, QUOTE_WORDS);
         (icmp.add(2) as *mut u16).write_unaligned(icmp_check);
     }
     Some(())
@@ -99,16 +106,27 @@ fn write_headers<const L4: usize, const QUOTE_WORDS: usize>(
 
 #[inline(always)]
 fn write_for(flow: &Flow, start: usize, end: usize, eth_at: usize) -> Option<()> {
-    if flow.proto == PROTO_TCP {
-        write_headers::<TCP_LEN, { (ICMP_LEN + IP_LEN + TCP_LEN) / 2 }>(start, end, eth_at, flow)
-    } else {
-        write_headers::<UDP_LEN, { (ICMP_LEN + IP_LEN + UDP_LEN) / 2 }>(start, end, eth_at, flow)
+    match flow.proto {
+        PROTO_TCP => write_headers::<TCP_LEN, { (ICMP_LEN + IP_LEN + TCP_LEN) / 2 }, TCP_CHECK>(
+            start, end, eth_at, flow,
+        ),
+        PROTO_SCTP => write_headers::<SCTP_LEN, { (ICMP_LEN + IP_LEN + SCTP_LEN) / 2 }, NO_CHECK>(
+            start, end, eth_at, flow,
+        ),
+        _ => write_headers::<UDP_LEN, { (ICMP_LEN + IP_LEN + UDP_LEN) / 2 }, UDP_CHECK>(
+            start, end, eth_at, flow,
+        ),
     }
 }
 
 #[inline(always)]
 fn answer_len(flow: &Flow) -> usize {
-    ETH_LEN + ROOM + IP_LEN + if flow.proto == PROTO_TCP { TCP_LEN } else { UDP_LEN }
+    let quoted = match flow.proto {
+        PROTO_TCP => TCP_LEN,
+        PROTO_SCTP => SCTP_LEN,
+        _ => UDP_LEN,
+    };
+    ETH_LEN + ROOM + IP_LEN + quoted
 }
 
 /// Answers from XDP: shrink to the quote, grow room in front, send back out

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     AffinityKey, AffinityValue, BACKEND_LOCAL, CT_CLOSING, CT_FORWARD, CT_MASQUERADE, CT_REPLY,
-    CT_SNAT, CT_SNAT_REPLY, CtKey, CtValue, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    CT_SNAT, CT_SNAT_REPLY, CtKey, CtValue, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
     SNAT_ADDR_DEFAULT, SNAT_CLOSED_TIMEOUT, SNAT_PORT_COUNT, SNAT_PORT_MIN, SNAT_TCP_IDLE_TIMEOUT,
     SNAT_UDP_IDLE_TIMEOUT, SOURCE_RANGE_FRONTEND_BITS, SVC_DROP_EMPTY, SVC_HAS_INTERNAL,
     SVC_SOURCE_RANGES, SourceRangeKey, SvcKey, SvcValue, stat,
@@ -402,7 +402,8 @@ fn touch(entry: &mut CtValue, closing: bool) {
 #[inline(always)]
 fn reclaimable(entry: &CtValue, proto: u8) -> bool {
     let age = now_seconds().saturating_sub(entry.last_seen);
-    let idle = if proto == PROTO_TCP { SNAT_TCP_IDLE_TIMEOUT } else { SNAT_UDP_IDLE_TIMEOUT };
+    // SCTP associations are long-lived connections, like TCP's.
+    let idle = if proto == PROTO_UDP { SNAT_UDP_IDLE_TIMEOUT } else { SNAT_TCP_IDLE_TIMEOUT };
     age > idle || (entry.flags & CT_CLOSING != 0 && age > SNAT_CLOSED_TIMEOUT)
 }
 
@@ -499,6 +500,7 @@ pub fn socket_backend(daddr: u32, dport: u16, proto: u8) -> Result<Option<Nat>, 
         closing: false,
         opening: false,
         l4_off: 0,
+        l4_len: 0,
     };
     let Some((svc, head)) = frontend(&flow, Origin::LocalPod) else {
         // SAFETY: presence check only.

@@ -15,6 +15,7 @@ mod icmp;
 mod lb;
 mod maps;
 mod parse;
+mod sctp;
 mod sock;
 mod tc;
 mod xdp;

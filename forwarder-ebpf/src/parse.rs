@@ -1,15 +1,16 @@
 //! Header parsing shared by XDP and TC: bounds-checked, IHL-aware.
 use core::mem::size_of;
 
-use forwarder_common::{PROTO_TCP, PROTO_UDP};
+use forwarder_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
+    sctp::SctpHdr,
     tcp::TcpHdr,
     udp::UdpHdr,
 };
 
-/// The fields of a TCP/UDP over IPv4 packet that NAT reads, in network order.
+/// The fields of a TCP/UDP/SCTP over IPv4 packet that NAT reads, in network order.
 pub struct Flow {
     pub saddr: u32,
     pub daddr: u32,
@@ -18,17 +19,20 @@ pub struct Flow {
     pub proto: u8,
     /// First fragment of a fragmented datagram (MF set, offset 0).
     pub first_fragment: bool,
-    /// TCP FIN or RST: the flow is closing (false for UDP).
+    /// TCP FIN or RST, SCTP ABORT or SHUTDOWN COMPLETE: the flow is
+    /// closing (false for UDP).
     pub closing: bool,
-    /// TCP SYN without ACK: a client opening a connection.
+    /// TCP SYN without ACK, SCTP INIT: a client opening a connection.
     pub opening: bool,
     /// Offset of the L4 header (from IHL, so IP options are skipped).
     pub l4_off: usize,
+    /// Length of the L4 packet (IP total length less the IP header).
+    pub l4_len: u16,
 }
 
 pub enum Parsed {
     Flow(Flow),
-    /// Not TCP/UDP over IPv4, or a non-first fragment (no ports to match).
+    /// Not TCP/UDP/SCTP over IPv4, or a non-first fragment (no ports to match).
     Other,
     /// The headers do not fit in the readable data.
     Truncated,
@@ -42,6 +46,11 @@ pub const IP_SADDR_OFF: usize = L3_OFF + 12;
 pub const IP_DADDR_OFF: usize = L3_OFF + 16;
 pub const TCP_CHECK_OFF: usize = 16;
 pub const UDP_CHECK_OFF: usize = 6;
+pub const SCTP_CHECK_OFF: usize = 8;
+/// Chunk types that open and end an SCTP association (RFC 9260, 3.2).
+const SCTP_INIT: u8 = 1;
+const SCTP_ABORT: u8 = 6;
+const SCTP_SHUTDOWN_COMPLETE: u8 = 14;
 /// Largest header span parsing needs: Ethernet, IPv4 with options, TCP.
 pub const MAX_HDR_LEN: usize = EthHdr::LEN + 60 + TcpHdr::LEN;
 
@@ -57,6 +66,7 @@ pub fn ptr_at<T>(start: usize, end: usize, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
+/// Offset of the Internet checksum in a TCP or UDP header.
 #[inline(always)]
 pub fn l4_check_off(proto: u8) -> usize {
     if proto == PROTO_TCP { TCP_CHECK_OFF } else { UDP_CHECK_OFF }
@@ -91,6 +101,7 @@ pub fn parse(start: usize, end: usize) -> Parsed {
     let l4_len = match proto {
         PROTO_TCP => TcpHdr::LEN,
         PROTO_UDP => UdpHdr::LEN,
+        PROTO_SCTP => SctpHdr::LEN,
         _ => return Parsed::Other,
     };
     // Bytes past the IP total length are link padding, not a header.
@@ -116,6 +127,24 @@ pub fn parse(start: usize, end: usize) -> Parsed {
             let udp = unsafe { &*udp };
             (u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst), false, false)
         }
+        PROTO_SCTP => {
+            let Some(sctp) = ptr_at::<SctpHdr>(start, end, l4_off) else {
+                return Parsed::Truncated;
+            };
+            // SAFETY: bounds checked above.
+            let sctp = unsafe { &*sctp };
+            // The first chunk tells the association's state; a packet
+            // without one carries nothing to act on.
+            let chunk = if tot_len > ihl + SctpHdr::LEN {
+                // SAFETY: bounds checked by `ptr_at`.
+                ptr_at::<u8>(start, end, l4_off + SctpHdr::LEN).map(|c| unsafe { *c })
+            } else {
+                None
+            };
+            let closing = matches!(chunk, Some(SCTP_ABORT | SCTP_SHUTDOWN_COMPLETE));
+            let opening = chunk == Some(SCTP_INIT);
+            (u16::from_ne_bytes(sctp.src), u16::from_ne_bytes(sctp.dst), closing, opening)
+        }
         _ => return Parsed::Other,
     };
     Parsed::Flow(Flow {
@@ -128,5 +157,6 @@ pub fn parse(start: usize, end: usize) -> Parsed {
         closing,
         opening,
         l4_off,
+        l4_len: (tot_len - ihl) as u16,
     })
 }

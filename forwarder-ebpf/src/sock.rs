@@ -10,7 +10,7 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use forwarder_common::{PROTO_TCP, PROTO_UDP, SockNat, stat};
+use forwarder_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, SockNat, stat};
 
 use crate::{
     lb,
@@ -54,6 +54,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     let proto = match addr.protocol {
         6 => PROTO_TCP,
         17 => PROTO_UDP,
+        132 => PROTO_SCTP,
         _ => return ALLOW,
     };
     let (daddr, dport) = (addr.user_ip4, addr.user_port as u16);

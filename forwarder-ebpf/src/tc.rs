@@ -10,17 +10,20 @@
 //! Pods hand the stack CHECKSUM_PARTIAL packets, so checksums are updated
 //! with the kernel helpers, which know the skb's checksum state.
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT,
+    },
     macros::classifier,
     programs::TcContext,
 };
-use forwarder_common::{PROTO_UDP, stat};
+use forwarder_common::{PROTO_SCTP, PROTO_UDP, stat};
 
 use crate::{
     icmp,
     lb::{self, Nat, Origin},
     maps::count,
     parse::{self, Flow, Parsed},
+    sctp,
 };
 
 #[classifier]
@@ -121,15 +124,36 @@ fn rewrite(ctx: &TcContext, flow: &Flow, nat: &Nat, side: Side) -> Result<(), u3
         Side::Source => (parse::IP_SADDR_OFF, flow.l4_off, flow.saddr, flow.sport),
         Side::Destination => (parse::IP_DADDR_OFF, flow.l4_off + 2, flow.daddr, flow.dport),
     };
-    let check_off = flow.l4_off + parse::l4_check_off(flow.proto);
-    let udp_zero = if flow.proto == PROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
-    let pseudo = u64::from(BPF_F_PSEUDO_HDR);
     let err = |_| stat::DROP_REWRITE;
-    ctx.l4_csum_replace(check_off, old_addr.into(), nat.addr.into(), pseudo | udp_zero | 4)
-        .map_err(err)?;
-    ctx.l4_csum_replace(check_off, old_port.into(), nat.port.into(), udp_zero | 2).map_err(err)?;
+    // SCTP's bytes change without a compensating Internet checksum, so a
+    // CHECKSUM_COMPLETE skb's sum must follow its writes.
+    let mut port_flags = 0;
+    if flow.proto == PROTO_SCTP {
+        let (sport, dport) = match side {
+            Side::Source => (nat.port, flow.dport),
+            Side::Destination => (flow.sport, nat.port),
+        };
+        let crc_off = flow.l4_off + parse::SCTP_CHECK_OFF;
+        let crc = sctp::crc_after_port_change(
+            u32::from_le_bytes(ctx.load::<[u8; 4]>(crc_off).map_err(err)?),
+            sctp::ports(flow.sport, flow.dport),
+            sctp::ports(sport, dport),
+            u32::from(flow.l4_len),
+        );
+        let recompute = u64::from(BPF_F_RECOMPUTE_CSUM);
+        ctx.store(crc_off, &crc.to_le_bytes(), recompute).map_err(err)?;
+        port_flags = recompute;
+    } else {
+        let check_off = flow.l4_off + parse::l4_check_off(flow.proto);
+        let udp_zero = if flow.proto == PROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
+        let pseudo = u64::from(BPF_F_PSEUDO_HDR);
+        ctx.l4_csum_replace(check_off, old_addr.into(), nat.addr.into(), pseudo | udp_zero | 4)
+            .map_err(err)?;
+        ctx.l4_csum_replace(check_off, old_port.into(), nat.port.into(), udp_zero | 2)
+            .map_err(err)?;
+    }
     ctx.l3_csum_replace(parse::IP_CHECK_OFF, old_addr.into(), nat.addr.into(), 4).map_err(err)?;
     ctx.store(addr_off, &nat.addr, 0).map_err(err)?;
-    ctx.store(port_off, &nat.port, 0).map_err(err)?;
+    ctx.store(port_off, &nat.port, port_flags).map_err(err)?;
     Ok(())
 }

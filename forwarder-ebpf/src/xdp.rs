@@ -1,13 +1,14 @@
 //! XDP on node interfaces: Service DNAT, and the reversal of masquerading
 //! for replies, with direct packet writes.
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use forwarder_common::{PROTO_UDP, csum, stat};
+use forwarder_common::{PROTO_SCTP, PROTO_UDP, csum, stat};
 
 use crate::{
     icmp,
     lb::{self, Nat, Origin},
     maps::count,
     parse::{self, Flow, Parsed},
+    sctp,
 };
 
 #[xdp]
@@ -50,7 +51,7 @@ fn try_xdp_node(ctx: &XdpContext) -> Result<u32, u32> {
     Ok(xdp_action::XDP_PASS)
 }
 
-/// Rewrites destination address and port, updating both checksums
+/// Rewrites destination address and port, updating the checksums
 /// incrementally. XDP sees frames as they came off the wire, so the L4
 /// checksum is complete (not a CHECKSUM_PARTIAL pseudo-header sum).
 #[inline(always)]
@@ -58,18 +59,29 @@ fn rewrite_destination(ctx: &XdpContext, flow: &Flow, nat: &Nat) -> Option<()> {
     let (start, end) = (ctx.data(), ctx.data_end());
     let ip_check = parse::ptr_at::<u16>(start, end, parse::IP_CHECK_OFF)?;
     let daddr = parse::ptr_at::<u32>(start, end, parse::IP_DADDR_OFF)?;
-    let l4_check = parse::ptr_at::<u16>(start, end, flow.l4_off + parse::l4_check_off(flow.proto))?;
     let dport = parse::ptr_at::<u16>(start, end, flow.l4_off + 2)?;
     // SAFETY: every pointer was bounds checked; packet fields may be unaligned.
     unsafe {
         let old = ip_check.read_unaligned();
         ip_check.write_unaligned(csum::replace4(old, flow.daddr, nat.addr));
-
-        let old = l4_check.read_unaligned();
-        let new = csum::replace2(csum::replace4(old, flow.daddr, nat.addr), flow.dport, nat.port);
-        let new = if flow.proto == PROTO_UDP { csum::udp_fixup(old, new) } else { new };
-        l4_check.write_unaligned(new);
-
+        if flow.proto == PROTO_SCTP {
+            let crc = parse::ptr_at::<[u8; 4]>(start, end, flow.l4_off + parse::SCTP_CHECK_OFF)?;
+            let updated = sctp::crc_after_port_change(
+                u32::from_le_bytes(crc.read_unaligned()),
+                sctp::ports(flow.sport, flow.dport),
+                sctp::ports(flow.sport, nat.port),
+                u32::from(flow.l4_len),
+            );
+            crc.write_unaligned(updated.to_le_bytes());
+        } else {
+            let l4_check =
+                parse::ptr_at::<u16>(start, end, flow.l4_off + parse::l4_check_off(flow.proto))?;
+            let old = l4_check.read_unaligned();
+            let new =
+                csum::replace2(csum::replace4(old, flow.daddr, nat.addr), flow.dport, nat.port);
+            let new = if flow.proto == PROTO_UDP { csum::udp_fixup(old, new) } else { new };
+            l4_check.write_unaligned(new);
+        }
         daddr.write_unaligned(nat.addr);
         dport.write_unaligned(nat.port);
     }

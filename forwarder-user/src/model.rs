@@ -11,6 +11,7 @@ use std::{
 pub enum Proto {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Proto {
@@ -18,6 +19,7 @@ impl Proto {
         match self {
             Self::Tcp => forwarder_common::PROTO_TCP,
             Self::Udp => forwarder_common::PROTO_UDP,
+            Self::Sctp => forwarder_common::PROTO_SCTP,
         }
     }
 }
@@ -27,6 +29,7 @@ impl fmt::Display for Proto {
         f.write_str(match self {
             Self::Tcp => "TCP",
             Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
         })
     }
 }

@@ -291,10 +291,11 @@ fn protocol(port: &ServicePort, name: &str, skipped: &mut Vec<Skipped>) -> Optio
     match port.protocol.as_deref().unwrap_or("TCP") {
         "TCP" => Some(Proto::Tcp),
         "UDP" => Some(Proto::Udp),
+        "SCTP" => Some(Proto::Sctp),
         other => {
             skipped.push(Skipped {
                 object: name.to_owned(),
-                reason: format!("port {}: protocol {other} is not supported yet", port.port),
+                reason: format!("port {}: protocol {other} is not supported", port.port),
             });
             None
         }

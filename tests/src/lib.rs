@@ -6,5 +6,6 @@ pub mod echo;
 pub mod forwarder;
 pub mod netns;
 pub mod packet;
+pub mod sctp;
 pub mod topology;
 pub mod xdp_pass;

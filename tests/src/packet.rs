@@ -1,8 +1,8 @@
-//! Builds Ethernet/IPv4/TCP|UDP frames with correct checksums, and checks
-//! the checksums of frames from scratch.
+//! Builds Ethernet/IPv4/TCP|UDP|SCTP frames with correct checksums, and
+//! checks the checksums of frames from scratch.
 use std::net::Ipv4Addr;
 
-use forwarder_common::{PROTO_TCP, PROTO_UDP, csum};
+use forwarder_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, crc32c, csum};
 
 #[derive(Clone, Debug)]
 pub struct Packet {
@@ -20,9 +20,16 @@ pub struct Packet {
     pub no_udp_checksum: bool,
     /// TCP flags; PSH|ACK unless set.
     pub tcp_flags: u8,
+    /// The SCTP chunk carrying the payload; DATA unless set.
+    pub sctp_chunk: u8,
+    /// Leave the SCTP CRC to the device: the field stays 0.
+    pub no_sctp_crc: bool,
 }
 
 pub const SYN: u8 = 0x02;
+
+pub const SCTP_INIT: u8 = 1;
+pub const SCTP_ABORT: u8 = 6;
 
 pub const MF: u16 = 0x2000;
 
@@ -41,6 +48,8 @@ impl Packet {
             frag: 0,
             no_udp_checksum: false,
             tcp_flags: 0x18,
+            sctp_chunk: 0,
+            no_sctp_crc: false,
         }
     }
 
@@ -51,6 +60,10 @@ impl Packet {
 
     pub fn udp(src: &str, dst: &str) -> Self {
         Self::new(PROTO_UDP, src, dst)
+    }
+
+    pub fn sctp(src: &str, dst: &str) -> Self {
+        Self::new(PROTO_SCTP, src, dst)
     }
 
     /// The same packet with other endpoints, e.g. the expected rewrite.
@@ -73,24 +86,53 @@ impl Packet {
         let mut l4 = Vec::new();
         l4.extend_from_slice(&self.sport.to_be_bytes());
         l4.extend_from_slice(&self.dport.to_be_bytes());
-        if self.proto == PROTO_TCP {
-            l4.extend_from_slice(&1u32.to_be_bytes()); // seq
-            l4.extend_from_slice(&0u32.to_be_bytes()); // ack
-            l4.extend_from_slice(&[0x50, self.tcp_flags, 0xff, 0xff, 0, 0, 0, 0]); // doff=5
-        } else {
-            l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
-            l4.extend_from_slice(&[0, 0]);
+        match self.proto {
+            PROTO_SCTP => self.sctp_body(&mut l4),
+            PROTO_TCP => {
+                l4.extend_from_slice(&1u32.to_be_bytes()); // seq
+                l4.extend_from_slice(&0u32.to_be_bytes()); // ack
+                l4.extend_from_slice(&[0x50, self.tcp_flags, 0xff, 0xff, 0, 0, 0, 0]); // doff=5
+                self.internet_checksum(&mut l4);
+            }
+            _ => {
+                l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+                l4.extend_from_slice(&[0, 0]);
+                self.internet_checksum(&mut l4);
+            }
         }
+        self.frame(&l4)
+    }
+
+    /// Verification tag, CRC, then one chunk around the payload (an INIT's
+    /// payload starts with its initiate tag).
+    fn sctp_body(&self, l4: &mut Vec<u8>) {
+        let vtag: u32 = if self.sctp_chunk == SCTP_INIT { 0 } else { 0x0102_0304 };
+        l4.extend_from_slice(&vtag.to_be_bytes());
+        l4.extend_from_slice(&[0; 4]);
+        l4.extend_from_slice(&[self.sctp_chunk, 0]);
+        l4.extend_from_slice(&((4 + self.payload.len()) as u16).to_be_bytes());
+        l4.extend_from_slice(&self.payload);
+        l4.resize(l4.len().next_multiple_of(4), 0);
+        if !self.no_sctp_crc {
+            let crc = crc32c::sctp(l4);
+            l4[8..12].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+
+    /// Appends the payload and fills in the TCP/UDP checksum.
+    fn internet_checksum(&self, l4: &mut Vec<u8>) {
         l4.extend_from_slice(&self.payload);
         let check_at = if self.proto == PROTO_TCP { 16 } else { 6 };
         if !(self.proto == PROTO_UDP && self.no_udp_checksum) {
-            let mut c = csum::compute(&l4, pseudo_sum(self.src, self.dst, self.proto, l4.len()));
+            let mut c = csum::compute(l4, pseudo_sum(self.src, self.dst, self.proto, l4.len()));
             if c == 0 && self.proto == PROTO_UDP {
                 c = 0xffff;
             }
             l4[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
         }
+    }
 
+    fn frame(&self, l4: &[u8]) -> Vec<u8> {
         let ihl = 20 + self.ip_options.len();
         let mut ip = vec![0x40 | (ihl / 4) as u8, 0];
         ip.extend_from_slice(&((ihl + l4.len()) as u16).to_be_bytes());
@@ -105,7 +147,7 @@ impl Packet {
 
         let mut frame = ethernet(0x0800);
         frame.extend_from_slice(&ip);
-        frame.extend_from_slice(&l4);
+        frame.extend_from_slice(l4);
         frame
     }
 }
@@ -130,8 +172,9 @@ fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
     words(src) + words(dst) + u32::from(proto) + len as u32
 }
 
-/// Verifies the IPv4 header checksum and the TCP/UDP/ICMP checksum of
-/// `frame` from scratch (a UDP checksum of 0 means none).
+/// Verifies the IPv4 header checksum and the TCP/UDP/ICMP checksum or SCTP
+/// CRC of `frame` from scratch (a UDP checksum of 0 means none, an SCTP CRC
+/// of 0 one left to the device).
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     let ip = &frame[14..];
     let ihl = usize::from(ip[0] & 0x0f) * 4;
@@ -144,6 +187,13 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     if proto == PROTO_UDP && l4[6..8] == [0, 0] {
         return Ok(());
+    }
+    if proto == PROTO_SCTP {
+        let field = u32::from_le_bytes([l4[8], l4[9], l4[10], l4[11]]);
+        return match field == 0 || field == crc32c::sctp(l4) {
+            true => Ok(()),
+            false => Err("SCTP CRC32c is wrong".into()),
+        };
     }
     if proto == 1 {
         // ICMP: no pseudo-header.
@@ -160,18 +210,27 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
 
 /// The ICMP port unreachable answer to `frame` (an Ethernet/IPv4 frame
 /// without IP options), as forwarder builds it: MACs swapped, from the
-/// address the client targeted, quoting the IPv4 and TCP/UDP headers.
+/// address the client targeted, quoting the IPv4 and TCP/UDP headers (SCTP:
+/// up to the INIT chunk's initiate tag).
 pub fn port_unreachable(frame: &[u8]) -> Vec<u8> {
     let ip = &frame[14..];
-    let mut quote = ip[..if ip[9] == PROTO_TCP { 40 } else { 28 }].to_vec();
-    // The quoted L4 checksum field holds F with F = ~(S + F): completing a
-    // partial checksum over the quote leaves it unchanged.
-    let field = 20 + if ip[9] == PROTO_TCP { 16 } else { 6 };
-    quote[field..field + 2].copy_from_slice(&[0, 0]);
-    let others = !csum::compute(&quote[20..], 0);
-    let fixed = ((u32::from(!others) * 0x8000) % 0xffff) as u16;
-    quote[field..field + 2].copy_from_slice(&fixed.to_be_bytes());
-    assert_eq!(csum::compute(&quote[20..], 0), fixed, "completion would rewrite the quoted field");
+    let quoted_l4 = match ip[9] {
+        PROTO_TCP => 20,
+        PROTO_SCTP => 20,
+        _ => 8,
+    };
+    let mut quote = ip[..20 + quoted_l4].to_vec();
+    if ip[9] != PROTO_SCTP {
+        // The quoted L4 checksum field holds F with F = ~(S + F): completing
+        // a partial checksum over the quote leaves it unchanged.
+        let field = 20 + if ip[9] == PROTO_TCP { 16 } else { 6 };
+        quote[field..field + 2].copy_from_slice(&[0, 0]);
+        let others = !csum::compute(&quote[20..], 0);
+        let fixed = ((u32::from(!others) * 0x8000) % 0xffff) as u16;
+        quote[field..field + 2].copy_from_slice(&fixed.to_be_bytes());
+        let completed = csum::compute(&quote[20..], 0);
+        assert_eq!(completed, fixed, "completion would rewrite the quoted field");
+    }
     let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
     icmp.extend_from_slice(&quote);
     let c = csum::compute(&icmp, 0);

@@ -276,7 +276,7 @@ spec: {ports: [{port: 80}]}
             name: "unsupported protocol and IPv6 are skipped with a reason; other ports stay",
             services: "
 metadata: {name: mixed, namespace: demo}
-spec: {clusterIP: 10.96.0.30, ports: [{name: a, port: 80}, {name: s, port: 9, protocol: SCTP}]}
+spec: {clusterIP: 10.96.0.30, ports: [{name: a, port: 80}, {name: s, port: 9, protocol: DCCP}]}
 ---
 metadata: {name: v6, namespace: demo}
 spec: {clusterIP: 'fd00::1', ports: [{port: 80}]}
@@ -288,9 +288,33 @@ spec: {clusterIP: 'ten.nine', ports: [{port: 80}]}
             expect: vec![(fe(Some("10.96.0.30"), 80, Proto::Tcp), vec![])],
             skipped: vec![
                 "demo/junk: clusterIP \"ten.nine\" is not an IP address",
-                "demo/mixed: port 9: protocol SCTP is not supported yet",
+                "demo/mixed: port 9: protocol DCCP is not supported",
                 "demo/v6: clusterIP fd00::1 is IPv6; this dataplane serves IPv4 only",
             ],
+        },
+        Case {
+            name: "one port number over TCP, UDP and SCTP: three frontends, each its own targets",
+            services: "
+metadata: {name: sig, namespace: demo}
+spec:
+  clusterIP: 10.96.0.31
+  ports:
+  - {name: t, port: 3868, targetPort: 3868}
+  - {name: u, port: 3868, targetPort: 3869, protocol: UDP}
+  - {name: s, port: 3868, targetPort: sig, protocol: SCTP}
+",
+            slices: "
+metadata: {name: sig-1, namespace: demo, labels: {kubernetes.io/service-name: sig}}
+addressType: IPv4
+ports: [{name: t, port: 3868}, {name: u, port: 3869, protocol: UDP}, {name: s, port: 3870, protocol: SCTP}]
+endpoints: [{addresses: [10.244.1.9]}]
+",
+            expect: vec![
+                (fe(Some("10.96.0.31"), 3868, Proto::Tcp), vec!["10.244.1.9:3868"]),
+                (fe(Some("10.96.0.31"), 3868, Proto::Udp), vec!["10.244.1.9:3869"]),
+                (fe(Some("10.96.0.31"), 3868, Proto::Sctp), vec!["10.244.1.9:3870"]),
+            ],
+            skipped: vec![],
         },
         Case {
             name: "dual-stack: the IPv4 entry of clusterIPs, whichever comes first",

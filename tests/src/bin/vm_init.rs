@@ -53,6 +53,8 @@ fn run_test(line: &str) -> bool {
         .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         .env("FORWARDER_BIN", "/usr/bin/forwarder")
         .env("FORWARDER_DEMO_MANIFEST", "/etc/forwarder/demo.yaml")
+        // Distribution kernels have SCTP; tests must not skip it here.
+        .env("FORWARDER_REQUIRE_SCTP", "1")
         .env("RUST_BACKTRACE", "1")
         .env("HOME", "/root")
         .status();

@@ -210,6 +210,17 @@ impl Harness {
     pub(crate) fn conntrack_len(&mut self) -> usize {
         self.maps.conntrack().keys().count()
     }
+
+    /// Whether the entry holding masquerade port `port` is marked closing.
+    pub(crate) fn snat_closing(&mut self, port: u16) -> bool {
+        self.maps.conntrack().iter().map(|entry| entry.expect("conntrack readable")).any(
+            |(key, value)| {
+                key.dir == forwarder_common::CT_SNAT_REPLY
+                    && key.dport == port.to_be()
+                    && value.flags & forwarder_common::CT_CLOSING != 0
+            },
+        )
+    }
 }
 
 /// The source port the egress program masqueraded with, checked in range.

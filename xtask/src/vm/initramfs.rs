@@ -13,8 +13,10 @@ use super::{cpio::Cpio, kernels::Unpacked};
 
 /// Tools the end-to-end tests call.
 const TOOLS: [&str; 4] = ["ip", "tc", "sysctl", "ethtool"];
-/// veth for the topology; clsact and cls_bpf for TC before TCX (kernel < 6.6).
-const MODULES: [&str; 3] = ["veth", "sch_ingress", "cls_bpf"];
+/// veth for the topology; clsact and cls_bpf for TC before TCX (kernel < 6.6);
+/// SCTP, with the CRC32c implementation its library asks the crypto API for
+/// (without modprobe in the guest, nothing would load it on demand).
+const MODULES: [&str; 5] = ["veth", "sch_ingress", "cls_bpf", "crc32c_generic", "sctp"];
 
 pub struct TestRun {
     pub name: String,

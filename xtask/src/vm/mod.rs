@@ -48,6 +48,7 @@ fn test_runs(binaries: &[(String, PathBuf)]) -> anyhow::Result<Vec<TestRun>> {
                 "nodeport_from_external_client_reaches_both_pods",
                 "cluster_ip_from_a_pod_reaches_both_pods",
                 "sigterm_detaches_every_program",
+                "sctp_reaches_both_pods_through_nodeport_and_cluster_ip",
                 "--exact",
             ]
             .map(str::to_owned)
