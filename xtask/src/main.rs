@@ -1,6 +1,7 @@
-//! Project tasks: `cargo xtask setup | demo | test | bench | vm`.
+//! Project tasks: `cargo xtask setup | demo | test | bench | vm | k8s`.
 mod bench;
 mod demo;
+mod k8s;
 mod setup;
 mod test;
 mod vm;
@@ -25,6 +26,11 @@ enum Task {
     Bench,
     /// Run the BPF and focused end-to-end tests on distribution kernels under qemu.
     Vm,
+    /// The test control plane: build, start, stop, or print its KUBECONFIG.
+    K8s {
+        #[command(subcommand)]
+        action: k8s::Action,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test::run(),
         Task::Bench => bench::run(),
         Task::Vm => vm::run(),
+        Task::K8s { action } => k8s::run(action),
     }
 }

@@ -14,7 +14,9 @@ const LIBLLVM: &str = "libLLVM.so.22.1-rust-1.97.0-nightly";
 /// Debian packages the build and the tests need (the distribution's release
 /// pins their versions): a C compiler for bpf-linker's build, `ip`, `sysctl`
 /// and `ethtool` for the test topology, and for the VM tests qemu, `strip`,
-/// `dpkg-deb`, `depmod`, the archive keyring and module decompressors.
+/// `dpkg-deb`, `depmod`, the archive keyring and module decompressors; for
+/// the test control plane `openssl` (its service-account key) and `curl`
+/// (its readiness probe).
 const APT_PACKAGES: &[&str] = &[
     "gcc",
     "iproute2",
@@ -27,6 +29,8 @@ const APT_PACKAGES: &[&str] = &[
     "debian-archive-keyring",
     "xz-utils",
     "zstd",
+    "openssl",
+    "curl",
 ];
 
 pub fn run() -> anyhow::Result<()> {

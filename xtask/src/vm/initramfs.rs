@@ -209,12 +209,16 @@ mod tests {
             "kernel/net/sched/cls_bpf.ko.xz: kernel/net/sched/sch-helper.ko.xz
              kernel/net/sched/sch-helper.ko.xz:
              kernel/drivers/net/veth.ko.xz:
+             kernel/net/sctp/sctp.ko.xz: kernel/net/ipv4/udp_tunnel.ko.xz kernel/lib/libcrc32c.ko.xz
+             kernel/net/ipv4/udp_tunnel.ko.xz:
+             kernel/lib/libcrc32c.ko.xz:
 ",
         )
         .unwrap();
         std::fs::write(
             dir.join("modules.builtin"),
             "kernel/net/sched/sch_ingress.ko
+             kernel/crypto/crc32c_generic.ko
 ",
         )
         .unwrap();
@@ -222,6 +226,16 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let names: Vec<String> =
             files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-        assert_eq!(names, ["veth.ko.xz", "sch-helper.ko.xz", "cls_bpf.ko.xz"]);
+        assert_eq!(
+            names,
+            [
+                "veth.ko.xz",
+                "sch-helper.ko.xz",
+                "cls_bpf.ko.xz",
+                "udp_tunnel.ko.xz",
+                "libcrc32c.ko.xz",
+                "sctp.ko.xz"
+            ]
+        );
     }
 }

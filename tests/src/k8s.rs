@@ -1,0 +1,236 @@
+//! A real Kubernetes control plane on loopback for the tests: etcd and
+//! kube-apiserver, built from the release pinned in `tests/k8s/go.mod` (by
+//! `cargo xtask k8s build`, cached per go.mod/go.sum content). No
+//! controller-manager or kubelet: tests create Services (the apiserver
+//! allocates ClusterIPs and NodePorts), EndpointSlices and Nodes themselves.
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// The admin's bearer token (group system:masters) in the token file.
+pub const ADMIN_TOKEN: &str = "forwarder-test-admin";
+/// The Service CIDR the apiserver allocates ClusterIPs from.
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// What the tests and the benchmark build from `tests/k8s`.
+pub const BINARIES: [&str; 3] = ["etcd", "kube-apiserver", "kube-proxy"];
+
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// `tests/k8s` in this checkout: the Go module the binaries come from.
+pub fn go_module_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s")
+}
+
+/// Where the binaries of the pinned release live: `$FORWARDER_K8S_BIN`, or
+/// a cache directory named after the module's go.mod and go.sum, so a new
+/// pin is a new build and an unchanged one is never rebuilt.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FORWARDER_K8S_BIN") {
+        return dir.into();
+    }
+    let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+    for file in ["go.mod", "go.sum"] {
+        let bytes = std::fs::read(go_module_dir().join(file)).unwrap_or_default();
+        for byte in bytes {
+            // FNV-1a: stable across Rust releases, unlike std's hasher.
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    let cache = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    cache.join(".cache/forwarder/k8s").join(format!("{hash:016x}"))
+}
+
+/// A free TCP port on loopback (released again; good enough for tests).
+fn free_port() -> Result<u16, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("free port: {e}"))?;
+    listener.local_addr().map(|a| a.port()).map_err(|e| format!("free port: {e}"))
+}
+
+/// etcd and kube-apiserver, stopped (and their state removed) on drop.
+pub struct ControlPlane {
+    pub dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub server: String,
+    etcd: Option<Child>,
+    apiserver: Option<Child>,
+}
+
+impl ControlPlane {
+    /// Starts both in `dir` (created, and removed on drop) and waits until
+    /// the apiserver reports ready.
+    pub fn start(dir: &Path) -> Result<Self, String> {
+        let bin = bin_dir();
+        for name in BINARIES {
+            if !bin.join(name).exists() {
+                return Err(format!(
+                    "{} missing: run `cargo xtask k8s build` first",
+                    bin.join(name).display()
+                ));
+            }
+        }
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir.join("certs")).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let write = |name: &str, text: String| {
+            std::fs::write(dir.join(name), text).map_err(|e| format!("{name}: {e}"))
+        };
+        write("tokens.csv", format!("{ADMIN_TOKEN},admin,admin,system:masters\n"))?;
+        let key = dir.join("service-account.key");
+        let status = Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&key)
+            .arg("2048")
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| format!("openssl: {e}"))?;
+        if !status.success() {
+            return Err(format!("openssl genrsa failed: {status}"));
+        }
+
+        let (client, peer, secure) = (free_port()?, free_port()?, free_port()?);
+        let log = |name: &str| {
+            std::fs::File::create(dir.join(name)).map_err(|e| format!("{name}: {e}"))
+        };
+        let etcd = Command::new(bin.join("etcd"))
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", dir.join("etcd").display()))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!("--initial-cluster=test=http://127.0.0.1:{peer}"))
+            // Test data: durability buys nothing and costs seconds.
+            .arg("--unsafe-no-fsync")
+            .stdout(Stdio::null())
+            .stderr(log("etcd.log")?)
+            .spawn()
+            .map_err(|e| format!("etcd: {e}"))?;
+        let mut plane = Self {
+            dir: dir.to_owned(),
+            kubeconfig: dir.join("kubeconfig"),
+            server: format!("https://127.0.0.1:{secure}"),
+            etcd: Some(etcd),
+            apiserver: None,
+        };
+        let apiserver = Command::new(bin.join("kube-apiserver"))
+            .arg(format!("--etcd-servers=http://127.0.0.1:{client}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--secure-port={secure}"))
+            .arg(format!("--cert-dir={}", dir.join("certs").display()))
+            .arg(format!("--token-auth-file={}", dir.join("tokens.csv").display()))
+            .arg("--authorization-mode=RBAC")
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg(format!("--service-account-key-file={}", key.display()))
+            .arg(format!("--service-account-signing-key-file={}", key.display()))
+            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+            .arg("--service-node-port-range=30000-32767")
+            // Nothing runs on 127.0.0.1 for the `kubernetes` Service to point at.
+            .arg("--endpoint-reconciler-type=none")
+            .stdout(Stdio::null())
+            .stderr(log("kube-apiserver.log")?)
+            .spawn()
+            .map_err(|e| format!("kube-apiserver: {e}"))?;
+        plane.apiserver = Some(apiserver);
+        plane.wait_ready()?;
+        plane.write_kubeconfig()?;
+        Ok(plane)
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if self.get("/readyz").is_ok_and(|body| body.trim() == "ok") {
+                return Ok(());
+            }
+            for (name, child) in [("etcd", &mut self.etcd), ("kube-apiserver", &mut self.apiserver)]
+            {
+                if let Some(Ok(Some(status))) = child.as_mut().map(Child::try_wait) {
+                    let log = log_tail(&self.dir, name);
+                    return Err(format!("{name} exited ({status}):\n{log}"));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "kube-apiserver not ready after {READY_TIMEOUT:?}:\n{}",
+                    self.log_tail("kube-apiserver")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// GET `path` as the admin; the body on a 2xx answer.
+    pub fn get(&self, path: &str) -> Result<String, String> {
+        let out = Command::new("curl")
+            .args(["-sSfk", "--max-time", "5", "-H"])
+            .arg(format!("Authorization: Bearer {ADMIN_TOKEN}"))
+            .arg(format!("{}{path}", self.server))
+            .output()
+            .map_err(|e| format!("curl: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The apiserver's serving certificate is self-signed into `--cert-dir`;
+    /// the kubeconfig trusts exactly that.
+    fn write_kubeconfig(&self) -> Result<(), String> {
+        let ca = self.dir.join("certs/apiserver.crt");
+        let text = format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: test
+  cluster: {{server: \"{server}\", certificate-authority: \"{ca}\"}}
+users:
+- name: admin
+  user: {{token: {ADMIN_TOKEN}}}
+contexts:
+- name: test
+  context: {{cluster: test, user: admin}}
+current-context: test
+",
+            server = self.server,
+            ca = ca.display(),
+        );
+        std::fs::write(&self.kubeconfig, text).map_err(|e| format!("kubeconfig: {e}"))
+    }
+
+    /// The last lines of a component's log, for failure messages.
+    pub fn log_tail(&self, name: &str) -> String {
+        log_tail(&self.dir, name)
+    }
+
+    /// Leaves both processes running (for `cargo xtask k8s up`); returns
+    /// their pids.
+    pub fn detach(mut self) -> Vec<u32> {
+        let children = [self.etcd.take(), self.apiserver.take()];
+        let pids = children.iter().flatten().map(Child::id).collect();
+        // Nothing to stop or remove on drop any more.
+        self.dir = PathBuf::new();
+        pids
+    }
+}
+
+fn log_tail(dir: &Path, name: &str) -> String {
+    let text = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        for child in [self.apiserver.take(), self.etcd.take()].into_iter().flatten() {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! `cargo xtask k8s build|up|down|env`: the test control plane (etcd,
+//! kube-apiserver) and kube-proxy, built from the release pinned in
+//! `tests/k8s/go.mod`, and a control plane on loopback to point clients at.
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+use forwarder_tests::k8s::{self, ControlPlane};
+use nix::{sys::signal, unistd::Pid};
+
+use crate::setup::{check, workspace_root};
+
+/// The oldest Go the pinned k8s.io/kubernetes release builds with.
+const GO_MINOR_MIN: u32 = 25;
+
+#[derive(clap::Subcommand)]
+pub enum Action {
+    /// Build the binaries (cached: a no-op while go.mod and go.sum are unchanged).
+    Build,
+    /// Start etcd and kube-apiserver on loopback, in the background.
+    Up,
+    /// Stop them and remove their state.
+    Down,
+    /// Print `export KUBECONFIG=...` for the running control plane.
+    Env,
+}
+
+pub fn run(action: Action) -> anyhow::Result<()> {
+    match action {
+        Action::Build => build().map(|dir| println!("k8s: binaries in {}", dir.display())),
+        Action::Up => up(),
+        Action::Down => down(),
+        Action::Env => {
+            let kubeconfig = state_dir().join("kubeconfig");
+            if !kubeconfig.exists() {
+                bail!("no control plane is up: run `cargo xtask k8s up`");
+            }
+            println!("export KUBECONFIG={}", kubeconfig.display());
+            Ok(())
+        }
+    }
+}
+
+/// Builds the binaries into their cache directory unless all are there.
+pub fn build() -> anyhow::Result<PathBuf> {
+    let dir = k8s::bin_dir();
+    if k8s::BINARIES.iter().all(|name| dir.join(name).exists()) {
+        return Ok(dir);
+    }
+    check_go()?;
+    let module = k8s::go_module_dir();
+    let staging = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).with_context(|| format!("{}", staging.display()))?;
+    let packages = [
+        ("etcd", "./etcd"),
+        ("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
+        ("kube-proxy", "k8s.io/kubernetes/cmd/kube-proxy"),
+    ];
+    for (name, package) in packages {
+        println!("k8s: building {name} (minutes the first time; cached after)");
+        check(
+            Command::new("go")
+                .current_dir(&module)
+                .args(["build", "-trimpath", "-o"])
+                .arg(staging.join(name))
+                .arg(package)
+                // The pinned go.mod decides; never fetch another toolchain.
+                .env("GOTOOLCHAIN", "local")
+                .env("CGO_ENABLED", "0"),
+        )?;
+    }
+    // Complete or absent: a build cut short never looks finished.
+    std::fs::rename(&staging, &dir).with_context(|| format!("{}", dir.display()))?;
+    Ok(dir)
+}
+
+fn check_go() -> anyhow::Result<()> {
+    let out = Command::new("go").arg("version").output().context(
+        "Go is needed to build the test control plane (kube-apiserver, etcd, kube-proxy)",
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let minor = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("go1."))
+        .and_then(|v| v.split('.').next()?.parse::<u32>().ok());
+    match minor {
+        Some(minor) if minor >= GO_MINOR_MIN => Ok(()),
+        _ => bail!("`go version` says {text:?}; building k8s.io/kubernetes needs go1.{GO_MINOR_MIN} or newer"),
+    }
+}
+
+fn state_dir() -> PathBuf {
+    workspace_root().join("target/k8s")
+}
+
+fn up() -> anyhow::Result<()> {
+    build()?;
+    if state_dir().join("pids").exists() {
+        bail!("a control plane is already up (cargo xtask k8s down first)");
+    }
+    let plane = ControlPlane::start(&state_dir()).map_err(anyhow::Error::msg)?;
+    let (kubeconfig, server) = (plane.kubeconfig.clone(), plane.server.clone());
+    let pids = plane.detach();
+    let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+    std::fs::write(state_dir().join("pids"), list.join("\n"))?;
+    println!("k8s: kube-apiserver ready at {server}");
+    println!("export KUBECONFIG={}", kubeconfig.display());
+    Ok(())
+}
+
+fn down() -> anyhow::Result<()> {
+    let dir = state_dir();
+    if let Ok(pids) = std::fs::read_to_string(dir.join("pids")) {
+        for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // Already gone is fine: down must work after a crash too.
+            let _ = signal::kill(Pid::from_raw(pid), signal::Signal::SIGTERM);
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
+    }
+    println!("k8s: down");
+    Ok(())
+}
