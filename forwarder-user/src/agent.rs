@@ -1,5 +1,6 @@
 //! The `run` loop: attach, then keep maps and attachments in sync with the
-//! manifests and the node's interfaces until a signal arrives.
+//! Kubernetes objects (API server or manifests) and the node's interfaces
+//! until a signal arrives.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
@@ -11,13 +12,17 @@ use std::{
 use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    time::Interval,
+};
 
 use crate::{
     cidr::Cidr,
+    cluster::ClusterSource,
     dataplane::{Capacity, Dataplane, XdpAttachMode},
     healthz::{self, Health, ServiceHealth},
-    manifests::{Fingerprint, ManifestSource},
+    manifests::{Fingerprint, ManifestSource, Objects},
     model::DesiredState,
     netlink::{Link, Netlink, glob_match},
     stale::removed_udp_endpoints,
@@ -25,8 +30,16 @@ use crate::{
     translate::{HealthCheck, translate},
 };
 
+/// Where the Kubernetes objects come from.
+pub enum SourceConfig {
+    /// YAML/JSON files, watched: no cluster.
+    Manifests(PathBuf),
+    /// The API server, through this kubeconfig or in-cluster config.
+    Cluster { kubeconfig: Option<PathBuf> },
+}
+
 pub struct Config {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub node_name: String,
     pub ifaces: Vec<String>,
     pub pod_iface_globs: Vec<String>,
@@ -42,12 +55,29 @@ pub struct Config {
 const MANIFEST_POLL: Duration = Duration::from_millis(250);
 /// When map writes failed (a full map), the sync is retried this often.
 const RETRY_FAILED_SYNC: Duration = Duration::from_secs(5);
+/// A burst of API events (a rollout touching many slices) within this time
+/// is programmed in one sync; short against the latency goal (p99 100 ms).
+const COALESCE_EVENTS: Duration = Duration::from_millis(5);
 
 /// Loads and attaches the programs, runs until SIGINT/SIGTERM, then
 /// detaches everything it attached, also when it fails part-way.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    std::fs::metadata(&config.manifests)
-        .with_context(|| format!("manifests path {}", config.manifests.display()))?;
+    let mut source = match &config.source {
+        SourceConfig::Manifests(path) => {
+            std::fs::metadata(path)
+                .with_context(|| format!("manifests path {}", path.display()))?;
+            Source::Manifests {
+                files: ManifestSource::new(path),
+                fingerprint: None,
+                poll: tokio::time::interval(MANIFEST_POLL),
+            }
+        }
+        SourceConfig::Cluster { kubeconfig } => Source::Cluster(
+            ClusterSource::connect(kubeconfig.as_deref(), &config.node_name)
+                .await
+                .context("connecting to the API server")?,
+        ),
+    };
     let listener = healthz::bind(config.healthz_bind_address)
         .await
         .with_context(|| format!("healthz address {}", config.healthz_bind_address))?;
@@ -57,7 +87,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         dataplane,
         syncer: Syncer::new(capacity.services as usize, capacity.backends as usize),
         netlink: Netlink::connect().context("netlink")?,
-        source: ManifestSource::new(&config.manifests),
         health: Arc::new(Health::default()),
         manifest_node_ips: BTreeSet::new(),
         applied: DesiredState::default(),
@@ -65,17 +94,67 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config,
     };
     tokio::spawn(healthz::serve(listener, agent.health.clone()));
-    let result = agent.run().await;
+    let result = agent.run(&mut source).await;
     agent.dataplane.detach_all();
     tracing::info!("detached all programs");
     result
+}
+
+/// The objects' source, and how it tells of changes.
+enum Source {
+    Manifests { files: ManifestSource, fingerprint: Option<Fingerprint>, poll: Interval },
+    Cluster(ClusterSource),
+}
+
+impl Source {
+    /// Resolves when the objects changed, or when a failed sync is due for
+    /// another try (`retry_at`).
+    async fn changed(&mut self, retry_at: Option<Instant>) {
+        let retry = async {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        match self {
+            Self::Manifests { files, fingerprint, poll } => {
+                let edited = async {
+                    loop {
+                        poll.tick().await;
+                        let current = files.fingerprint();
+                        if fingerprint.as_ref() != Some(&current) {
+                            *fingerprint = Some(current);
+                            return;
+                        }
+                    }
+                };
+                tokio::select! { () = retry => {}, () = edited => {} }
+            }
+            Self::Cluster(cluster) => tokio::select! {
+                () = retry => {}
+                () = cluster.changed() => tokio::time::sleep(COALESCE_EVENTS).await,
+            },
+        }
+    }
+
+    fn objects(&mut self) -> Objects {
+        match self {
+            Self::Manifests { files, .. } => {
+                let (objects, problems) = files.load();
+                for problem in &problems {
+                    tracing::warn!(%problem, "manifest skipped");
+                }
+                objects
+            }
+            Self::Cluster(cluster) => cluster.snapshot(),
+        }
+    }
 }
 
 struct Agent {
     dataplane: Dataplane,
     syncer: Syncer,
     netlink: Netlink,
-    source: ManifestSource,
     health: Arc<Health>,
     /// This node's addresses from its Node object.
     manifest_node_ips: BTreeSet<Ipv4Addr>,
@@ -87,7 +166,7 @@ struct Agent {
 }
 
 impl Agent {
-    async fn run(&mut self) -> anyhow::Result<()> {
+    async fn run(&mut self, source: &mut Source) -> anyhow::Result<()> {
         reserve_masquerade_ports();
         for iface in &self.config.ifaces {
             let mode = self
@@ -114,23 +193,24 @@ impl Agent {
         let mut link_changes = Netlink::changes().context("netlink subscription")?;
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
-        let mut poll = tokio::time::interval(MANIFEST_POLL);
-        let mut fingerprint: Option<Fingerprint> = None;
         let mut retry_at: Option<Instant> = None;
         self.reconcile_interfaces().await;
+        if let Source::Cluster(cluster) = source {
+            tracing::info!("waiting for the first complete lists of Services, EndpointSlices, Node");
+            tokio::select! {
+                _ = sigterm.recv() => return Ok(()),
+                _ = sigint.recv() => return Ok(()),
+                () = cluster.ready() => tracing::info!("API objects listed"),
+            }
+        }
         loop {
             tokio::select! {
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
-                _ = poll.tick() => {
-                    let current = self.source.fingerprint();
-                    let retry = retry_at.is_some_and(|at| Instant::now() >= at);
-                    if retry || fingerprint.as_ref() != Some(&current) {
-                        fingerprint = Some(current);
-                        let complete = self.sync_manifests();
-                        retry_at = (!complete).then(|| Instant::now() + RETRY_FAILED_SYNC);
-                        self.reconcile_interfaces().await;
-                    }
+                () = source.changed(retry_at) => {
+                    let complete = self.sync(source.objects());
+                    retry_at = (!complete).then(|| Instant::now() + RETRY_FAILED_SYNC);
+                    self.reconcile_interfaces().await;
                 }
                 Some(()) = link_changes.next() => {
                     // Coalesce a burst of notifications into one reconcile.
@@ -146,12 +226,8 @@ impl Agent {
     }
 
     /// Returns whether every map write succeeded.
-    fn sync_manifests(&mut self) -> bool {
+    fn sync(&mut self, objects: Objects) -> bool {
         let started = Instant::now();
-        let (objects, problems) = self.source.load();
-        for problem in &problems {
-            tracing::warn!(%problem, "manifest skipped");
-        }
         let translation = translate(&objects.services, &objects.slices, &self.config.node_name);
         for skipped in &translation.skipped {
             tracing::warn!(object = %skipped.object, reason = %skipped.reason, "Service part skipped");

@@ -2,6 +2,7 @@
 //! into map entries and keeps the maps in sync.
 pub mod agent;
 pub mod cidr;
+pub mod cluster;
 pub mod dataplane;
 pub mod healthz;
 pub mod manifests;

@@ -1,7 +1,10 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand};
-use forwarder_user::{agent, cidr::Cidr};
+use forwarder_user::{
+    agent::{self, SourceConfig},
+    cidr::Cidr,
+};
 use tracing_subscriber::EnvFilter;
 
 /// Kubernetes Service dataplane on XDP/TC: a kube-proxy replacement.
@@ -21,9 +24,14 @@ enum Command {
 #[derive(clap::Args)]
 struct RunArgs {
     /// A YAML/JSON file, or a directory of them, holding v1 Service,
-    /// discovery.k8s.io/v1 EndpointSlice and v1 Node objects. Watched.
-    #[arg(long, env = "FORWARDER_MANIFESTS")]
-    manifests: PathBuf,
+    /// discovery.k8s.io/v1 EndpointSlice and v1 Node objects, watched:
+    /// runs without a cluster. Without it, the API server is watched.
+    #[arg(long, env = "FORWARDER_MANIFESTS", conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// The API server's kubeconfig (kube-proxy's flag). Default: in-cluster
+    /// config, else $KUBECONFIG or ~/.kube/config.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// This node's name (endpoint locality, this node's Node object).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -72,8 +80,12 @@ async fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let Cli { command: Command::Run(args) } = Cli::parse();
+    let source = match args.manifests {
+        Some(path) => SourceConfig::Manifests(path),
+        None => SourceConfig::Cluster { kubeconfig: args.kubeconfig },
+    };
     agent::run(agent::Config {
-        manifests: args.manifests,
+        source,
         node_name: args.node_name,
         ifaces: args.ifaces,
         pod_iface_globs: args.pod_ifaces,

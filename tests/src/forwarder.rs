@@ -1,5 +1,6 @@
 //! The `forwarder` binary running in a node namespace, stopped on drop.
 use std::{
+    ffi::OsStr,
     io::{Read, Write},
     net::TcpStream,
     path::{Path, PathBuf},
@@ -35,14 +36,22 @@ impl Forwarder {
     /// Starts `forwarder run` in `node` and waits until /healthz says the
     /// first sync is applied.
     pub fn start(node: &NetNs, manifests: &Path, node_name: &str, iface: &str) -> Self {
+        Self::start_with(node, ["--manifests".as_ref(), manifests.as_os_str()], node_name, iface)
+    }
+
+    /// As `start`, watching the API server of `kubeconfig`.
+    pub fn start_cluster(node: &NetNs, kubeconfig: &Path, node_name: &str, iface: &str) -> Self {
+        Self::start_with(node, ["--kubeconfig".as_ref(), kubeconfig.as_os_str()], node_name, iface)
+    }
+
+    fn start_with(node: &NetNs, source: [&OsStr; 2], node_name: &str, iface: &str) -> Self {
         let log = std::env::temp_dir().join(format!("{}-forwarder.log", node.name));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new("ip")
             .args(["netns", "exec", &node.name])
             .arg(binary())
             .arg("run")
-            .arg("--manifests")
-            .arg(manifests)
+            .args(source)
             .args(["--node-name", node_name, "--iface", iface])
             .args(["--healthz-bind-address", "127.0.0.1:10256"])
             .env("RUST_LOG", "info")

@@ -54,14 +54,30 @@ pub struct ControlPlane {
     pub dir: PathBuf,
     pub kubeconfig: PathBuf,
     pub server: String,
+    /// The network namespace both run in (and are reached from), if not ours.
+    netns: Option<String>,
     etcd: Option<Child>,
     apiserver: Option<Child>,
 }
 
+/// `program`, run in network namespace `netns` when given.
+fn command_in(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns]).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
 impl ControlPlane {
-    /// Starts both in `dir` (created, and removed on drop) and waits until
+    /// Starts both in `dir` (created, and removed on drop), listening on
+    /// loopback of network namespace `netns` (ours when `None`: a node
+    /// namespace's processes reach its own loopback only), and waits until
     /// the apiserver reports ready.
-    pub fn start(dir: &Path) -> Result<Self, String> {
+    pub fn start(dir: &Path, netns: Option<&str>) -> Result<Self, String> {
         let bin = bin_dir();
         for name in BINARIES {
             if !bin.join(name).exists() {
@@ -93,7 +109,7 @@ impl ControlPlane {
         let log = |name: &str| {
             std::fs::File::create(dir.join(name)).map_err(|e| format!("{name}: {e}"))
         };
-        let etcd = Command::new(bin.join("etcd"))
+        let etcd = command_in(netns, &bin.join("etcd"))
             .arg("--name=test")
             .arg(format!("--data-dir={}", dir.join("etcd").display()))
             .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
@@ -111,10 +127,11 @@ impl ControlPlane {
             dir: dir.to_owned(),
             kubeconfig: dir.join("kubeconfig"),
             server: format!("https://127.0.0.1:{secure}"),
+            netns: netns.map(str::to_owned),
             etcd: Some(etcd),
             apiserver: None,
         };
-        let apiserver = Command::new(bin.join("kube-apiserver"))
+        let apiserver = command_in(netns, &bin.join("kube-apiserver"))
             .arg(format!("--etcd-servers=http://127.0.0.1:{client}"))
             .arg("--bind-address=127.0.0.1")
             .arg("--advertise-address=127.0.0.1")
@@ -164,16 +181,34 @@ impl ControlPlane {
 
     /// GET `path` as the admin; the body on a 2xx answer.
     pub fn get(&self, path: &str) -> Result<String, String> {
-        let out = Command::new("curl")
-            .args(["-sSfk", "--max-time", "5", "-H"])
+        self.request("GET", path, None)
+    }
+
+    /// A request as the admin with an optional JSON body (`PATCH` sends a
+    /// merge patch); the answer's body on 2xx, else the error and body.
+    pub fn request(&self, method: &str, path: &str, body: Option<&str>) -> Result<String, String> {
+        let content_type = match method {
+            "PATCH" => "application/merge-patch+json",
+            _ => "application/json",
+        };
+        let mut cmd = command_in(self.netns.as_deref(), Path::new("curl"));
+        cmd.args(["-sSk", "--max-time", "10", "-w", "\n%{http_code}", "-X", method, "-H"])
             .arg(format!("Authorization: Bearer {ADMIN_TOKEN}"))
-            .arg(format!("{}{path}", self.server))
-            .output()
-            .map_err(|e| format!("curl: {e}"))?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+            .args(["-H", &format!("Content-Type: {content_type}")])
+            .arg(format!("{}{path}", self.server));
+        if let Some(body) = body {
+            cmd.args(["--data-binary", body]);
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let out = cmd.output().map_err(|e| format!("curl: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        match code.trim().parse::<u16>() {
+            Ok(200..=299) => Ok(body.to_owned()),
+            _ => Err(format!(
+                "{method} {path}: HTTP {code} {body} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )),
+        }
     }
 
     /// The apiserver's serving certificate is self-signed into `--cert-dir`;

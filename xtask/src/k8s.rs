@@ -98,7 +98,7 @@ fn up() -> anyhow::Result<()> {
     if state_dir().join("pids").exists() {
         bail!("a control plane is already up (cargo xtask k8s down first)");
     }
-    let plane = ControlPlane::start(&state_dir()).map_err(anyhow::Error::msg)?;
+    let plane = ControlPlane::start(&state_dir(), None).map_err(anyhow::Error::msg)?;
     let (kubeconfig, server) = (plane.kubeconfig.clone(), plane.server.clone());
     let pids = plane.detach();
     let list: Vec<String> = pids.iter().map(u32::to_string).collect();
@@ -110,13 +110,25 @@ fn up() -> anyhow::Result<()> {
 
 fn down() -> anyhow::Result<()> {
     let dir = state_dir();
-    if let Ok(pids) = std::fs::read_to_string(dir.join("pids")) {
-        for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            // Already gone is fine: down must work after a crash too.
-            let _ = signal::kill(Pid::from_raw(pid), signal::Signal::SIGTERM);
-        }
+    let pids: Vec<Pid> = std::fs::read_to_string(dir.join("pids"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok().map(Pid::from_raw))
+        .collect();
+    // Already gone is fine: down must work after a crash too.
+    for pid in &pids {
+        let _ = signal::kill(*pid, signal::Signal::SIGTERM);
     }
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pids.iter().any(|pid| signal::kill(*pid, None).is_ok()) {
+        if std::time::Instant::now() > deadline {
+            for pid in &pids {
+                let _ = signal::kill(*pid, signal::Signal::SIGKILL);
+            }
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
     }

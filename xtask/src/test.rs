@@ -2,6 +2,7 @@
 use std::process::Command;
 
 use crate::{
+    k8s,
     setup::{self, check, workspace_root},
     vm,
 };
@@ -10,6 +11,8 @@ use crate::{
 /// set on each kernel of the VM matrix.
 pub fn run() -> anyhow::Result<()> {
     setup::run()?;
+    // The API tests run a real kube-apiserver (built once, then cached).
+    k8s::build()?;
     let root = workspace_root();
     // The end-to-end tests run the real binary.
     check(Command::new("cargo").current_dir(&root).args(["build", "--package", "forwarder-user"]))?;
