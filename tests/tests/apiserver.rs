@@ -154,3 +154,51 @@ fn services_and_slices_from_the_api_are_forwarded_and_follow_changes() {
                 != std::io::ErrorKind::Other
     });
 }
+
+/// The kube-proxy built from the same release syncs its iptables rules
+/// from the same apiserver (the benchmark compares against it), in a
+/// namespace of its own.
+#[test]
+fn kube_proxy_syncs_rules_from_the_same_apiserver() {
+    let cluster = cluster("kproxy");
+    let (cluster_ip, _) = create_echo_service(&cluster);
+    create_echo_slice(&cluster, &["10.244.1.2"]);
+    let node = &cluster.topology.node;
+    let log = cluster.plane.dir.join("kube-proxy.log");
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.name])
+        .arg(forwarder_tests::k8s::bin_dir().join("kube-proxy"))
+        .arg(format!("--kubeconfig={}", cluster.plane.kubeconfig.display()))
+        .args(["--proxy-mode=iptables", &format!("--hostname-override={NODE_NAME}")])
+        // nf_conntrack_max is global: a test namespace must not change it.
+        .arg("--conntrack-max-per-core=0")
+        .args(["--metrics-bind-address=127.0.0.1:10249", "--healthz-bind-address=127.0.0.1:10256"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("kube-proxy log"))
+        .spawn()
+        .expect("kube-proxy starts");
+    let _kube_proxy = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rules = node.exec(&["iptables-save", "-t", "nat"]);
+        let rules = String::from_utf8_lossy(&rules.stdout);
+        if rules.contains(&format!("-d {cluster_ip}/32")) && rules.contains("KUBE-SVC-") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kube-proxy wrote no rules for {cluster_ip}:\n{rules}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

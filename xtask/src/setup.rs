@@ -16,7 +16,8 @@ const LIBLLVM: &str = "libLLVM.so.22.1-rust-1.97.0-nightly";
 /// and `ethtool` for the test topology, and for the VM tests qemu, `strip`,
 /// `dpkg-deb`, `depmod`, the archive keyring and module decompressors; for
 /// the test control plane `openssl` (its service-account key) and `curl`
-/// (its readiness probe).
+/// (its readiness probe and API calls); what kube-proxy runs: `iptables`,
+/// `nft`, `conntrack`.
 const APT_PACKAGES: &[&str] = &[
     "gcc",
     "iproute2",
@@ -31,6 +32,9 @@ const APT_PACKAGES: &[&str] = &[
     "zstd",
     "openssl",
     "curl",
+    "iptables",
+    "nftables",
+    "conntrack",
 ];
 
 pub fn run() -> anyhow::Result<()> {
