@@ -167,7 +167,11 @@ struct Agent {
 
 impl Agent {
     async fn run(&mut self, source: &mut Source) -> anyhow::Result<()> {
-        reserve_masquerade_ports();
+        if let Err(error) = reserve_masquerade_ports() {
+            // Without it a node socket may take a port a masqueraded flow
+            // holds; run `forwarder reserve-ports` privileged to fix.
+            tracing::warn!(error = format!("{error:#}"), "masquerade ports not reserved");
+        }
         for iface in &self.config.ifaces {
             let mode = self
                 .dataplane
@@ -196,7 +200,9 @@ impl Agent {
         let mut retry_at: Option<Instant> = None;
         self.reconcile_interfaces().await;
         if let Source::Cluster(cluster) = source {
-            tracing::info!("waiting for the first complete lists of Services, EndpointSlices, Node");
+            tracing::info!(
+                "waiting for the first complete lists of Services, EndpointSlices, Node"
+            );
             tokio::select! {
                 _ = sigterm.recv() => return Ok(()),
                 _ = sigint.recv() => return Ok(()),
@@ -383,24 +389,25 @@ fn snat_addresses(
 
 /// Keeps the node's own sockets off the masquerade ports, whose replies
 /// the datapath would take (net.ipv4.ip_local_reserved_ports).
-fn reserve_masquerade_ports() {
+/// Adds the masquerade ports to `net.ipv4.ip_local_reserved_ports`, so the
+/// node's own sockets never take one.
+pub fn reserve_masquerade_ports() -> anyhow::Result<()> {
     use forwarder_common::{SNAT_PORT_COUNT, SNAT_PORT_MIN};
     let path = "/proc/sys/net/ipv4/ip_local_reserved_ports";
     let range =
         format!("{}-{}", SNAT_PORT_MIN, u32::from(SNAT_PORT_MIN) + u32::from(SNAT_PORT_COUNT) - 1);
-    let current = std::fs::read_to_string(path).unwrap_or_default();
+    let current = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     if current.split(',').any(|r| r.trim() == range) {
-        return;
+        return Ok(());
     }
     let value = if current.trim().is_empty() {
         range.clone()
     } else {
         format!("{},{range}", current.trim())
     };
-    match std::fs::write(path, value) {
-        Ok(()) => tracing::info!(%range, "reserved the masquerade ports from local sockets"),
-        Err(error) => tracing::warn!(%range, %error, "could not reserve the masquerade ports"),
-    }
+    std::fs::write(path, value).with_context(|| format!("writing {range} to {path}"))?;
+    tracing::info!(%range, "reserved the masquerade ports from local sockets");
+    Ok(())
 }
 
 /// Where the cgroup v2 hierarchy is mounted, per /proc/self/mountinfo.

@@ -19,6 +19,9 @@ struct Cli {
 enum Command {
     /// Attach the programs and keep the maps in sync with the Services.
     Run(RunArgs),
+    /// Keep the node's own sockets out of the masquerade source ports
+    /// (a host sysctl; the DaemonSet's privileged init container runs it).
+    ReservePorts,
 }
 
 #[derive(clap::Args)]
@@ -35,24 +38,40 @@ struct RunArgs {
     /// This node's name (endpoint locality, this node's Node object).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// Node interface to serve NodePorts and ClusterIPs on with XDP. Repeatable.
-    #[arg(long = "iface", required = true)]
+    /// Node interface to serve NodePorts and ClusterIPs on with XDP.
+    /// Repeatable, or comma-separated.
+    #[arg(long = "iface", env = "FORWARDER_IFACES", value_delimiter = ',', required = true)]
     ifaces: Vec<String>,
-    /// Glob for pod-facing interfaces, which get the TC program. Repeatable.
-    #[arg(long = "pod-iface", default_values = ["veth*", "cali*", "lxc*", "cni*"])]
+    /// Glob for pod-facing interfaces, which get the TC program.
+    /// Repeatable, or comma-separated.
+    #[arg(
+        long = "pod-iface",
+        env = "FORWARDER_POD_IFACES",
+        value_delimiter = ',',
+        default_values = ["veth*", "cali*", "lxc*", "cni*"]
+    )]
     pod_ifaces: Vec<String>,
-    /// Where /healthz is served, as with kube-proxy.
-    #[arg(long, default_value = "0.0.0.0:10256")]
+    /// Where /healthz and /livez are served, as with kube-proxy.
+    #[arg(long, env = "FORWARDER_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256")]
     healthz_bind_address: SocketAddr,
     /// Comma-separated CIDRs: only node addresses within them serve
     /// NodePorts (kube-proxy's flag). Default: every local address.
-    #[arg(long, value_delimiter = ',')]
-    nodeport_addresses: Vec<Cidr>,
+    #[arg(long, env = "FORWARDER_NODEPORT_ADDRESSES", value_delimiter = ',', value_parser = cidr_or_empty)]
+    nodeport_addresses: Vec<Option<Cidr>>,
     /// cgroup v2 directory whose processes' connections to Services are
     /// translated at the socket (default: the hierarchy's root, every
     /// process of this node's network namespace).
     #[arg(long)]
     cgroup_path: Option<PathBuf>,
+}
+
+/// An empty list item (an empty environment variable from a ConfigMap)
+/// means no CIDR rather than a bad one.
+fn cidr_or_empty(text: &str) -> Result<Option<Cidr>, String> {
+    match text.trim() {
+        "" => Ok(None),
+        cidr => cidr.parse().map(Some).map_err(|e| format!("{e}")),
+    }
 }
 
 /// A parent may have blocked SIGINT/SIGTERM (the mask survives exec); we
@@ -79,7 +98,10 @@ async fn run() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let Cli { command: Command::Run(args) } = Cli::parse();
+    let args = match Cli::parse().command {
+        Command::Run(args) => args,
+        Command::ReservePorts => return agent::reserve_masquerade_ports(),
+    };
     let source = match args.manifests {
         Some(path) => SourceConfig::Manifests(path),
         None => SourceConfig::Cluster { kubeconfig: args.kubeconfig },
@@ -90,7 +112,7 @@ async fn run() -> anyhow::Result<()> {
         ifaces: args.ifaces,
         pod_iface_globs: args.pod_ifaces,
         healthz_bind_address: args.healthz_bind_address,
-        nodeport_addresses: args.nodeport_addresses,
+        nodeport_addresses: args.nodeport_addresses.into_iter().flatten().collect(),
         cgroup_path: args.cgroup_path,
     })
     .await

@@ -88,7 +88,8 @@ impl ControlPlane {
             }
         }
         let _ = std::fs::remove_dir_all(dir);
-        std::fs::create_dir_all(dir.join("certs")).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir.join("certs"))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
         let write = |name: &str, text: String| {
             std::fs::write(dir.join(name), text).map_err(|e| format!("{name}: {e}"))
         };
@@ -106,9 +107,8 @@ impl ControlPlane {
         }
 
         let (client, peer, secure) = (free_port()?, free_port()?, free_port()?);
-        let log = |name: &str| {
-            std::fs::File::create(dir.join(name)).map_err(|e| format!("{name}: {e}"))
-        };
+        let log =
+            |name: &str| std::fs::File::create(dir.join(name)).map_err(|e| format!("{name}: {e}"));
         let etcd = command_in(netns, &bin.join("etcd"))
             .arg("--name=test")
             .arg(format!("--data-dir={}", dir.join("etcd").display()))
@@ -146,13 +146,15 @@ impl ControlPlane {
             .arg("--service-node-port-range=30000-32767")
             // Nothing runs on 127.0.0.1 for the `kubernetes` Service to point at.
             .arg("--endpoint-reconciler-type=none")
+            // As kubeadm clusters do: node agents' init containers may be.
+            .arg("--allow-privileged=true")
             .stdout(Stdio::null())
             .stderr(log("kube-apiserver.log")?)
             .spawn()
             .map_err(|e| format!("kube-apiserver: {e}"))?;
         plane.apiserver = Some(apiserver);
         plane.wait_ready()?;
-        plane.write_kubeconfig()?;
+        plane.write_kubeconfig(&plane.kubeconfig, ADMIN_TOKEN)?;
         Ok(plane)
     }
 
@@ -187,13 +189,24 @@ impl ControlPlane {
     /// A request as the admin with an optional JSON body (`PATCH` sends a
     /// merge patch); the answer's body on 2xx, else the error and body.
     pub fn request(&self, method: &str, path: &str, body: Option<&str>) -> Result<String, String> {
+        self.request_as(ADMIN_TOKEN, method, path, body)
+    }
+
+    /// As `request`, with another bearer token.
+    pub fn request_as(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<String, String> {
         let content_type = match method {
             "PATCH" => "application/merge-patch+json",
             _ => "application/json",
         };
         let mut cmd = command_in(self.netns.as_deref(), Path::new("curl"));
         cmd.args(["-sSk", "--max-time", "10", "-w", "\n%{http_code}", "-X", method, "-H"])
-            .arg(format!("Authorization: Bearer {ADMIN_TOKEN}"))
+            .arg(format!("Authorization: Bearer {token}"))
             .args(["-H", &format!("Content-Type: {content_type}")])
             .arg(format!("{}{path}", self.server));
         if let Some(body) = body {
@@ -211,9 +224,10 @@ impl ControlPlane {
         }
     }
 
-    /// The apiserver's serving certificate is self-signed into `--cert-dir`;
+    /// A kubeconfig at `path` that authenticates with `token`. The
+    /// apiserver's serving certificate is self-signed into `--cert-dir`;
     /// the kubeconfig trusts exactly that.
-    fn write_kubeconfig(&self) -> Result<(), String> {
+    pub fn write_kubeconfig(&self, path: &Path, token: &str) -> Result<(), String> {
         let ca = self.dir.join("certs/apiserver.crt");
         let text = format!(
             "apiVersion: v1
@@ -223,7 +237,7 @@ clusters:
   cluster: {{server: \"{server}\", certificate-authority: \"{ca}\"}}
 users:
 - name: admin
-  user: {{token: {ADMIN_TOKEN}}}
+  user: {{token: {token}}}
 contexts:
 - name: test
   context: {{cluster: test, user: admin}}
@@ -232,7 +246,7 @@ current-context: test
             server = self.server,
             ca = ca.display(),
         );
-        std::fs::write(&self.kubeconfig, text).map_err(|e| format!("kubeconfig: {e}"))
+        std::fs::write(path, text).map_err(|e| format!("kubeconfig: {e}"))
     }
 
     /// The last lines of a component's log, for failure messages.

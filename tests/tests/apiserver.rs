@@ -13,6 +13,7 @@ use forwarder_tests::{
     netns::NetNs,
     topology::{NODE_IFACE, NODE_IP, NODE_NAME, Topology},
 };
+use serde::Deserialize as _;
 use serde_json::{Value, json};
 
 /// How long a change may take to show in traffic before the test fails
@@ -62,8 +63,12 @@ impl Cluster {
 
     fn start_forwarder(&mut self) -> &Forwarder {
         let node = &self.topology.node;
-        self.forwarder
-            .insert(Forwarder::start_cluster(node, &self.plane.kubeconfig, NODE_NAME, NODE_IFACE))
+        self.forwarder.insert(Forwarder::start_cluster(
+            node,
+            &self.plane.kubeconfig,
+            NODE_NAME,
+            NODE_IFACE,
+        ))
     }
 
     fn log(&self) -> String {
@@ -118,7 +123,11 @@ fn answering(client: &NetNs, frontend: &str, tries: usize) -> BTreeSet<String> {
 fn eventually(cluster: &Cluster, what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + FOLLOWS_WITHIN;
     while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within {FOLLOWS_WITHIN:?}\n{}", cluster.log());
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {FOLLOWS_WITHIN:?}\n{}",
+            cluster.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -201,4 +210,64 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The collection a manifest object is created in: `/api/v1/...` or
+/// `/apis/<group>/<version>/...`, namespaced or not.
+fn collection_path(object: &Value) -> String {
+    let version = object["apiVersion"].as_str().expect("apiVersion");
+    let root = if version == "v1" { "/api/v1".to_owned() } else { format!("/apis/{version}") };
+    let kind = object["kind"].as_str().expect("kind").to_lowercase();
+    match object["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("{root}/namespaces/{ns}/{kind}s"),
+        None => format!("{root}/{kind}s"),
+    }
+}
+
+/// `deploy/forwarder.yaml` passes the apiserver's own validation (strict:
+/// unknown fields fail) without creating anything, and its RBAC is enough
+/// to run the agent: the ServiceAccount's token drives a real sync, and
+/// is refused what the agent does not need.
+#[test]
+fn deploy_manifests_pass_dry_run_and_their_rbac_is_enough() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/forwarder.yaml");
+    let text = std::fs::read_to_string(&path).expect("deploy/forwarder.yaml");
+    let objects: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).expect("valid YAML"))
+        .collect();
+    let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"]
+    );
+    let mut cluster = cluster("deploy");
+    for object in &objects {
+        let path = format!("{}?dryRun=All&fieldValidation=Strict", collection_path(object));
+        cluster.call("POST", &path, Some(object.clone()));
+    }
+    let daemonsets = cluster.call("GET", "/apis/apps/v1/namespaces/kube-system/daemonsets", None);
+    assert_eq!(daemonsets["items"], json!([]), "a dry run creates nothing");
+
+    for object in objects.iter().filter(|o| o["kind"].as_str().is_some_and(|k| k != "DaemonSet")) {
+        cluster.call("POST", &collection_path(object), Some(object.clone()));
+    }
+    let request = cluster.call(
+        "POST",
+        "/api/v1/namespaces/kube-system/serviceaccounts/forwarder/token",
+        Some(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                    "spec": {"expirationSeconds": 3600}})),
+    );
+    let token = request["status"]["token"].as_str().expect("a token").to_owned();
+    let refused = cluster.plane.request_as(&token, "GET", "/api/v1/secrets", None);
+    assert!(refused.as_ref().is_err_and(|e| e.contains("HTTP 403")), "{refused:?}");
+
+    let (cluster_ip, _) = create_echo_service(&cluster);
+    create_echo_slice(&cluster, &["10.244.1.2", "10.244.1.3"]);
+    let kubeconfig = cluster.plane.dir.join("forwarder-sa.kubeconfig");
+    cluster.plane.write_kubeconfig(&kubeconfig, &token).expect("kubeconfig");
+    let node = &cluster.topology.node;
+    cluster.forwarder = Some(Forwarder::start_cluster(node, &kubeconfig, NODE_NAME, NODE_IFACE));
+    let both: BTreeSet<String> = ["pod-a".to_owned(), "pod-b".to_owned()].into();
+    let pod_c = &cluster.topology.pod("pod-c").ns;
+    assert_eq!(answering(pod_c, &format!("{cluster_ip}:80"), 32), both, "{}", cluster.log());
 }

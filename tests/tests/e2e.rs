@@ -115,10 +115,9 @@ fn udp_reaches_both(client: &NetNs, frontend: &str, forwarder: &Forwarder) {
 fn sctp_reaches_both(client: &NetNs, frontend: &str, forwarder: &Forwarder) -> BTreeSet<String> {
     let (mut pods, mut seen) = (BTreeSet::new(), BTreeSet::new());
     for _ in 0..64 {
-        let (pod, from) = sctp_once(client, frontend)
-            .unwrap_or_else(|e| {
-                panic!("SCTP from {} to {frontend}: {e}\n{}", client.name, forwarder.log_text())
-            });
+        let (pod, from) = sctp_once(client, frontend).unwrap_or_else(|e| {
+            panic!("SCTP from {} to {frontend}: {e}\n{}", client.name, forwarder.log_text())
+        });
         pods.insert(pod);
         seen.insert(from.split(':').next().unwrap_or_default().to_owned());
         if pods.len() == 2 {

@@ -85,7 +85,9 @@ fn check_go() -> anyhow::Result<()> {
         .and_then(|v| v.split('.').next()?.parse::<u32>().ok());
     match minor {
         Some(minor) if minor >= GO_MINOR_MIN => Ok(()),
-        _ => bail!("`go version` says {text:?}; building k8s.io/kubernetes needs go1.{GO_MINOR_MIN} or newer"),
+        _ => bail!(
+            "`go version` says {text:?}; building k8s.io/kubernetes needs go1.{GO_MINOR_MIN} or newer"
+        ),
     }
 }
 

@@ -76,7 +76,6 @@ endpoints:
 - {addresses: [10.244.2.2], nodeName: node-b}
 ";
 
-
 #[test]
 fn endpoints_on_this_node_are_known_as_local() {
     let services = services(
