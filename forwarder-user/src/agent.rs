@@ -25,6 +25,7 @@ use crate::{
     manifests::{Fingerprint, ManifestSource, Objects},
     model::DesiredState,
     netlink::{Link, Netlink, glob_match},
+    pins::PinDir,
     stale::removed_udp_endpoints,
     sync::Syncer,
     translate::{HealthCheck, translate},
@@ -49,6 +50,8 @@ pub struct Config {
     /// cgroup v2 directory for the socket-level programs (node-originated
     /// traffic); `None`: the root of the mounted cgroup v2 hierarchy.
     pub cgroup_path: Option<PathBuf>,
+    /// Where this node's maps and links are pinned: `<root>/<node name>/`.
+    pub bpffs_root: PathBuf,
 }
 
 /// How often the manifests are checked for changes (edits apply within 1 s).
@@ -59,8 +62,10 @@ const RETRY_FAILED_SYNC: Duration = Duration::from_secs(5);
 /// is programmed in one sync; short against the latency goal (p99 100 ms).
 const COALESCE_EVENTS: Duration = Duration::from_millis(5);
 
-/// Loads and attaches the programs, runs until SIGINT/SIGTERM, then
-/// detaches everything it attached, also when it fails part-way.
+/// Loads and attaches the programs (into what a previous agent left), runs
+/// until SIGINT/SIGTERM and exits leaving them in place: forwarding goes on
+/// with the last state until the next agent syncs. `forwarder cleanup`
+/// removes them.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut source = match &config.source {
         SourceConfig::Manifests(path) => {
@@ -82,7 +87,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("healthz address {}", config.healthz_bind_address))?;
     let capacity = Capacity::default();
-    let dataplane = Dataplane::load(capacity).context("loading the eBPF programs")?;
+    let pins = PinDir::new(&config.bpffs_root, &config.node_name);
+    let dataplane = Dataplane::load(capacity, pins).context("loading the eBPF programs")?;
     let mut agent = Agent {
         dataplane,
         syncer: Syncer::new(capacity.services as usize, capacity.backends as usize),
@@ -95,8 +101,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     tokio::spawn(healthz::serve(listener, agent.health.clone()));
     let result = agent.run(&mut source).await;
-    agent.dataplane.detach_all();
-    tracing::info!("detached all programs");
+    tracing::info!("exiting; programs stay attached (`forwarder cleanup` removes them)");
     result
 }
 
@@ -180,6 +185,7 @@ impl Agent {
             match mode {
                 XdpAttachMode::Driver => tracing::info!(%iface, "XDP attached in driver mode"),
                 XdpAttachMode::Generic => tracing::warn!(%iface, "XDP attached in generic mode"),
+                XdpAttachMode::Replaced => tracing::info!(%iface, "XDP program replaced in place"),
             }
         }
         match self.config.cgroup_path.clone().or_else(cgroup2_root).or_else(mount_cgroup2) {

@@ -1,23 +1,21 @@
 //! The loaded programs, their attachments, and the maps behind `Datapath`.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie},
-    programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
-        XdpMode, cgroup_sock_addr::CgroupSockAddrLinkId, tc::SchedClassifierLinkId, xdp::XdpLinkId,
-    },
-    util::KernelVersion,
+    programs::ProgramError,
 };
 use forwarder_common::{
     Backend, CT_FORWARD, CT_REPLY, CT_SNAT, CT_SNAT_REPLY, CtKey, CtValue, PROTO_UDP,
     SOURCE_RANGE_FRONTEND_BITS, SourceRangeKey, SvcKey, SvcValue, map_names, program_names, stat,
 };
 
+pub use crate::attach::{Dataplane, XdpAttachMode};
 use crate::{
     cidr::Cidr,
     model::{Endpoint, Frontend},
+    pins::PinDir,
     sync::{Datapath, MapWriteError, svc_key},
 };
 
@@ -60,6 +58,8 @@ pub enum DataplaneError {
     NetnsCookie(std::io::Error),
     #[error("attaching to {iface}: {source}")]
     Attach { iface: String, source: ProgramError },
+    #[error("pinning under {path}: {source}")]
+    Pin { path: String, source: std::io::Error },
 }
 
 /// Typed handles to every map the programs use.
@@ -250,16 +250,41 @@ impl Datapath for Maps {
     }
 }
 
+/// Every map, pinned by the agent so its state outlives the process.
+pub const MAPS: [&str; 10] = [
+    map_names::SERVICES,
+    map_names::BACKENDS,
+    map_names::CONNTRACK,
+    map_names::NODE_IPS,
+    map_names::SNAT_ADDRS,
+    map_names::AFFINITY,
+    map_names::CLUSTER_IPS,
+    map_names::SOURCE_RANGES,
+    map_names::SOCKET_NAT,
+    map_names::STATS,
+];
+
 /// Loads the object and returns it with the programs loaded (not attached).
 /// The socket-level programs act on sockets of the network namespace with
-/// cookie `node_netns` only (0: none).
-pub fn load_object(capacity: Capacity, node_netns: u64) -> Result<Ebpf, DataplaneError> {
-    let mut ebpf = EbpfLoader::new()
+/// cookie `node_netns` only (0: none). With `pins`, every map is opened
+/// from its pin when one exists, and pinned there when not.
+pub fn load_object(
+    capacity: Capacity,
+    node_netns: u64,
+    pins: Option<&PinDir>,
+) -> Result<Ebpf, DataplaneError> {
+    let paths: Vec<(&str, std::path::PathBuf)> =
+        pins.map(|p| MAPS.iter().map(|name| (*name, p.map(name))).collect()).unwrap_or_default();
+    let mut loader = EbpfLoader::new();
+    loader
         .map_max_entries(map_names::SERVICES, capacity.services)
         .map_max_entries(map_names::BACKENDS, capacity.backends)
         .map_max_entries(map_names::CONNTRACK, capacity.conntrack)
-        .override_global(forwarder_common::NODE_NETNS_COOKIE, &node_netns, true)
-        .load(OBJECT)?;
+        .override_global(forwarder_common::NODE_NETNS_COOKIE, &node_netns, true);
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(OBJECT)?;
     for name in [
         program_names::XDP_NODE,
         program_names::TC_POD,
@@ -284,15 +309,8 @@ pub fn load_object(capacity: Capacity, node_netns: u64) -> Result<Ebpf, Dataplan
     Ok(ebpf)
 }
 
-/// How an XDP program ended up attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum XdpAttachMode {
-    Driver,
-    Generic,
-}
-
 /// The cookie of the calling thread's network namespace.
-fn current_netns_cookie() -> std::io::Result<u64> {
+pub(crate) fn current_netns_cookie() -> std::io::Result<u64> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
     let mut cookie = 0u64;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
@@ -310,182 +328,4 @@ fn current_netns_cookie() -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(cookie)
-}
-
-/// One TC attachment: which program, and its link.
-struct TcLink {
-    program: &'static str,
-    link: SchedClassifierLinkId,
-}
-
-/// Programs, maps and attachments of a running forwarder.
-pub struct Dataplane {
-    ebpf: Ebpf,
-    pub maps: Maps,
-    node_xdp: Vec<(String, XdpLinkId)>,
-    node_tc: Vec<(String, TcLink)>,
-    /// Pod-facing attachments by ifindex (names can be reused).
-    pod_tc: BTreeMap<u32, (String, Vec<TcLink>)>,
-    sock_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
-}
-
-impl Dataplane {
-    /// Loads for the node whose network namespace is the current one.
-    pub fn load(capacity: Capacity) -> Result<Self, DataplaneError> {
-        let node_netns = current_netns_cookie().map_err(DataplaneError::NetnsCookie)?;
-        let mut ebpf = load_object(capacity, node_netns)?;
-        let maps = Maps::take(&mut ebpf)?;
-        Ok(Self {
-            ebpf,
-            maps,
-            node_xdp: Vec::new(),
-            node_tc: Vec::new(),
-            pod_tc: BTreeMap::new(),
-            sock_links: Vec::new(),
-        })
-    }
-
-    /// Attaches the socket-level programs to the cgroup v2 at `cgroup`
-    /// (the root one covers every process); they act on this node's
-    /// network namespace only, so several nodes can share the hierarchy.
-    pub fn attach_sockets(&mut self, cgroup: &std::path::Path) -> Result<(), DataplaneError> {
-        let attach_err =
-            |source| DataplaneError::Attach { iface: cgroup.display().to_string(), source };
-        let dir = std::fs::File::open(cgroup).map_err(|e| attach_err(ProgramError::IOError(e)))?;
-        for name in [
-            program_names::SOCK_CONNECT,
-            program_names::SOCK_SENDMSG,
-            program_names::SOCK_RECVMSG,
-            program_names::SOCK_PEERNAME,
-        ] {
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .expect("loaded in load()")
-                .try_into()
-                .expect("socket program");
-            // With BPF links (5.7+) several programs share a cgroup whatever the
-            // mode; the kernel rejects any other mode flag on a link.
-            let link = program.attach(&dir, CgroupAttachMode::Single).map_err(attach_err)?;
-            self.sock_links.push((name, link));
-        }
-        Ok(())
-    }
-
-    fn xdp(&mut self) -> &mut Xdp {
-        let program = self.ebpf.program_mut(program_names::XDP_NODE).expect("loaded in load()");
-        program.try_into().expect("XDP program")
-    }
-
-    fn tc(&mut self, name: &'static str) -> &mut SchedClassifier {
-        let program = self.ebpf.program_mut(name).expect("loaded in load()");
-        program.try_into().expect("TC program")
-    }
-
-    fn attach_tc(
-        &mut self,
-        iface: &str,
-        program: &'static str,
-        hook: TcAttachType,
-    ) -> Result<TcLink, DataplaneError> {
-        if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
-            // Before TCX, classifiers hang off a clsact qdisc; it may exist already.
-            let _ = aya::programs::tc::qdisc_add_clsact(iface);
-        }
-        let link = self
-            .tc(program)
-            .attach(iface, hook)
-            .map_err(|source| DataplaneError::Attach { iface: iface.to_owned(), source })?;
-        Ok(TcLink { program, link })
-    }
-
-    fn detach_tc(&mut self, iface: &str, links: Vec<TcLink>) {
-        for TcLink { program, link } in links {
-            if let Err(error) = self.tc(program).detach(link) {
-                tracing::debug!(%iface, %error, "TC detach (interface may be gone)");
-            }
-        }
-    }
-
-    /// XDP (driver mode, falling back to generic) for DNAT of arriving
-    /// packets, TC egress for reverse NAT of replies leaving the node.
-    pub fn attach_node_iface(&mut self, iface: &str) -> Result<XdpAttachMode, DataplaneError> {
-        let (link, mode) = match self.xdp().attach(iface, XdpMode::Driver) {
-            Ok(link) => (link, XdpAttachMode::Driver),
-            Err(driver_err) => {
-                tracing::warn!(%iface, error = %driver_err, "native XDP unavailable, using generic mode");
-                let link = self
-                    .xdp()
-                    .attach(iface, XdpMode::Skb)
-                    .map_err(|source| DataplaneError::Attach { iface: iface.to_owned(), source })?;
-                (link, XdpAttachMode::Generic)
-            }
-        };
-        self.node_xdp.push((iface.to_owned(), link));
-        if !std::path::Path::new(&format!("/sys/class/net/{iface}/device")).exists() {
-            // Local senders over veth/tap hand over CHECKSUM_PARTIAL packets,
-            // which XDP cannot tell apart from complete ones.
-            tracing::warn!(
-                %iface,
-                "virtual interface: XDP rewrites assume complete L4 checksums, as NICs deliver; \
-                 disable TX checksum offload on its peer"
-            );
-        }
-        let rnat = self.attach_tc(iface, program_names::TC_REVERSE_NAT, TcAttachType::Egress)?;
-        self.node_tc.push((iface.to_owned(), rnat));
-        Ok(mode)
-    }
-
-    pub fn pod_ifaces(&self) -> impl Iterator<Item = (u32, &str)> {
-        self.pod_tc.iter().map(|(index, (name, _))| (*index, name.as_str()))
-    }
-
-    /// TC ingress (DNAT of pod clients) and egress (reverse NAT of replies
-    /// to pods) on a pod-facing interface.
-    pub fn attach_pod_iface(&mut self, index: u32, name: &str) -> Result<(), DataplaneError> {
-        let ingress = self.attach_tc(name, program_names::TC_POD, TcAttachType::Ingress)?;
-        let egress = match self.attach_tc(name, program_names::TC_REVERSE_NAT, TcAttachType::Egress)
-        {
-            Ok(link) => link,
-            Err(err) => {
-                self.detach_tc(name, vec![ingress]);
-                return Err(err);
-            }
-        };
-        self.pod_tc.insert(index, (name.to_owned(), vec![ingress, egress]));
-        Ok(())
-    }
-
-    /// Detaches from a pod-facing interface, which may already be gone.
-    pub fn detach_pod_iface(&mut self, index: u32) {
-        if let Some((name, links)) = self.pod_tc.remove(&index) {
-            self.detach_tc(&name, links);
-        }
-    }
-
-    /// Detaches every program; run on shutdown.
-    pub fn detach_all(&mut self) {
-        for (name, link) in std::mem::take(&mut self.sock_links) {
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .expect("loaded in load()")
-                .try_into()
-                .expect("socket program");
-            if let Err(error) = program.detach(link) {
-                tracing::warn!(program = name, %error, "socket program detach failed");
-            }
-        }
-        for index in self.pod_tc.keys().copied().collect::<Vec<_>>() {
-            self.detach_pod_iface(index);
-        }
-        for (iface, link) in std::mem::take(&mut self.node_tc) {
-            self.detach_tc(&iface, vec![link]);
-        }
-        for (iface, link) in std::mem::take(&mut self.node_xdp) {
-            if let Err(error) = self.xdp().detach(link) {
-                tracing::warn!(%iface, %error, "XDP detach failed");
-            }
-        }
-    }
 }

@@ -1,6 +1,7 @@
 //! forwarder's userspace: loads the programs, translates Kubernetes objects
 //! into map entries and keeps the maps in sync.
 pub mod agent;
+pub mod attach;
 pub mod cidr;
 pub mod cluster;
 pub mod dataplane;
@@ -8,6 +9,7 @@ pub mod healthz;
 pub mod manifests;
 pub mod model;
 pub mod netlink;
+pub mod pins;
 pub mod stale;
 pub mod sync;
 pub mod translate;

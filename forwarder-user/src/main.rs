@@ -1,9 +1,12 @@
 use std::{net::SocketAddr, path::PathBuf};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use forwarder_user::{
     agent::{self, SourceConfig},
+    attach,
     cidr::Cidr,
+    pins::{self, PinDir},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -22,6 +25,17 @@ enum Command {
     /// Keep the node's own sockets out of the masquerade source ports
     /// (a host sysctl; the DaemonSet's privileged init container runs it).
     ReservePorts,
+    /// Remove every attachment, pin and map forwarder made for a node, in
+    /// this network namespace (kube-proxy's --cleanup).
+    Cleanup(CleanupArgs),
+}
+
+#[derive(clap::Args)]
+struct CleanupArgs {
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    #[arg(long, env = "FORWARDER_BPFFS_ROOT", default_value = pins::DEFAULT_ROOT)]
+    bpffs_root: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -63,6 +77,10 @@ struct RunArgs {
     /// process of this node's network namespace).
     #[arg(long)]
     cgroup_path: Option<PathBuf>,
+    /// bpffs directory under which each node's maps and links are pinned
+    /// (`<root>/<node name>/`), so they outlive the agent.
+    #[arg(long, env = "FORWARDER_BPFFS_ROOT", default_value = pins::DEFAULT_ROOT)]
+    bpffs_root: PathBuf,
 }
 
 /// An empty list item (an empty environment variable from a ConfigMap)
@@ -101,6 +119,13 @@ async fn run() -> anyhow::Result<()> {
     let args = match Cli::parse().command {
         Command::Run(args) => args,
         Command::ReservePorts => return agent::reserve_masquerade_ports(),
+        Command::Cleanup(args) => {
+            let pins = PinDir::new(&args.bpffs_root, &args.node_name);
+            let removed = attach::cleanup(&pins)
+                .with_context(|| format!("cleaning up {}", pins.path().display()))?;
+            tracing::info!(pins = removed, node = %args.node_name, "cleaned up");
+            return Ok(());
+        }
     };
     let source = match args.manifests {
         Some(path) => SourceConfig::Manifests(path),
@@ -114,6 +139,7 @@ async fn run() -> anyhow::Result<()> {
         healthz_bind_address: args.healthz_bind_address,
         nodeport_addresses: args.nodeport_addresses.into_iter().flatten().collect(),
         cgroup_path: args.cgroup_path,
+        bpffs_root: args.bpffs_root,
     })
     .await
 }

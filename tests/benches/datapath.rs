@@ -71,7 +71,7 @@ impl Bench {
             // Room for every flow the rounds open: eviction would be measured too.
             conntrack: 1 << 20,
         };
-        let mut ebpf = load_object(capacity, 0).expect("load forwarder programs");
+        let mut ebpf = load_object(capacity, 0, None).expect("load forwarder programs");
         let mut maps = Maps::take(&mut ebpf).expect("maps");
         let mut syncer = Syncer::new(capacity.services as usize, capacity.backends as usize);
         let report = syncer.apply(&services(count), &mut maps);

@@ -1,6 +1,6 @@
 //! The `forwarder` binary running in a node namespace, stopped on drop.
 use std::{
-    ffi::OsStr,
+    ffi::{OsStr, OsString},
     io::{Read, Write},
     net::TcpStream,
     path::{Path, PathBuf},
@@ -26,10 +26,39 @@ pub fn binary() -> PathBuf {
     path
 }
 
+/// Where the tests' forwarders pin their state: a bpffs mounted (once) in
+/// the host's mount namespace, which the private ones `ip netns exec`
+/// makes inherit, so pins outlive each agent as they would on a node.
+fn bpffs_root(node: &NetNs) -> PathBuf {
+    let mount = Path::new("/run/forwarder-tests/bpffs");
+    forwarder_user_pins_mount(mount);
+    mount.join(&node.name)
+}
+
+/// Mounts a bpffs at `dir` unless one is there (idempotent, race-tolerant).
+fn forwarder_user_pins_mount(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("bpffs mount point");
+    let on_bpffs = nix::sys::statfs::statfs(dir)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
+    if !on_bpffs {
+        let _ = nix::mount::mount(
+            Some("bpf"),
+            dir,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+    }
+}
+
 pub struct Forwarder {
     child: Option<Child>,
     pub log: PathBuf,
     node_ns: String,
+    node_name: String,
+    /// The `--bpffs-root` of this node's agent.
+    pub bpffs_root: PathBuf,
+    args: Vec<OsString>,
 }
 
 impl Forwarder {
@@ -45,23 +74,62 @@ impl Forwarder {
     }
 
     fn start_with(node: &NetNs, source: [&OsStr; 2], node_name: &str, iface: &str) -> Self {
+        let bpffs_root = bpffs_root(node);
+        let mut args: Vec<OsString> = vec!["run".into()];
+        args.extend(source.iter().map(|a| a.to_os_string()));
+        for arg in ["--node-name", node_name, "--iface", iface] {
+            args.push(arg.into());
+        }
+        args.extend(["--healthz-bind-address".into(), "127.0.0.1:10256".into()]);
+        args.extend(["--bpffs-root".into(), bpffs_root.clone().into_os_string()]);
         let log = std::env::temp_dir().join(format!("{}-forwarder.log", node.name));
-        let file = std::fs::File::create(&log).expect("log file");
+        let _ = std::fs::remove_file(&log);
+        let mut forwarder = Self {
+            child: None,
+            log,
+            node_ns: node.name.clone(),
+            node_name: node_name.to_owned(),
+            bpffs_root,
+            args,
+        };
+        forwarder.spawn();
+        forwarder.wait_healthy(node);
+        forwarder
+    }
+
+    /// Starts the agent (again), appending to its log.
+    fn spawn(&mut self) {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
         let child = Command::new("ip")
-            .args(["netns", "exec", &node.name])
+            .args(["netns", "exec", &self.node_ns])
             .arg(binary())
-            .arg("run")
-            .args(source)
-            .args(["--node-name", node_name, "--iface", iface])
-            .args(["--healthz-bind-address", "127.0.0.1:10256"])
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
             .expect("spawn forwarder");
-        let forwarder = Self { child: Some(child), log, node_ns: node.name.clone() };
-        forwarder.wait_healthy(node);
-        forwarder
+        self.child = Some(child);
+    }
+
+    /// Starts a new agent on the state the previous one left, and waits
+    /// until it is healthy.
+    pub fn restart(&mut self, node: &NetNs) {
+        assert!(self.child.is_none(), "the previous agent is still running");
+        self.spawn();
+        self.wait_healthy(node);
+    }
+
+    /// SIGKILL: the agent gets no chance to tidy up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -84,8 +152,25 @@ impl Forwarder {
     }
 
     /// Sends SIGTERM and waits for a clean exit; returns the exit status.
-    pub fn stop(mut self) -> std::process::ExitStatus {
+    /// The programs and maps stay.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
         self.terminate().expect("forwarder was running")
+    }
+
+    /// `forwarder cleanup` for this node; panics with its output on failure.
+    pub fn cleanup(&self) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.node_ns])
+            .arg(binary())
+            .args(["cleanup", "--node-name", &self.node_name, "--bpffs-root"])
+            .arg(&self.bpffs_root)
+            .output()
+            .expect("run forwarder cleanup");
+        assert!(
+            out.status.success(),
+            "forwarder cleanup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn terminate(&mut self) -> Option<std::process::ExitStatus> {
@@ -126,6 +211,14 @@ impl Drop for Forwarder {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Leave nothing behind: pins would keep links and maps alive.
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &self.node_ns])
+            .arg(binary())
+            .args(["cleanup", "--node-name", &self.node_name, "--bpffs-root"])
+            .arg(&self.bpffs_root)
+            .output();
+        let _ = std::fs::remove_dir(&self.bpffs_root);
     }
 }
 

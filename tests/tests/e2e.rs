@@ -346,8 +346,10 @@ fn frontends_are_unreachable_without_the_datapath() {
     );
 }
 
+/// A stopped agent (a DaemonSet update, a crash) leaves the datapath
+/// forwarding; `forwarder cleanup` is what removes it, all of it.
 #[test]
-fn sigterm_detaches_every_program() {
+fn sigterm_leaves_the_datapath_forwarding_and_cleanup_removes_it() {
     let s = setup("term");
     let attached = attachments(&s.topology.node);
     for expected in [
@@ -363,11 +365,20 @@ fn sigterm_detaches_every_program() {
         !attached.iter().any(|a| a.contains("ingress eth-ext")),
         "TC ingress on the node iface: {attached:?}"
     );
-    let Setup { forwarder, topology, .. } = s;
+    let Setup { mut forwarder, topology, _servers, .. } = s;
     let status = forwarder.stop();
     assert!(status.success(), "exit status {status}");
+    assert_eq!(attachments(&topology.node), attached, "SIGTERM leaves every attachment");
+    tcp_reaches_both(&topology.client, &format!("{NODE_IP}:30080"), &forwarder);
+    tcp_reaches_both(&topology.pod("pod-c").ns, &format!("{CLUSTER_IP}:80"), &forwarder);
+
+    forwarder.cleanup();
     let attached = attachments(&topology.node);
     assert!(attached.is_empty(), "programs left attached: {attached:?}");
+    let pins: Vec<_> = std::fs::read_dir(&forwarder.bpffs_root)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(pins.is_empty(), "pins left: {pins:?}");
     assert!(tcp_once(&topology.client, &format!("{NODE_IP}:30080")).is_err());
 }
 

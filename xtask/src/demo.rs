@@ -55,7 +55,7 @@ pub fn run() -> anyhow::Result<()> {
         .collect();
     let manifest = root.join("deploy/examples/demo.yaml");
     println!("demo: starting forwarder in {NODE_NAME} with {}", manifest.display());
-    let forwarder = Forwarder::start(&topology.node, &manifest, NODE_NAME, NODE_IFACE);
+    let mut forwarder = Forwarder::start(&topology.node, &manifest, NODE_NAME, NODE_IFACE);
     println!("demo: forwarder healthy (log: {})\n", forwarder.log.display());
 
     let client = &topology.client;
@@ -97,7 +97,10 @@ pub fn run() -> anyhow::Result<()> {
         }
     }
     let status = forwarder.stop();
-    println!("\ndemo: forwarder stopped ({status}); removing namespaces");
+    forwarder.cleanup();
+    println!(
+        "\ndemo: forwarder stopped ({status}), its programs and pins removed (forwarder cleanup); removing namespaces"
+    );
     drop(topology);
     if !failures.is_empty() {
         bail!("demo failed: {}", failures.join("; "));

@@ -78,7 +78,7 @@ pub(crate) fn default_services() -> Vec<(Frontend, Vec<&'static str>)> {
 impl Harness {
     pub(crate) fn new() -> Self {
         let mut ebpf =
-            load_object(Capacity::default(), 0).expect("eBPF object loads (are you root?)");
+            load_object(Capacity::default(), 0, None).expect("eBPF object loads (are you root?)");
         let maps = Maps::take(&mut ebpf).expect("maps present");
         let mut harness = Self { ebpf, maps, syncer: Syncer::new(usize::MAX, usize::MAX) };
         let report =

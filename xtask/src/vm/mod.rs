@@ -47,7 +47,7 @@ fn test_runs(binaries: &[(String, PathBuf)]) -> anyhow::Result<Vec<TestRun>> {
             args: [
                 "nodeport_from_external_client_reaches_both_pods",
                 "cluster_ip_from_a_pod_reaches_both_pods",
-                "sigterm_detaches_every_program",
+                "sigterm_leaves_the_datapath_forwarding_and_cleanup_removes_it",
                 "sctp_reaches_both_pods_through_nodeport_and_cluster_ip",
                 "--exact",
             ]
