@@ -88,10 +88,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("healthz address {}", config.healthz_bind_address))?;
     let capacity = Capacity::default();
     let pins = PinDir::new(&config.bpffs_root, &config.node_name);
-    let dataplane = Dataplane::load(capacity, pins).context("loading the eBPF programs")?;
+    let mut dataplane = Dataplane::load(capacity, pins).context("loading the eBPF programs")?;
+    // Restore: the maps still serve the last state; the first sync writes
+    // only what changed since and sweeps what is gone.
+    let mut syncer = Syncer::new(capacity.services as usize, capacity.backends as usize);
+    let contents = dataplane.maps.contents().context("reading the pinned maps")?;
+    let restored = (contents.services.len(), contents.backends.len());
+    let report = syncer.restore(contents, &mut dataplane.maps);
+    if restored != (0, 0) {
+        tracing::info!(
+            service_entries = restored.0,
+            backends = restored.1,
+            removed = report.writes,
+            "adopted the state a previous agent left"
+        );
+    }
     let mut agent = Agent {
         dataplane,
-        syncer: Syncer::new(capacity.services as usize, capacity.backends as usize),
+        syncer,
         netlink: Netlink::connect().context("netlink")?,
         health: Arc::new(Health::default()),
         manifest_node_ips: BTreeSet::new(),

@@ -13,6 +13,12 @@ pub struct Cidr {
 pub struct CidrError(String);
 
 impl Cidr {
+    /// `addr/prefix` with host bits cleared; `None` past /32.
+    pub fn new(addr: Ipv4Addr, prefix: u8) -> Option<Self> {
+        let cidr = Self { addr, prefix: (prefix <= 32).then_some(prefix)? };
+        Some(Self { addr: Ipv4Addr::from(u32::from(addr) & cidr.mask()), prefix })
+    }
+
     fn mask(self) -> u32 {
         if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) }
     }

@@ -16,7 +16,7 @@ use crate::{
     cidr::Cidr,
     model::{Endpoint, Frontend},
     pins::PinDir,
-    sync::{Datapath, MapWriteError, svc_key},
+    sync::{Datapath, MapContents, MapWriteError, frontend_of, svc_key},
 };
 
 /// The eBPF object built by `build.rs`.
@@ -158,6 +158,35 @@ impl Maps {
             let _ = self.conntrack.remove(key);
         }
         Ok(doomed.len())
+    }
+
+    /// Everything the agent writes, read back (a previous agent's state).
+    pub fn contents(&self) -> Result<MapContents, MapError> {
+        let addr = |a: u32| Ipv4Addr::from(a.to_ne_bytes());
+        let mut contents = MapContents {
+            services: self.services.iter().collect::<Result<_, _>>()?,
+            backends: self.backends.iter().collect::<Result<_, _>>()?,
+            node_ips: self.node_ips.keys().map(|k| k.map(addr)).collect::<Result<_, _>>()?,
+            cluster_ips: self.cluster_ips.keys().map(|k| k.map(addr)).collect::<Result<_, _>>()?,
+            snat_addrs: self
+                .snat_addrs
+                .iter()
+                .map(|e| e.map(|(i, a)| (i, addr(a))))
+                .collect::<Result<_, _>>()?,
+            source_ranges: Vec::new(),
+        };
+        for key in self.source_ranges.keys() {
+            let key = key?;
+            let data = key.data();
+            let svc = SvcKey::new(data.addr, data.port, data.proto, data.scope, 0);
+            let prefix = key.prefix_len().saturating_sub(SOURCE_RANGE_FRONTEND_BITS) as u8;
+            if let (Some(frontend), Some(cidr)) =
+                (frontend_of(&svc), Cidr::new(addr(data.src), prefix))
+            {
+                contents.source_ranges.push((frontend, cidr));
+            }
+        }
+        Ok(contents)
     }
 
     /// Counters summed over CPUs, with their names.

@@ -15,6 +15,15 @@ pub enum Proto {
 }
 
 impl Proto {
+    pub const fn from_number(number: u8) -> Option<Self> {
+        match number {
+            forwarder_common::PROTO_TCP => Some(Self::Tcp),
+            forwarder_common::PROTO_UDP => Some(Self::Udp),
+            forwarder_common::PROTO_SCTP => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+
     pub const fn number(self) -> u8 {
         match self {
             Self::Tcp => forwarder_common::PROTO_TCP,

@@ -486,6 +486,9 @@ fn full(map: &'static str, capacity: usize) -> MapWriteError {
     }
 }
 
+mod restore;
+pub use restore::{MapContents, frontend_of};
+
 #[cfg(test)]
 mod fake;
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod echo;
 pub mod forwarder;
 pub mod k8s;
+pub mod manifest;
 pub mod netns;
 pub mod packet;
 pub mod sctp;

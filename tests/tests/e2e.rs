@@ -2,7 +2,6 @@
 use std::{
     collections::BTreeSet,
     io::ErrorKind,
-    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -12,48 +11,13 @@ use forwarder_tests::{
         udp_connected_error, udp_once, udp_once_connected,
     },
     forwarder::{Forwarder, attachments},
+    manifest::{ManifestCopy, demo_manifest},
     netns::NetNs,
     sctp::{self, SctpEcho, sctp_once},
     topology::{CLIENT_IP, NODE_IFACE, NODE_IP, NODE_NAME, POD_GATEWAY, Topology},
 };
 
 const CLUSTER_IP: &str = "10.96.0.10";
-
-/// `$FORWARDER_DEMO_MANIFEST` (set in the VM guests), or the repository's.
-fn demo_manifest() -> PathBuf {
-    std::env::var_os("FORWARDER_DEMO_MANIFEST").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/demo.yaml"),
-        PathBuf::from,
-    )
-}
-
-/// A private copy of the demo manifest that a test may edit.
-struct ManifestCopy(PathBuf);
-
-impl ManifestCopy {
-    fn new(topology: &Topology) -> Self {
-        let demo = std::fs::read_to_string(demo_manifest()).expect("demo manifest");
-        Self::with_text(topology, &demo)
-    }
-
-    fn with_text(topology: &Topology, text: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("{}-manifest.yaml", topology.node.name));
-        std::fs::write(&path, text).expect("write manifest");
-        Self(path)
-    }
-
-    fn edit(&self, from: &str, to: &str) {
-        let text = std::fs::read_to_string(&self.0).unwrap();
-        assert!(text.contains(from), "manifest lacks {from:?}");
-        std::fs::write(&self.0, text.replacen(from, to, 1)).unwrap();
-    }
-}
-
-impl Drop for ManifestCopy {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 struct Setup {
     forwarder: Forwarder,

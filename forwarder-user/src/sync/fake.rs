@@ -71,6 +71,20 @@ impl FakeDatapath {
     }
 }
 
+impl FakeDatapath {
+    /// What a restarted agent reads back.
+    pub fn contents(&self) -> super::MapContents {
+        super::MapContents {
+            services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+            backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            node_ips: self.node_ips.iter().copied().collect(),
+            cluster_ips: self.cluster_ips.iter().copied().collect(),
+            source_ranges: self.source_ranges.iter().copied().collect(),
+            snat_addrs: self.snat_addrs.iter().map(|(k, v)| (*k, *v)).collect(),
+        }
+    }
+}
+
 impl Datapath for FakeDatapath {
     fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapWriteError> {
         if self.backends_capacity.is_some_and(|cap| self.backends.len() >= cap)

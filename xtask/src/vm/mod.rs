@@ -54,6 +54,8 @@ fn test_runs(binaries: &[(String, PathBuf)]) -> anyhow::Result<Vec<TestRun>> {
             .map(str::to_owned)
             .to_vec(),
         },
+        // Pinned links, and before TCX netlink filters replaced in place.
+        TestRun { name: "restart".into(), binary: find("restart")?, args: vec![] },
     ])
 }
 

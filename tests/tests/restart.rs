@@ -1,0 +1,114 @@
+//! The datapath outlives the agent: under continuous traffic, an agent
+//! killed with SIGKILL, or stopped with SIGTERM, and started again (a crash,
+//! a DaemonSet rolling update) loses no request and no established
+//! connection; what changed while no agent ran is applied on start.
+use std::{
+    collections::BTreeSet,
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use forwarder_tests::{
+    echo::{EchoConn, EchoServer, tcp_once, udp_once},
+    forwarder::Forwarder,
+    manifest::ManifestCopy,
+    netns::NetNs,
+    topology::{NODE_IFACE, NODE_IP, NODE_NAME, Topology},
+};
+
+/// New connections, one after another, until `stop`: (sent, failed).
+fn keep_connecting(client: &NetNs, frontend: &str, stop: &AtomicBool) -> (usize, Vec<String>) {
+    let (sent, failures) = (AtomicUsize::new(0), std::sync::Mutex::new(Vec::new()));
+    while !stop.load(Ordering::Relaxed) {
+        sent.fetch_add(1, Ordering::Relaxed);
+        if let Err(error) = tcp_once(client, frontend) {
+            failures.lock().unwrap().push(error.to_string());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (sent.into_inner(), failures.into_inner().unwrap())
+}
+
+enum Stop {
+    Kill,
+    Term,
+}
+
+fn survives(tag: &str, how: Stop) {
+    let topology = Topology::new(tag);
+    let _servers: Vec<EchoServer> = ["pod-a", "pod-b"]
+        .iter()
+        .map(|name| EchoServer::start(&topology.pod(name).ns, name))
+        .collect();
+    let manifest = ManifestCopy::new(&topology);
+    let mut forwarder = Forwarder::start(&topology.node, &manifest.0, NODE_NAME, NODE_IFACE);
+    let nodeport = format!("{NODE_IP}:30080");
+    let mut established = EchoConn::connect(&topology.client, &nodeport).expect("connect");
+    let first = established.ask().expect("first answer");
+
+    let stop = AtomicBool::new(false);
+    let (sent, failures) = std::thread::scope(|scope| {
+        let traffic = scope.spawn(|| keep_connecting(&topology.client, &nodeport, &stop));
+        std::thread::sleep(Duration::from_millis(200));
+        match how {
+            Stop::Kill => forwarder.kill(),
+            Stop::Term => {
+                forwarder.stop();
+            }
+        }
+        // No agent: the pinned programs and maps keep serving.
+        std::thread::sleep(Duration::from_millis(500));
+        forwarder.restart(&topology.node);
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        traffic.join().expect("traffic thread")
+    });
+    assert!(sent > 20, "too little traffic to tell ({sent})");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} connections failed: {failures:?}\n{}",
+        failures.len(),
+        forwarder.log_text()
+    );
+    assert_eq!(established.ask().expect("the established connection lives"), first);
+    assert!(
+        forwarder.log_text().contains("adopted the state a previous agent left"),
+        "{}",
+        forwarder.log_text()
+    );
+}
+
+#[test]
+fn sigkill_and_restart_lose_no_connection() {
+    survives("kill9", Stop::Kill);
+}
+
+#[test]
+fn sigterm_and_restart_lose_no_connection() {
+    survives("term", Stop::Term);
+}
+
+/// An endpoint removed while no agent ran stops receiving new flows once
+/// the next agent starts; UDP still flows through the pinned maps meanwhile.
+#[test]
+fn changes_made_while_no_agent_ran_apply_on_start() {
+    let topology = Topology::new("offline");
+    let _servers: Vec<EchoServer> = ["pod-a", "pod-b"]
+        .iter()
+        .map(|name| EchoServer::start(&topology.pod(name).ns, name))
+        .collect();
+    let manifest = ManifestCopy::new(&topology);
+    let mut forwarder = Forwarder::start(&topology.node, &manifest.0, NODE_NAME, NODE_IFACE);
+    forwarder.kill();
+    manifest.edit(
+        "- addresses: [10.244.1.3]\n  conditions: {ready: true}",
+        "- addresses: [10.244.1.3]\n  conditions: {ready: false}",
+    );
+    let (pod, _) = udp_once(&topology.client, &format!("{NODE_IP}:30053")).expect("UDP, no agent");
+    assert!(pod == "pod-a" || pod == "pod-b");
+    forwarder.restart(&topology.node);
+    let answered: BTreeSet<String> = (0..24)
+        .filter_map(|_| tcp_once(&topology.client, &format!("{NODE_IP}:30080")).ok())
+        .collect();
+    assert_eq!(answered, ["pod-a".to_owned()].into(), "{}", forwarder.log_text());
+}
