@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use forwarder_common::map_names;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use tokio::{
@@ -23,6 +24,7 @@ use crate::{
     dataplane::{Capacity, Dataplane, XdpAttachMode},
     healthz::{self, Health, ServiceHealth},
     manifests::{Fingerprint, ManifestSource, Objects},
+    metrics::Metrics,
     model::DesiredState,
     netlink::{Link, Netlink, glob_match},
     pins::PinDir,
@@ -52,6 +54,10 @@ pub struct Config {
     pub cgroup_path: Option<PathBuf>,
     /// Where this node's maps and links are pinned: `<root>/<node name>/`.
     pub bpffs_root: PathBuf,
+    pub metrics_bind_address: SocketAddr,
+    /// Every this often the whole state is synced even without a change;
+    /// /healthz fails when no sync succeeded for twice as long.
+    pub sync_period: Duration,
 }
 
 /// How often the manifests are checked for changes (edits apply within 1 s).
@@ -86,9 +92,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = healthz::bind(config.healthz_bind_address)
         .await
         .with_context(|| format!("healthz address {}", config.healthz_bind_address))?;
+    let metrics_listener = healthz::bind(config.metrics_bind_address)
+        .await
+        .with_context(|| format!("metrics address {}", config.metrics_bind_address))?;
     let capacity = Capacity::default();
     let pins = PinDir::new(&config.bpffs_root, &config.node_name);
-    let mut dataplane = Dataplane::load(capacity, pins).context("loading the eBPF programs")?;
+    let mut dataplane =
+        Dataplane::load(capacity, pins.clone()).context("loading the eBPF programs")?;
+    let metrics = Metrics::with_stats_pin(&pins.map(map_names::STATS)).unwrap_or_else(|error| {
+        tracing::warn!(%error, "packet counters not exported");
+        Metrics::default()
+    });
+    let metrics = Arc::new(metrics);
+    tokio::spawn(healthz::serve(metrics_listener, metrics.clone()));
     // Restore: the maps still serve the last state; the first sync writes
     // only what changed since and sweeps what is gone.
     let mut syncer = Syncer::new(capacity.services as usize, capacity.backends as usize);
@@ -104,10 +120,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     let mut agent = Agent {
+        capacity,
         dataplane,
         syncer,
         netlink: Netlink::connect().context("netlink")?,
-        health: Arc::new(Health::default()),
+        health: Arc::new(Health::new(config.sync_period)),
+        metrics,
+        synced_once: false,
         manifest_node_ips: BTreeSet::new(),
         applied: DesiredState::default(),
         health_checks: BTreeMap::new(),
@@ -171,10 +190,15 @@ impl Source {
 }
 
 struct Agent {
+    capacity: Capacity,
     dataplane: Dataplane,
     syncer: Syncer,
     netlink: Netlink,
     health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    /// Whether a sync without errors happened: trigger times seen before
+    /// it belong to changes made before this agent ran.
+    synced_once: bool,
     /// This node's addresses from its Node object.
     manifest_node_ips: BTreeSet<Ipv4Addr>,
     /// The state of the last sync, to find what left.
@@ -229,10 +253,17 @@ impl Agent {
                 () = cluster.ready() => tracing::info!("API objects listed"),
             }
         }
+        let mut resync = tokio::time::interval(self.config.sync_period);
+        resync.tick().await;
         loop {
             tokio::select! {
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
+                _ = resync.tick() => {
+                    // Nothing changed: a no-op that proves the maps writable.
+                    let complete = self.sync(source.objects());
+                    retry_at = (!complete).then(|| Instant::now() + RETRY_FAILED_SYNC);
+                }
                 () = source.changed(retry_at) => {
                     let complete = self.sync(source.objects());
                     retry_at = (!complete).then(|| Instant::now() + RETRY_FAILED_SYNC);
@@ -271,14 +302,42 @@ impl Agent {
         }
         let health_checks_bound = self.reconcile_health_checks(&translation.health_checks);
         self.applied = translation.state;
-        self.health.synced();
-        tracing::info!(
-            frontends = self.applied.services.len(),
-            writes = report.writes,
-            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-            "synced"
-        );
+        let took = started.elapsed();
+        self.metrics.synced(took, report.errors.len());
+        if report.errors.is_empty() {
+            self.health.synced();
+            self.metrics.programmed(&objects.slices, self.synced_once);
+            self.synced_once = true;
+        }
+        self.record_map_entries();
+        if report.writes > 0 || !report.errors.is_empty() {
+            tracing::info!(
+                frontends = self.applied.services.len(),
+                writes = report.writes,
+                elapsed_ms = took.as_secs_f64() * 1e3,
+                "synced"
+            );
+        }
         report.errors.is_empty() && health_checks_bound
+    }
+
+    fn record_map_entries(&self) {
+        let capacity = self.capacity;
+        for (name, entries) in self.syncer.entries() {
+            let limit = match name {
+                map_names::SERVICES => capacity.services,
+                map_names::BACKENDS => capacity.backends,
+                map_names::NODE_IPS => forwarder_common::NODE_IPS_MAX,
+                map_names::SNAT_ADDRS => forwarder_common::SNAT_ADDRS_MAX,
+                map_names::CLUSTER_IPS => forwarder_common::CLUSTER_IPS_MAX,
+                _ => forwarder_common::SOURCE_RANGES_MAX,
+            };
+            self.metrics.set_map(name, Some(entries), limit);
+        }
+        // LRU maps fill by themselves; counting them would walk every entry.
+        self.metrics.set_map(map_names::CONNTRACK, None, capacity.conntrack);
+        self.metrics.set_map(map_names::AFFINITY, None, forwarder_common::AFFINITY_MAX);
+        self.metrics.set_map(map_names::SOCKET_NAT, None, forwarder_common::SOCKET_NAT_MAX);
     }
 
     /// Serves a health check node port per `externalTrafficPolicy: Local`

@@ -1,5 +1,6 @@
 //! kube-proxy-compatible health endpoints: `/healthz` (and `/livez`)
-//! answers 200 once the first sync has been applied, 503 before; and the
+//! answers 200 while the last sync without errors is younger than twice the
+//! sync period, 503 before the first and after that; and the
 //! per-Service health check node ports of `externalTrafficPolicy: Local`
 //! Services, which load balancers probe to find nodes with endpoints.
 use std::{
@@ -17,10 +18,18 @@ use tokio::{
 };
 
 /// Shared between the sync loop and the health server.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
-    /// Unix seconds of the last applied sync; 0 before the first.
+    /// Unix seconds of the last sync without errors; 0 before the first.
     last_sync: AtomicU64,
+    /// Seconds after which that is too old: twice the sync period.
+    stale_after: u64,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self::new(std::time::Duration::from_secs(30))
+    }
 }
 
 fn now() -> u64 {
@@ -28,6 +37,10 @@ fn now() -> u64 {
 }
 
 impl Health {
+    pub fn new(sync_period: std::time::Duration) -> Self {
+        Self { last_sync: AtomicU64::new(0), stale_after: 2 * sync_period.as_secs().max(1) }
+    }
+
     pub fn synced(&self) {
         self.last_sync.store(now(), Ordering::Relaxed);
     }
@@ -36,9 +49,10 @@ impl Health {
     pub fn respond(&self, path: &str) -> (u16, String) {
         match path {
             "/healthz" | "/livez" => {
-                let last = self.last_sync.load(Ordering::Relaxed);
-                let body = format!(r#"{{"lastUpdated": {last}, "currentTime": {}}}"#, now());
-                (if last == 0 { 503 } else { 200 }, body)
+                let (last, now) = (self.last_sync.load(Ordering::Relaxed), now());
+                let body = format!(r#"{{"lastUpdated": {last}, "currentTime": {now}}}"#);
+                let fresh = last != 0 && now.saturating_sub(last) <= self.stale_after;
+                (if fresh { 200 } else { 503 }, body)
             }
             _ => (404, "404 page not found".into()),
         }
@@ -49,9 +63,13 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Answers a request path with a status code and a JSON body.
+/// Answers a request path with a status code and a body.
 pub trait Respond: Send + Sync + 'static {
     fn respond(&self, path: &str) -> (u16, String);
+
+    fn content_type(&self) -> &'static str {
+        "application/json"
+    }
 }
 
 impl Respond for Health {
@@ -111,7 +129,8 @@ async fn answer(mut stream: TcpStream, health: &impl Respond) -> std::io::Result
         _ => "Not Found",
     };
     let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {}\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        health.content_type(),
         body.len()
     );
     stream.write_all(response.as_bytes()).await?;
@@ -149,5 +168,14 @@ mod tests {
         assert_eq!(health.respond("/healthz").0, 200);
         assert_eq!(health.respond("/livez").0, 200);
         assert_eq!(health.respond("/other").0, 404);
+    }
+
+    #[test]
+    fn unhealthy_when_no_sync_succeeded_for_twice_the_period() {
+        let health = Health::new(std::time::Duration::from_secs(30));
+        health.last_sync.store(now() - 59, Ordering::Relaxed);
+        assert_eq!(health.respond("/healthz").0, 200);
+        health.last_sync.store(now() - 61, Ordering::Relaxed);
+        assert_eq!(health.respond("/healthz").0, 503);
     }
 }

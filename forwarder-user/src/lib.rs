@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod dataplane;
 pub mod healthz;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod pins;

@@ -77,10 +77,35 @@ struct RunArgs {
     /// process of this node's network namespace).
     #[arg(long)]
     cgroup_path: Option<PathBuf>,
+    /// Where Prometheus metrics are served (`/metrics`), as with kube-proxy.
+    #[arg(long, env = "FORWARDER_METRICS_BIND_ADDRESS", default_value = "0.0.0.0:10249")]
+    metrics_bind_address: SocketAddr,
+    /// The whole state is synced at least this often (`30s`, `500ms`, `1m`);
+    /// /healthz fails when no sync succeeded for twice as long.
+    #[arg(long, env = "FORWARDER_SYNC_PERIOD", default_value = "30s", value_parser = duration)]
+    sync_period: std::time::Duration,
     /// bpffs directory under which each node's maps and links are pinned
     /// (`<root>/<node name>/`), so they outlive the agent.
     #[arg(long, env = "FORWARDER_BPFFS_ROOT", default_value = pins::DEFAULT_ROOT)]
     bpffs_root: PathBuf,
+}
+
+/// `30s`, `500ms`, `1m` (kube-proxy's duration flags); positive.
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?}: expected e.g. 30s"))?;
+    let millis = match unit {
+        "ms" => number,
+        "s" | "" => number * 1000,
+        "m" => number * 60_000,
+        _ => return Err(format!("{text:?}: the unit is ms, s or m")),
+    };
+    match millis {
+        0 => Err("the sync period must be positive".into()),
+        ms => Ok(std::time::Duration::from_millis(ms)),
+    }
 }
 
 /// An empty list item (an empty environment variable from a ConfigMap)
@@ -140,6 +165,8 @@ async fn run() -> anyhow::Result<()> {
         nodeport_addresses: args.nodeport_addresses.into_iter().flatten().collect(),
         cgroup_path: args.cgroup_path,
         bpffs_root: args.bpffs_root,
+        metrics_bind_address: args.metrics_bind_address,
+        sync_period: args.sync_period,
     })
     .await
 }

@@ -136,6 +136,19 @@ impl Syncer {
         }
     }
 
+    /// Entries the syncer keeps in each map it writes.
+    pub fn entries(&self) -> [(&'static str, usize); 6] {
+        use forwarder_common::map_names;
+        [
+            (map_names::SERVICES, self.service_entries),
+            (map_names::BACKENDS, self.backends.len()),
+            (map_names::NODE_IPS, self.node_ips.len()),
+            (map_names::SNAT_ADDRS, self.snat_addrs.len()),
+            (map_names::CLUSTER_IPS, self.cluster_ips.len()),
+            (map_names::SOURCE_RANGES, self.source_ranges.len()),
+        ]
+    }
+
     /// Brings the maps to `desired`, writing only what changed. Removals go
     /// first so their entries are free for what is added.
     pub fn apply<D: Datapath>(&mut self, desired: &DesiredState, dp: &mut D) -> SyncReport {

@@ -8,13 +8,24 @@ use std::{
 
 use forwarder_tests::{
     echo::{EchoServer, tcp_connect_error, tcp_once},
-    forwarder::Forwarder,
+    forwarder::{Forwarder, http_get},
     k8s::ControlPlane,
     netns::NetNs,
     topology::{NODE_IFACE, NODE_IP, NODE_NAME, Topology},
 };
 use serde::Deserialize as _;
 use serde_json::{Value, json};
+
+const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// Now in RFC 3339 with nanoseconds, as the EndpointSlice controller writes it.
+fn utc_now() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%S.%NZ"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
 
 /// How long a change may take to show in traffic before the test fails
 /// (the latency goal itself is measured by the benchmark).
@@ -145,15 +156,31 @@ fn services_and_slices_from_the_api_are_forwarded_and_follow_changes() {
     assert_eq!(answering(pod_c, &cluster_ip_frontend, 32), both, "{}", cluster.log());
     assert_eq!(answering(&cluster.topology.client, &node_port_frontend, 32), both);
 
-    // pod-b leaves the slice: new connections go to pod-a only.
+    // pod-b leaves the slice: new connections go to pod-a only. The
+    // trigger time is what the EndpointSlice controller would set.
     cluster.call(
         "PATCH",
         "/apis/discovery.k8s.io/v1/namespaces/demo/endpointslices/echo-1",
-        Some(json!({"endpoints": endpoints(&["10.244.1.2"])})),
+        Some(json!({
+            "metadata": {"annotations": {TRIGGER_TIME: utc_now()}},
+            "endpoints": endpoints(&["10.244.1.2"]),
+        })),
     );
     eventually(&cluster, "pod-b leaving", || {
         answering(pod_c, &cluster_ip_frontend, 16) == ["pod-a".to_owned()].into()
     });
+    let metrics = http_get(&cluster.topology.node, "127.0.0.1:10249", "/metrics")
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    for line in [
+        "forwarder_network_programming_duration_seconds_count 1",
+        "forwarder_map_entries{map=\"BACKEND4_V1\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} missing:\n{metrics}");
+    }
+    let dnat =
+        metrics.lines().find_map(|l| l.strip_prefix("forwarder_packets_total{reason=\"dnat\"} "));
+    assert!(dnat.and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n > 0), "{metrics}");
 
     // The Service goes: its frontends stop answering.
     cluster.call("DELETE", "/api/v1/namespaces/demo/services/echo", None);
