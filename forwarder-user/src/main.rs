@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Attach the programs and keep the maps in sync with the Services.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Keep the node's own sockets out of the masquerade source ports
     /// (a host sysctl; the DaemonSet's privileged init container runs it).
     ReservePorts,
@@ -142,7 +142,7 @@ async fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = match Cli::parse().command {
-        Command::Run(args) => args,
+        Command::Run(args) => *args,
         Command::ReservePorts => return agent::reserve_masquerade_ports(),
         Command::Cleanup(args) => {
             let pins = PinDir::new(&args.bpffs_root, &args.node_name);
