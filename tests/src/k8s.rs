@@ -56,6 +56,10 @@ pub struct ControlPlane {
     pub server: String,
     /// The network namespace both run in (and are reached from), if not ours.
     netns: Option<String>,
+    /// The apiserver's address; etcd listens on loopback.
+    address: String,
+    secure_port: u16,
+    etcd_port: u16,
     etcd: Option<Child>,
     apiserver: Option<Child>,
 }
@@ -78,6 +82,12 @@ impl ControlPlane {
     /// namespace's processes reach its own loopback only), and waits until
     /// the apiserver reports ready.
     pub fn start(dir: &Path, netns: Option<&str>) -> Result<Self, String> {
+        Self::start_at(dir, netns, "127.0.0.1")
+    }
+
+    /// As `start`, the apiserver serving on `address` of `netns` (also in
+    /// its certificate), for clients in other namespaces.
+    pub fn start_at(dir: &Path, netns: Option<&str>, address: &str) -> Result<Self, String> {
         let bin = bin_dir();
         for name in BINARIES {
             if !bin.join(name).exists() {
@@ -126,16 +136,33 @@ impl ControlPlane {
         let mut plane = Self {
             dir: dir.to_owned(),
             kubeconfig: dir.join("kubeconfig"),
-            server: format!("https://127.0.0.1:{secure}"),
+            server: format!("https://{address}:{secure}"),
             netns: netns.map(str::to_owned),
+            address: address.to_owned(),
+            secure_port: secure,
+            etcd_port: client,
             etcd: Some(etcd),
             apiserver: None,
         };
-        let apiserver = command_in(netns, &bin.join("kube-apiserver"))
-            .arg(format!("--etcd-servers=http://127.0.0.1:{client}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
-            .arg(format!("--secure-port={secure}"))
+        plane.spawn_apiserver()?;
+        plane.wait_ready()?;
+        plane.write_kubeconfig(&plane.kubeconfig, ADMIN_TOKEN)?;
+        Ok(plane)
+    }
+
+    fn spawn_apiserver(&mut self) -> Result<(), String> {
+        let dir = &self.dir;
+        let key = dir.join("service-account.key");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("kube-apiserver.log"))
+            .map_err(|e| format!("kube-apiserver.log: {e}"))?;
+        let apiserver = command_in(self.netns.as_deref(), &bin_dir().join("kube-apiserver"))
+            .arg(format!("--etcd-servers=http://127.0.0.1:{}", self.etcd_port))
+            .arg(format!("--bind-address={}", self.address))
+            .arg(format!("--advertise-address={}", self.address))
+            .arg(format!("--secure-port={}", self.secure_port))
             .arg(format!("--cert-dir={}", dir.join("certs").display()))
             .arg(format!("--token-auth-file={}", dir.join("tokens.csv").display()))
             .arg("--authorization-mode=RBAC")
@@ -144,18 +171,69 @@ impl ControlPlane {
             .arg(format!("--service-account-signing-key-file={}", key.display()))
             .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
             .arg("--service-node-port-range=30000-32767")
-            // Nothing runs on 127.0.0.1 for the `kubernetes` Service to point at.
+            // Nothing runs at the address for the `kubernetes` Service to point at.
             .arg("--endpoint-reconciler-type=none")
             // As kubeadm clusters do: node agents' init containers may be.
             .arg("--allow-privileged=true")
             .stdout(Stdio::null())
-            .stderr(log("kube-apiserver.log")?)
+            .stderr(log)
             .spawn()
             .map_err(|e| format!("kube-apiserver: {e}"))?;
-        plane.apiserver = Some(apiserver);
-        plane.wait_ready()?;
-        plane.write_kubeconfig(&plane.kubeconfig, ADMIN_TOKEN)?;
-        Ok(plane)
+        self.apiserver = Some(apiserver);
+        Ok(())
+    }
+
+    /// Stops the apiserver (its clients' connections break).
+    pub fn stop_apiserver(&mut self) {
+        if let Some(mut child) = self.apiserver.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the apiserver again, on the same etcd and port; its watch
+    /// cache starts at etcd's current revision.
+    pub fn start_apiserver(&mut self) -> Result<(), String> {
+        self.spawn_apiserver()?;
+        self.wait_ready()
+    }
+
+    /// Runs `f` against another apiserver instance on the same etcd, as in
+    /// an HA control plane, e.g. while this one is stopped.
+    pub fn via_another_apiserver<T>(&mut self, f: impl FnOnce(&Self) -> T) -> Result<T, String> {
+        let (port, server) = (self.secure_port, self.server.clone());
+        let first = self.apiserver.take();
+        self.secure_port = free_port()?;
+        self.server = format!("https://{}:{}", self.address, self.secure_port);
+        let result = self.spawn_apiserver().and_then(|()| self.wait_ready()).map(|()| f(self));
+        self.stop_apiserver();
+        (self.secure_port, self.server, self.apiserver) = (port, server, first);
+        result
+    }
+
+    /// Compacts etcd's history up to now: watches resuming from an older
+    /// resource version get `410 Gone`.
+    pub fn compact_etcd(&self) -> Result<(), String> {
+        let etcd = format!("http://127.0.0.1:{}", self.etcd_port);
+        let post = |path: &str, body: &str| -> Result<String, String> {
+            let out = command_in(self.netns.as_deref(), Path::new("curl"))
+                .args(["-sSf", "--max-time", "10", "-X", "POST", "--data-binary", body])
+                .arg(format!("{etcd}{path}"))
+                .output()
+                .map_err(|e| format!("curl: {e}"))?;
+            match out.status.success() {
+                true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+                false => Err(format!("{path}: {}", String::from_utf8_lossy(&out.stderr))),
+            }
+        };
+        let status = post("/v3/maintenance/status", "{}")?;
+        let revision = status
+            .split("\"revision\":\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .ok_or_else(|| format!("no revision in {status}"))?;
+        post("/v3/kv/compaction", &format!("{{\"revision\":\"{revision}\",\"physical\":true}}"))
+            .map(drop)
     }
 
     fn wait_ready(&mut self) -> Result<(), String> {

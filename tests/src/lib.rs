@@ -1,6 +1,7 @@
 //! Test support shared by the integration tests and `cargo xtask demo`:
 //! packet builders, network namespaces with cleanup guards, a topology of
 //! one node with pods, echo servers and the forwarder process.
+pub mod api_cluster;
 pub mod cluster;
 pub mod echo;
 pub mod forwarder;
