@@ -55,6 +55,8 @@ pub struct Config {
     /// Where this node's maps and links are pinned: `<root>/<node name>/`.
     pub bpffs_root: PathBuf,
     pub metrics_bind_address: SocketAddr,
+    /// Map sizes; a pinned map keeps the size it was created with.
+    pub capacity: Capacity,
     /// Every this often the whole state is synced even without a change;
     /// /healthz fails when no sync succeeded for twice as long.
     pub sync_period: Duration,
@@ -95,7 +97,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics_listener = healthz::bind(config.metrics_bind_address)
         .await
         .with_context(|| format!("metrics address {}", config.metrics_bind_address))?;
-    let capacity = Capacity::default();
+    let capacity = config.capacity;
     let pins = PinDir::new(&config.bpffs_root, &config.node_name);
     let mut dataplane =
         Dataplane::load(capacity, pins.clone()).context("loading the eBPF programs")?;
@@ -533,9 +535,10 @@ fn nodeport_addresses(
 }
 
 /// IPv4 InternalIP/ExternalIP addresses of the Node named `node_name`.
-fn node_ips(nodes: &[Node], node_name: &str) -> BTreeSet<Ipv4Addr> {
+fn node_ips(nodes: &[impl std::borrow::Borrow<Node>], node_name: &str) -> BTreeSet<Ipv4Addr> {
     nodes
         .iter()
+        .map(std::borrow::Borrow::borrow)
         .filter(|n| n.metadata.name.as_deref() == Some(node_name))
         .filter_map(|n| n.status.as_ref()?.addresses.as_ref())
         .flatten()

@@ -84,18 +84,12 @@ impl ClusterSource {
         self.changed.notified().await;
     }
 
+    /// The cached objects, shared with the cache (no copies).
     pub fn snapshot(&self) -> Objects {
-        fn owned<K>(store: &Store<K>) -> Vec<K>
-        where
-            K: Resource + Clone + 'static,
-            K::DynamicType: Eq + Hash + Clone,
-        {
-            store.state().iter().map(|k| K::clone(k)).collect()
-        }
         Objects {
-            services: owned(&self.services),
-            slices: owned(&self.slices),
-            nodes: owned(&self.nodes),
+            services: self.services.state(),
+            slices: self.slices.state(),
+            nodes: self.nodes.state(),
         }
     }
 }

@@ -6,6 +6,7 @@ use forwarder_user::{
     agent::{self, SourceConfig},
     attach,
     cidr::Cidr,
+    dataplane::Capacity,
     pins::{self, PinDir},
 };
 use tracing_subscriber::EnvFilter;
@@ -84,6 +85,14 @@ struct RunArgs {
     /// /healthz fails when no sync succeeded for twice as long.
     #[arg(long, env = "FORWARDER_SYNC_PERIOD", default_value = "30s", value_parser = duration)]
     sync_period: std::time::Duration,
+    /// Entries of the services map (a frontend plus one per endpoint) and
+    /// of the backends map (Cilium's flag). Sized when the maps are first
+    /// created; pinned maps keep their size until `forwarder cleanup`.
+    #[arg(long, env = "FORWARDER_BPF_LB_MAP_MAX", default_value_t = forwarder_common::SERVICES_MAX)]
+    bpf_lb_map_max: u32,
+    /// Conntrack entries (an LRU: the coldest flow makes room).
+    #[arg(long, env = "FORWARDER_BPF_CT_MAP_MAX", default_value_t = forwarder_common::CONNTRACK_MAX)]
+    bpf_ct_map_max: u32,
     /// bpffs directory under which each node's maps and links are pinned
     /// (`<root>/<node name>/`), so they outlive the agent.
     #[arg(long, env = "FORWARDER_BPFFS_ROOT", default_value = pins::DEFAULT_ROOT)]
@@ -167,6 +176,11 @@ async fn run() -> anyhow::Result<()> {
         bpffs_root: args.bpffs_root,
         metrics_bind_address: args.metrics_bind_address,
         sync_period: args.sync_period,
+        capacity: Capacity {
+            services: args.bpf_lb_map_max,
+            backends: args.bpf_lb_map_max,
+            conntrack: args.bpf_ct_map_max,
+        },
     })
     .await
 }

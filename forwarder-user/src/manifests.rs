@@ -6,6 +6,7 @@ use std::{
     fmt, fs,
     hash::{Hash, Hasher},
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -15,12 +16,13 @@ use k8s_openapi::api::{
 };
 use serde::Deserialize;
 
-/// Objects read from the manifests.
+/// The objects a sync works from (shared, not copied: the API cache holds
+/// tens of thousands of them).
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    pub nodes: Vec<Node>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    pub nodes: Vec<Arc<Node>>,
 }
 
 /// A file or object that could not be used.
@@ -125,9 +127,9 @@ impl ManifestSource {
         let mut objects = Objects::default();
         for object in self.last_good.values().flat_map(BTreeMap::values) {
             match object.clone() {
-                Object::Service(s) => objects.services.push(*s),
-                Object::Slice(s) => objects.slices.push(*s),
-                Object::Node(n) => objects.nodes.push(*n),
+                Object::Service(s) => objects.services.push(Arc::from(s)),
+                Object::Slice(s) => objects.slices.push(Arc::from(s)),
+                Object::Node(n) => objects.nodes.push(Arc::from(n)),
             }
         }
         (objects, problems)

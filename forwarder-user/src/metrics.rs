@@ -118,10 +118,10 @@ impl Metrics {
     /// After a successful sync of `slices`: the time from each new trigger
     /// time to now. `count` false records the times without observing
     /// them (the first sync: they are changes made before the agent ran).
-    pub fn programmed(&self, slices: &[EndpointSlice], count: bool) {
+    pub fn programmed(&self, slices: &[impl std::borrow::Borrow<EndpointSlice>], count: bool) {
         let now = Timestamp::now();
         let mut state = self.state();
-        for slice in slices {
+        for slice in slices.iter().map(std::borrow::Borrow::borrow) {
             let Some(trigger) =
                 slice.metadata.annotations.as_ref().and_then(|a| a.get(TRIGGER_TIME))
             else {

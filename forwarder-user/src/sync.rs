@@ -95,6 +95,9 @@ pub struct Syncer {
     service_entries: usize,
     services_capacity: usize,
     backends_capacity: usize,
+    /// A slot changed or went since the last collection: some backend may
+    /// have lost its last reference (collecting walks every slot).
+    unreferenced: bool,
 }
 
 pub fn svc_key(frontend: &Frontend, slot: u16) -> SvcKey {
@@ -133,6 +136,7 @@ impl Syncer {
             service_entries: 0,
             services_capacity,
             backends_capacity,
+            unreferenced: false,
         }
     }
 
@@ -337,6 +341,7 @@ impl Syncer {
             }
             dp.put_service(svc_key(frontend, i as u16 + 1), SvcValue::slot(*id))?;
             report.writes += 1;
+            self.unreferenced = true;
             match applied.slots.get_mut(i) {
                 Some(slot) => *slot = *id,
                 None => {
@@ -358,6 +363,7 @@ impl Syncer {
             report.writes += 1;
             applied.slots.pop();
             *entries -= 1;
+            self.unreferenced = true;
         }
         Ok(())
     }
@@ -385,6 +391,7 @@ impl Syncer {
             self.service_entries -= 1;
         }
         self.applied.remove(frontend);
+        self.unreferenced = true;
         Ok(())
     }
 
@@ -408,11 +415,16 @@ impl Syncer {
         }
         report.writes += 1;
         self.backends.insert(key, id);
+        // Referenced once its slot is written; if that fails, collected.
+        self.unreferenced = true;
         Ok(id)
     }
 
     /// Removes backends that no slot references any more.
     fn collect_backends(&mut self, dp: &mut impl Datapath, report: &mut SyncReport) {
+        if !std::mem::take(&mut self.unreferenced) {
+            return;
+        }
         let referenced: BTreeSet<u32> =
             self.applied.values().flat_map(|a| a.slots.iter().copied()).collect();
         let mut unused: Vec<(u32, BackendKey)> = self
@@ -425,6 +437,7 @@ impl Syncer {
         for (id, key) in unused {
             if let Err(err) = dp.remove_backend(id) {
                 report.errors.push(err.to_string());
+                self.unreferenced = true;
                 continue;
             }
             report.writes += 1;

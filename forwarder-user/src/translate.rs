@@ -1,6 +1,7 @@
 //! Kubernetes objects -> desired datapath state. Pure: no I/O, no clock.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    borrow::Borrow,
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
 
@@ -61,11 +62,16 @@ const IGNORE_LABELS: [&str; 2] =
 /// ports, external and load balancer IPs) follow `externalTrafficPolicy`
 /// for traffic from outside; pods and the node itself reach them through
 /// every endpoint (a separate `Scope::Internal` entry where that differs).
-pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str) -> Translation {
+pub fn translate(
+    services: &[impl Borrow<Service>],
+    slices: &[impl Borrow<EndpointSlice>],
+    node_name: &str,
+) -> Translation {
     let mut out = Translation::default();
     let mut owner: BTreeMap<Frontend, String> = BTreeMap::new();
-    let mut sorted: Vec<&Service> = services.iter().collect();
+    let mut sorted: Vec<&Service> = services.iter().map(Borrow::borrow).collect();
     sorted.sort_by_key(|s| object_name(&s.metadata));
+    let slices_by_service = index_slices(slices);
     for service in sorted {
         let name = object_name(&service.metadata);
         let labels = service.metadata.labels.as_ref();
@@ -82,7 +88,8 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str
         let exposes_node_port = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
         let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
         let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-        let own_slices = slices_of(service, slices);
+        let key = (service.metadata.namespace.as_deref(), service.metadata.name.as_deref());
+        let own_slices = slices_by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
         let affinity = session_affinity(service);
         if external_local
             && exposes_node_port
@@ -96,7 +103,7 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str
                         HealthCheck {
                             namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
                             name: meta.name.clone().unwrap_or_default(),
-                            local_endpoints: ready_on_node(&own_slices, node_name),
+                            local_endpoints: ready_on_node(own_slices, node_name),
                         },
                     );
                 }
@@ -113,8 +120,8 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str
             let Some(service_port) = port_number(port.port, "port", &name, &mut out.skipped) else {
                 continue;
             };
-            let cluster = endpoints_for(port, proto, &own_slices, None);
-            let local = endpoints_for(port, proto, &own_slices, Some(node_name));
+            let cluster = endpoints_for(port, proto, own_slices, None);
+            let local = endpoints_for(port, proto, own_slices, Some(node_name));
             out.state.local_endpoints.extend(local.iter().map(|e| e.addr));
             let internal = if internal_local { &local } else { &cluster };
             let external = if external_local { &local } else { &cluster };
@@ -315,17 +322,20 @@ fn port_number(value: i32, field: &str, name: &str, skipped: &mut Vec<Skipped>) 
     }
 }
 
-fn slices_of<'a>(service: &Service, slices: &'a [EndpointSlice]) -> Vec<&'a EndpointSlice> {
-    let (namespace, name) = (&service.metadata.namespace, &service.metadata.name);
-    slices
-        .iter()
-        .filter(|slice| {
-            slice.metadata.namespace == *namespace
-                && slice.address_type == "IPv4"
-                && slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL))
-                    == name.as_ref()
-        })
-        .collect()
+/// IPv4 slices by the (namespace, name) of the Service they belong to: one
+/// pass, so translation stays linear in the number of objects.
+type SliceIndex<'a> = HashMap<(Option<&'a str>, Option<&'a str>), Vec<&'a EndpointSlice>>;
+
+fn index_slices(slices: &[impl Borrow<EndpointSlice>]) -> SliceIndex<'_> {
+    let mut index: SliceIndex<'_> = HashMap::new();
+    for slice in slices.iter().map(Borrow::borrow).filter(|s| s.address_type == "IPv4") {
+        let service = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
+        if let Some(service) = service {
+            let key = (slice.metadata.namespace.as_deref(), Some(service.as_str()));
+            index.entry(key).or_default().push(slice);
+        }
+    }
+    index
 }
 
 /// The usable endpoints of one Service port, on `node` only if given: the

@@ -65,15 +65,28 @@ impl Forwarder {
     /// Starts `forwarder run` in `node` and waits until /healthz says the
     /// first sync is applied.
     pub fn start(node: &NetNs, manifests: &Path, node_name: &str, iface: &str) -> Self {
-        Self::start_with(node, ["--manifests".as_ref(), manifests.as_os_str()], node_name, iface)
+        Self::start_with(node, &["--manifests".as_ref(), manifests.as_os_str()], node_name, iface)
     }
 
     /// As `start`, watching the API server of `kubeconfig`.
     pub fn start_cluster(node: &NetNs, kubeconfig: &Path, node_name: &str, iface: &str) -> Self {
-        Self::start_with(node, ["--kubeconfig".as_ref(), kubeconfig.as_os_str()], node_name, iface)
+        Self::start_with(node, &["--kubeconfig".as_ref(), kubeconfig.as_os_str()], node_name, iface)
     }
 
-    fn start_with(node: &NetNs, source: [&OsStr; 2], node_name: &str, iface: &str) -> Self {
+    /// As `start_cluster`, with more flags.
+    pub fn start_cluster_with(
+        node: &NetNs,
+        kubeconfig: &Path,
+        node_name: &str,
+        iface: &str,
+        extra: &[&str],
+    ) -> Self {
+        let mut source: Vec<&OsStr> = vec!["--kubeconfig".as_ref(), kubeconfig.as_os_str()];
+        source.extend(extra.iter().map(OsStr::new));
+        Self::start_with(node, &source, node_name, iface)
+    }
+
+    fn start_with(node: &NetNs, source: &[&OsStr], node_name: &str, iface: &str) -> Self {
         let bpffs_root = bpffs_root(node);
         let mut args: Vec<OsString> = vec!["run".into()];
         args.extend(source.iter().map(|a| a.to_os_string()));
@@ -132,12 +145,18 @@ impl Forwarder {
         }
     }
 
+    /// The agent's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     fn wait_healthy(&self, node: &NetNs) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Generous: a large cluster's first lists take a while to arrive.
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if healthz(node) == Some(200) {
                 return;

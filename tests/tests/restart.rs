@@ -9,7 +9,7 @@ use std::{
 };
 
 use forwarder_tests::{
-    echo::{EchoConn, EchoServer, tcp_once, udp_once},
+    echo::{EchoConn, EchoServer, UdpClient, tcp_once, udp_once},
     forwarder::Forwarder,
     manifest::ManifestCopy,
     netns::NetNs,
@@ -45,6 +45,10 @@ fn survives(tag: &str, how: Stop) {
     let nodeport = format!("{NODE_IP}:30080");
     let mut established = EchoConn::connect(&topology.client, &nodeport).expect("connect");
     let first = established.ask().expect("first answer");
+    // A UDP flow: one socket, one source port, one conntrack entry.
+    let udp = UdpClient::bind(&topology.client).expect("UDP socket");
+    let udp_frontend = format!("{NODE_IP}:30053");
+    let (udp_first, _) = udp.ask(&udp_frontend).expect("first UDP answer");
 
     let stop = AtomicBool::new(false);
     let (sent, failures) = std::thread::scope(|scope| {
@@ -71,6 +75,8 @@ fn survives(tag: &str, how: Stop) {
         forwarder.log_text()
     );
     assert_eq!(established.ask().expect("the established connection lives"), first);
+    let (udp_again, _) = udp.ask(&udp_frontend).expect("the UDP flow lives");
+    assert_eq!(udp_again, udp_first, "the UDP flow keeps its backend");
     assert!(
         forwarder.log_text().contains("adopted the state a previous agent left"),
         "{}",

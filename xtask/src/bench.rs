@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, process::Command};
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use crate::setup::{self, workspace_root};
+use crate::setup::{self, check, workspace_root};
 
 /// Per-packet cost, in the order the table shows it.
 const PATHS: [(&str, &str, &str); 6] = [
@@ -19,6 +19,11 @@ const PATHS: [(&str, &str, &str); 6] = [
 
 pub fn run() -> anyhow::Result<()> {
     setup::run()?;
+    datapath()?;
+    control_plane()
+}
+
+fn datapath() -> anyhow::Result<()> {
     let root = workspace_root();
     let out = Command::new("cargo")
         .current_dir(&root)
@@ -91,6 +96,69 @@ pub fn run() -> anyhow::Result<()> {
     std::fs::write(dir.join("datapath.md"), &md)?;
     print!("{md}");
     println!("\nwritten: bench/results/datapath.json, bench/results/datapath.md");
+    Ok(())
+}
+
+/// The control plane against the real apiserver (`benches/control_plane.rs`).
+fn control_plane() -> anyhow::Result<()> {
+    crate::k8s::build()?;
+    let root = workspace_root();
+    // The agent as it would be deployed: an optimized build.
+    check(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "forwarder-user",
+    ]))?;
+    let out = Command::new("cargo")
+        .current_dir(&root)
+        .args(["bench", "--package", "forwarder-tests", "--bench", "control_plane"])
+        .env("FORWARDER_BIN", root.join("target/release/forwarder"))
+        .output()
+        .context("cargo bench")?;
+    if !out.status.success() {
+        bail!("control-plane benchmark failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().find(|l| l.starts_with('{')).context("no result line")?;
+    let r: Value = serde_json::from_str(line)?;
+    let num = |key: &str| r[key].as_f64().unwrap_or(f64::NAN);
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    let machine = machine();
+    let mut md = String::new();
+    writeln!(md, "# Control plane against a real kube-apiserver\n")?;
+    writeln!(md, "Machine: {}\n", machine["summary"].as_str().unwrap_or("?"))?;
+    writeln!(
+        md,
+        "{} Services with {} endpoints (one EndpointSlice each) in kube-apiserver v1.35.4 (etcd on the same machine); the agent starts after they are all in, then {} single-endpoint changes, one at a time. Latency is the agent's own `forwarder_network_programming_duration_seconds`: from the slice's `last-change-trigger-time` (stamped by the client just before the request) to the change being in the maps.\n",
+        r["services"], r["endpoints"], r["changes"]
+    )?;
+    writeln!(md, "| measure | result | goal | |\n|---|---:|---:|---|")?;
+    let start = num("start_to_programmed_s");
+    writeln!(
+        md,
+        "| agent start to every Service programmed | {start:.2} s | < 2 s | {} |",
+        verdict(start < 2.0)
+    )?;
+    writeln!(md, "| of which the first sync | {:.0} ms | | |", num("first_sync_ms"))?;
+    let (p50, p99) = (num("programming_p50_ms"), num("programming_p99_ms"));
+    writeln!(md, "| single change, p50 | {p50:.1} ms | | |")?;
+    writeln!(md, "| single change, p99 | {p99:.1} ms | < 100 ms | {} |", verdict(p99 < 100.0))?;
+    writeln!(md, "| single change, max | {:.1} ms | | |", num("programming_max_ms"))?;
+    let rss = num("agent_peak_rss_mib");
+    writeln!(
+        md,
+        "| agent peak RSS | {rss:.0} MiB | < 150 MB | {} |",
+        verdict(rss * 1.048_576 < 150.0)
+    )?;
+    writeln!(md, "| filling the API (not the agent) | {:.0} s | | |", num("fill_api_s"))?;
+    let dir = root.join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let results = json!({"machine": machine, "result": r});
+    std::fs::write(dir.join("control_plane.json"), serde_json::to_string_pretty(&results)? + "\n")?;
+    std::fs::write(dir.join("control_plane.md"), &md)?;
+    print!("{md}");
+    println!("\nwritten: bench/results/control_plane.json, bench/results/control_plane.md");
     Ok(())
 }
 

@@ -91,6 +91,8 @@ impl Syncer {
         self.cluster_ips = contents.cluster_ips.into_iter().collect();
         self.source_ranges = contents.source_ranges.into_iter().collect();
         self.snat_addrs = contents.snat_addrs.into_iter().collect();
+        // Backends a crash left without a slot go with the first sync.
+        self.unreferenced = true;
         report
     }
 }

@@ -188,7 +188,7 @@ spec:
 status: {loadBalancer: {ingress: [{ip: 203.0.113.10}]}}
 ",
     );
-    let out = translate(&services, &[], "node-a");
+    let out = translate(&services, &[] as &[EndpointSlice], "node-a");
     let cidrs: BTreeSet<crate::cidr::Cidr> =
         ["10.0.0.0/8".parse().unwrap(), "192.168.10.0/24".parse().unwrap()].into();
     let expect: BTreeMap<Frontend, BTreeSet<crate::cidr::Cidr>> =
