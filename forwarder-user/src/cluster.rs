@@ -11,7 +11,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    Api, Client, Config, Resource,
+    Api, Client, Config, Resource, ResourceExt,
     config::{InferConfigError, KubeConfigOptions, Kubeconfig, KubeconfigError},
     runtime::{
         WatchStreamExt,
@@ -22,7 +22,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
-use crate::manifests::Objects;
+use crate::{manifests::Objects, metrics::TRIGGER_TIME};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -60,9 +60,14 @@ impl ClusterSource {
         let changed = Arc::new(Notify::new());
         let this_node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
         Ok(Self {
-            services: reflect(Api::all(client.clone()), watcher::Config::default(), &changed),
-            slices: reflect(Api::all(client.clone()), watcher::Config::default(), &changed),
-            nodes: reflect(Api::all(client), this_node, &changed),
+            services: reflect(Api::all(client.clone()), watcher::Config::default(), &changed, &[]),
+            slices: reflect(
+                Api::all(client.clone()),
+                watcher::Config::default(),
+                &changed,
+                &[TRIGGER_TIME],
+            ),
+            nodes: reflect(Api::all(client), this_node, &changed, &[]),
             changed,
         })
     }
@@ -96,14 +101,25 @@ impl ClusterSource {
 
 /// A reflector on its own task: keeps `Store` current and signals `changed`
 /// after every event. Errors are logged and retried with backoff; the
-/// stream never ends.
-fn reflect<K>(api: Api<K>, config: watcher::Config, changed: &Arc<Notify>) -> Store<K>
+/// stream never ends. Objects are cached without their managed fields and
+/// with only the annotations `keep` names: at 10,000 Services those are
+/// most of the memory and none of the meaning.
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: &Arc<Notify>,
+    keep: &'static [&'static str],
+) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
     let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let slim = watcher(api, config).default_backoff().modify(move |object: &mut K| {
+        object.managed_fields_mut().clear();
+        object.annotations_mut().retain(|key, _| keep.contains(&key.as_str()));
+    });
+    let stream = reflector::reflector(writer, slim);
     let changed = changed.clone();
     let kind = K::kind(&K::DynamicType::default()).into_owned();
     tokio::spawn(async move {

@@ -70,7 +70,7 @@ pub fn translate(
     let mut out = Translation::default();
     let mut owner: BTreeMap<Frontend, String> = BTreeMap::new();
     let mut sorted: Vec<&Service> = services.iter().map(Borrow::borrow).collect();
-    sorted.sort_by_key(|s| object_name(&s.metadata));
+    sorted.sort_by_cached_key(|s| object_name(&s.metadata));
     let slices_by_service = index_slices(slices);
     for service in sorted {
         let name = object_name(&service.metadata);

@@ -9,6 +9,7 @@ use std::{
 };
 
 use forwarder_tests::{
+    api_cluster::{Cluster, create_echo_service, create_echo_slice},
     echo::{EchoConn, EchoServer, UdpClient, tcp_once, udp_once},
     forwarder::Forwarder,
     manifest::ManifestCopy,
@@ -117,4 +118,34 @@ fn changes_made_while_no_agent_ran_apply_on_start() {
         .filter_map(|_| tcp_once(&topology.client, &format!("{NODE_IP}:30080")).ok())
         .collect();
     assert_eq!(answered, ["pod-a".to_owned()].into(), "{}", forwarder.log_text());
+}
+
+/// The same against the API server: the new agent waits for its lists and
+/// adopts the maps, while the old programs keep serving.
+#[test]
+fn sigkill_and_restart_against_the_apiserver_lose_no_connection() {
+    let mut cluster = Cluster::new("apikill");
+    let (cluster_ip, _) = create_echo_service(&cluster);
+    create_echo_slice(&cluster, &["10.244.1.2", "10.244.1.3"]);
+    cluster.start_forwarder();
+    let Cluster { forwarder, topology, .. } = &mut cluster;
+    let forwarder = forwarder.as_mut().expect("started");
+    let pod_c = &topology.pod("pod-c").ns;
+    let frontend = format!("{cluster_ip}:80");
+    let mut established = EchoConn::connect(pod_c, &frontend).expect("connect");
+    let first = established.ask().expect("first answer");
+    let stop = AtomicBool::new(false);
+    let (sent, failures) = std::thread::scope(|scope| {
+        let traffic = scope.spawn(|| keep_connecting(pod_c, &frontend, &stop));
+        std::thread::sleep(Duration::from_millis(200));
+        forwarder.kill();
+        std::thread::sleep(Duration::from_millis(500));
+        forwarder.restart(&topology.node);
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        traffic.join().expect("traffic thread")
+    });
+    assert!(sent > 20, "too little traffic to tell ({sent})");
+    assert!(failures.is_empty(), "{failures:?}\n{}", forwarder.log_text());
+    assert_eq!(established.ask().expect("the established connection lives"), first);
 }

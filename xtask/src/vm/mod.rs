@@ -55,7 +55,19 @@ fn test_runs(binaries: &[(String, PathBuf)]) -> anyhow::Result<Vec<TestRun>> {
             .to_vec(),
         },
         // Pinned links, and before TCX netlink filters replaced in place.
-        TestRun { name: "restart".into(), binary: find("restart")?, args: vec![] },
+        TestRun {
+            name: "restart".into(),
+            binary: find("restart")?,
+            // The API-server variant needs the control plane, not in the guests.
+            args: [
+                "sigkill_and_restart_lose_no_connection",
+                "sigterm_and_restart_lose_no_connection",
+                "changes_made_while_no_agent_ran_apply_on_start",
+                "--exact",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        },
     ])
 }
 
