@@ -85,11 +85,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 poll: tokio::time::interval(MANIFEST_POLL),
             }
         }
-        SourceConfig::Cluster { kubeconfig } => Source::Cluster(
-            ClusterSource::connect(kubeconfig.as_deref(), &config.node_name)
+        SourceConfig::Cluster { kubeconfig } => Source::Cluster {
+            cluster: ClusterSource::connect(kubeconfig.as_deref(), &config.node_name)
                 .await
                 .context("connecting to the API server")?,
-        ),
+            listed: false,
+        },
     };
     let listener = healthz::bind(config.healthz_bind_address)
         .await
@@ -101,6 +102,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let pins = PinDir::new(&config.bpffs_root, &config.node_name);
     let mut dataplane =
         Dataplane::load(capacity, pins.clone()).context("loading the eBPF programs")?;
+    let capacity = dataplane.capacity();
+    if (capacity.services, capacity.conntrack)
+        != (config.capacity.services, config.capacity.conntrack)
+    {
+        tracing::warn!(
+            services = capacity.services,
+            conntrack = capacity.conntrack,
+            "the pinned maps keep their sizes; `forwarder cleanup` applies new ones"
+        );
+    }
     let metrics = Metrics::with_stats_pin(&pins.map(map_names::STATS)).unwrap_or_else(|error| {
         tracing::warn!(%error, "packet counters not exported");
         Metrics::default()
@@ -129,6 +140,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         health: Arc::new(Health::new(config.sync_period)),
         metrics,
         synced_once: false,
+        objects_seen: false,
         manifest_node_ips: BTreeSet::new(),
         applied: DesiredState::default(),
         health_checks: BTreeMap::new(),
@@ -142,8 +154,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// The objects' source, and how it tells of changes.
 enum Source {
-    Manifests { files: ManifestSource, fingerprint: Option<Fingerprint>, poll: Interval },
-    Cluster(ClusterSource),
+    Manifests {
+        files: ManifestSource,
+        fingerprint: Option<Fingerprint>,
+        poll: Interval,
+    },
+    /// `listed`: every kind was listed completely once.
+    Cluster {
+        cluster: ClusterSource,
+        listed: bool,
+    },
 }
 
 impl Source {
@@ -170,11 +190,31 @@ impl Source {
                 };
                 tokio::select! { () = retry => {}, () = edited => {} }
             }
-            Self::Cluster(cluster) => tokio::select! {
+            // Never program from a partial cache: it lacks what is not
+            // listed yet, and the sync would delete that.
+            Self::Cluster { cluster, listed: listed @ false } => {
+                cluster.ready().await;
+                tracing::info!("API objects listed");
+                *listed = true;
+            }
+            Self::Cluster { cluster, listed: true } => tokio::select! {
                 () = retry => {}
-                () = cluster.changed() => tokio::time::sleep(COALESCE_EVENTS).await,
+                () = cluster.changed() => {}
             },
         }
+    }
+
+    /// Lets a burst of API events arrive before the sync (outside
+    /// `changed`, whose future a concurrent event may cancel).
+    async fn coalesce(&self) {
+        if let Self::Cluster { .. } = self {
+            tokio::time::sleep(COALESCE_EVENTS).await;
+        }
+    }
+
+    /// Whether `objects` may be synced: not before the first complete lists.
+    fn ready(&self) -> bool {
+        !matches!(self, Self::Cluster { listed: false, .. })
     }
 
     fn objects(&mut self) -> Objects {
@@ -186,7 +226,7 @@ impl Source {
                 }
                 objects
             }
-            Self::Cluster(cluster) => cluster.snapshot(),
+            Self::Cluster { cluster, .. } => cluster.snapshot(),
         }
     }
 }
@@ -201,6 +241,8 @@ struct Agent {
     /// Whether a sync without errors happened: trigger times seen before
     /// it belong to changes made before this agent ran.
     synced_once: bool,
+    /// Whether a sync read the objects (this Node's addresses among them).
+    objects_seen: bool,
     /// This node's addresses from its Node object.
     manifest_node_ips: BTreeSet<Ipv4Addr>,
     /// The state of the last sync, to find what left.
@@ -245,28 +287,21 @@ impl Agent {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut retry_at: Option<Instant> = None;
         self.reconcile_interfaces().await;
-        if let Source::Cluster(cluster) = source {
-            tracing::info!(
-                "waiting for the first complete lists of Services, EndpointSlices, Node"
-            );
-            tokio::select! {
-                _ = sigterm.recv() => return Ok(()),
-                _ = sigint.recv() => return Ok(()),
-                () = cluster.ready() => tracing::info!("API objects listed"),
-            }
-        }
+        // Every present interface is attached: links left for others go.
+        self.dataplane.sweep_unclaimed_links();
         let mut resync = tokio::time::interval(self.config.sync_period);
         resync.tick().await;
         loop {
             tokio::select! {
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
-                _ = resync.tick() => {
+                _ = resync.tick(), if source.ready() => {
                     // Nothing changed: a no-op that proves the maps writable.
                     let complete = self.sync(source.objects());
                     retry_at = (!complete).then(|| Instant::now() + RETRY_FAILED_SYNC);
                 }
                 () = source.changed(retry_at) => {
+                    source.coalesce().await;
                     let complete = self.sync(source.objects());
                     retry_at = (!complete).then(|| Instant::now() + RETRY_FAILED_SYNC);
                     self.reconcile_interfaces().await;
@@ -287,6 +322,7 @@ impl Agent {
     /// Returns whether every map write succeeded.
     fn sync(&mut self, objects: Objects) -> bool {
         let started = Instant::now();
+        self.objects_seen = true;
         let translation = translate(&objects.services, &objects.slices, &self.config.node_name);
         for skipped in &translation.skipped {
             tracing::warn!(object = %skipped.object, reason = %skipped.reason, "Service part skipped");
@@ -306,6 +342,10 @@ impl Agent {
         self.applied = translation.state;
         let took = started.elapsed();
         self.metrics.synced(took, report.errors.len());
+        self.health.attempted();
+        for warning in &report.warnings {
+            tracing::warn!(%warning, "Service partly programmed");
+        }
         if report.errors.is_empty() {
             self.health.synced();
             self.metrics.programmed(&objects.slices, self.synced_once);
@@ -405,6 +445,12 @@ impl Agent {
                     &self.manifest_node_ips,
                     &self.config.nodeport_addresses,
                 );
+                // Before the Node object is read, its addresses are unknown:
+                // add the local ones, remove nothing a previous agent set.
+                let addrs = match self.objects_seen {
+                    true => addrs,
+                    false => addrs.union(&self.syncer.node_ips()).copied().collect(),
+                };
                 let mut report = self.syncer.apply_node_ips(&addrs, &mut self.dataplane.maps);
                 let snat = snat_addresses(&by_interface, &links, &self.config.ifaces);
                 let snat_report = self.syncer.apply_snat_addrs(&snat, &mut self.dataplane.maps);

@@ -5,7 +5,7 @@
 //! agent swaps its programs into what it finds (atomically: no packet goes
 //! untranslated), and attaches afresh where nothing is left.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     os::fd::AsFd,
     path::{Path, PathBuf},
 };
@@ -23,7 +23,9 @@ use aya::{
 use forwarder_common::program_names;
 
 use crate::{
-    dataplane::{Capacity, DataplaneError, Maps, current_netns_cookie, load_object},
+    dataplane::{
+        Capacity, DataplaneError, Maps, current_netns_cookie, load_object, pinned_capacity,
+    },
     pins::{self, PinDir},
 };
 
@@ -76,6 +78,9 @@ pub struct Dataplane {
     pins: PinDir,
     /// Pod-facing attachments by ifindex (names can be reused).
     pod_tc: BTreeMap<u32, (String, Vec<Attachment>)>,
+    /// Link pins this agent attached or took over.
+    claimed: BTreeSet<PathBuf>,
+    capacity: Capacity,
 }
 
 impl Dataplane {
@@ -86,32 +91,54 @@ impl Dataplane {
         let pin_err =
             |source| DataplaneError::Pin { path: pins.path().display().to_string(), source };
         pins.create().map_err(pin_err)?;
+        let capacity = pinned_capacity(&pins, capacity)?;
         let node_netns = current_netns_cookie().map_err(DataplaneError::NetnsCookie)?;
         let mut ebpf = load_object(capacity, node_netns, Some(&pins))?;
         let maps = Maps::take(&mut ebpf)?;
-        Ok(Self { ebpf, maps, pins, pod_tc: BTreeMap::new() })
+        Ok(Self { ebpf, maps, pins, pod_tc: BTreeMap::new(), claimed: BTreeSet::new(), capacity })
     }
 
-    /// Points the link pinned at `pin` to `program`. False when there is
-    /// none or its target is gone (the stale pin is then removed).
-    fn replace(&self, pin: &Path, program: &'static str) -> bool {
+    /// The maps' sizes (a pinned map keeps the size it was created with).
+    pub fn capacity(&self) -> Capacity {
+        self.capacity
+    }
+
+    /// Points the link pinned at `pin` to `program`. `Ok(false)` when
+    /// there is none or its target is gone (the stale pin is then removed);
+    /// any other failure leaves the old program attached and is an error,
+    /// since attaching afresh beside a live link would fail anyway.
+    fn replace(&mut self, pin: &Path, program: &'static str) -> Result<bool, DataplaneError> {
         if !pin.exists() {
-            return false;
+            return Ok(false);
         }
+        self.claimed.insert(pin.to_owned());
         let fd = self.ebpf.program(program).expect("loaded in load()").fd().expect("loaded");
         match pins::replace_program(pin, fd.as_fd()) {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::info!(pin = %pin.display(), %error, "stale link; attaching afresh");
+            Ok(()) => Ok(true),
+            Err(error) if error.raw_os_error() == Some(libc::ENOLINK) => {
+                tracing::info!(pin = %pin.display(), "the link's target is gone; attaching afresh");
                 let _ = std::fs::remove_file(pin);
-                false
+                Ok(false)
+            }
+            Err(source) => Err(DataplaneError::Pin { path: pin.display().to_string(), source }),
+        }
+    }
+
+    /// Removes the pins of links this agent did not take over: interfaces
+    /// gone or no longer selected while no agent ran. Called once every
+    /// present interface is attached.
+    pub fn sweep_unclaimed_links(&mut self) {
+        for (name, path) in self.pins.links() {
+            if !self.claimed.contains(&path) {
+                tracing::info!(link = %name, "removing a link no interface claims");
+                let _ = std::fs::remove_file(&path);
             }
         }
     }
 
     /// Pins a new attachment's link: from now on the pin keeps it.
     fn pin_link(
-        &self,
+        &mut self,
         link: impl TryInto<FdLink, Error = LinkError>,
         pin: &Path,
     ) -> Result<(), DataplaneError> {
@@ -120,6 +147,7 @@ impl Dataplane {
             source: std::io::Error::other(e.to_string()),
         };
         let link: FdLink = link.try_into().map_err(|e| error(&e))?;
+        self.claimed.insert(pin.to_owned());
         link.pin(pin).map(drop).map_err(|e| error(&e))
     }
 
@@ -137,7 +165,7 @@ impl Dataplane {
             program_names::SOCK_PEERNAME,
         ] {
             let pin = self.pins.link(&format!("sock-{name}"));
-            if self.replace(&pin, name) {
+            if self.replace(&pin, name)? {
                 continue;
             }
             let program: &mut CgroupSockAddr =
@@ -190,7 +218,7 @@ impl Dataplane {
         }
         let direction = if hook == TcAttachType::Ingress { "in" } else { "out" };
         let pin = self.pins.link(&format!("tc-{direction}-{iface}"));
-        if !self.replace(&pin, program) {
+        if !self.replace(&pin, program)? {
             let tc = self.tc(program);
             let id = tc.attach(iface, hook).map_err(attach_err)?;
             let link = tc.take_link(id).map_err(attach_err)?;
@@ -204,7 +232,7 @@ impl Dataplane {
     pub fn attach_node_iface(&mut self, iface: &str) -> Result<XdpAttachMode, DataplaneError> {
         let attach_err = |source| DataplaneError::Attach { iface: iface.to_owned(), source };
         let pin = self.pins.link(&format!("xdp-{iface}"));
-        let mode = if self.replace(&pin, program_names::XDP_NODE) {
+        let mode = if self.replace(&pin, program_names::XDP_NODE)? {
             XdpAttachMode::Replaced
         } else {
             let (id, mode) = match self.xdp().attach(iface, XdpMode::Driver) {
@@ -255,7 +283,12 @@ impl Dataplane {
     /// Detaches from a pod-facing interface, which may already be gone.
     pub fn detach_pod_iface(&mut self, index: u32) {
         if let Some((_, attachments)) = self.pod_tc.remove(&index) {
-            attachments.into_iter().for_each(Attachment::remove);
+            for attachment in attachments {
+                if let Attachment::Pinned(path) = &attachment {
+                    self.claimed.remove(path);
+                }
+                attachment.remove();
+            }
         }
     }
 }

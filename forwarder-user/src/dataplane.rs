@@ -60,6 +60,10 @@ pub enum DataplaneError {
     Attach { iface: String, source: ProgramError },
     #[error("pinning under {path}: {source}")]
     Pin { path: String, source: std::io::Error },
+    #[error(
+        "pinned map {name} has key/value sizes {found:?}, this build {wanted:?}: run `forwarder cleanup` first"
+    )]
+    PinnedLayout { name: &'static str, found: (usize, usize), wanted: (usize, usize) },
 }
 
 /// Typed handles to every map the programs use.
@@ -277,6 +281,48 @@ impl Datapath for Maps {
     fn remove_snat_addr(&mut self, ifindex: u32) -> Result<(), MapWriteError> {
         self.snat_addrs.remove(&ifindex).map_err(write_err(map_names::SNAT_ADDRS, "remove"))
     }
+}
+
+/// Key and value sizes of every map: a pinned map with others is from an
+/// incompatible build and must not be reused.
+fn layout(name: &str) -> (usize, usize) {
+    use forwarder_common::{AffinityKey, AffinityValue, SockNat};
+    use std::mem::size_of;
+    match name {
+        map_names::SERVICES => (size_of::<SvcKey>(), size_of::<SvcValue>()),
+        map_names::BACKENDS => (4, size_of::<Backend>()),
+        map_names::CONNTRACK => (size_of::<CtKey>(), size_of::<CtValue>()),
+        map_names::AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>()),
+        map_names::SOURCE_RANGES => (4 + size_of::<SourceRangeKey>(), 4),
+        map_names::SOCKET_NAT => (8, size_of::<SockNat>()),
+        map_names::STATS => (4, 8),
+        _ => (4, 4),
+    }
+}
+
+/// Checks the maps pinned in `pins` (if any) against this build's layouts,
+/// and returns the capacity they really have: a pinned map keeps its size.
+pub fn pinned_capacity(pins: &PinDir, wanted: Capacity) -> Result<Capacity, DataplaneError> {
+    let mut capacity = wanted;
+    for name in MAPS {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .map_err(|source| DataplaneError::Map { name, source })?;
+        let found = (info.key_size() as usize, info.value_size() as usize);
+        if found != layout(name) {
+            return Err(DataplaneError::PinnedLayout { name, found, wanted: layout(name) });
+        }
+        match name {
+            map_names::SERVICES => capacity.services = info.max_entries(),
+            map_names::BACKENDS => capacity.backends = info.max_entries(),
+            map_names::CONNTRACK => capacity.conntrack = info.max_entries(),
+            _ => {}
+        }
+    }
+    Ok(capacity)
 }
 
 /// Every map, pinned by the agent so its state outlives the process.

@@ -1,6 +1,7 @@
-//! kube-proxy-compatible health endpoints: `/healthz` (and `/livez`)
-//! answers 200 while the last sync without errors is younger than twice the
-//! sync period, 503 before the first and after that; and the
+//! kube-proxy-compatible health endpoints: `/healthz` answers 200 while the
+//! last sync without errors is younger than twice the sync period, 503
+//! before the first and after that; `/livez` asks only that the sync loop
+//! runs (a full map is not cured by restarting the agent); and the
 //! per-Service health check node ports of `externalTrafficPolicy: Local`
 //! Services, which load balancers probe to find nodes with endpoints.
 use std::{
@@ -22,6 +23,8 @@ use tokio::{
 pub struct Health {
     /// Unix seconds of the last sync without errors; 0 before the first.
     last_sync: AtomicU64,
+    /// Unix seconds of the last sync, with errors or not.
+    last_attempt: AtomicU64,
     /// Seconds after which that is too old: twice the sync period.
     stale_after: u64,
 }
@@ -38,10 +41,20 @@ fn now() -> u64 {
 
 impl Health {
     pub fn new(sync_period: std::time::Duration) -> Self {
-        Self { last_sync: AtomicU64::new(0), stale_after: 2 * sync_period.as_secs().max(1) }
+        Self {
+            last_sync: AtomicU64::new(0),
+            last_attempt: AtomicU64::new(0),
+            stale_after: 2 * sync_period.as_secs().max(1),
+        }
+    }
+
+    /// A sync ran, whatever its outcome.
+    pub fn attempted(&self) {
+        self.last_attempt.store(now(), Ordering::Relaxed);
     }
 
     pub fn synced(&self) {
+        self.attempted();
         self.last_sync.store(now(), Ordering::Relaxed);
     }
 
@@ -49,7 +62,11 @@ impl Health {
     pub fn respond(&self, path: &str) -> (u16, String) {
         match path {
             "/healthz" | "/livez" => {
-                let (last, now) = (self.last_sync.load(Ordering::Relaxed), now());
+                let last = match path {
+                    "/livez" => &self.last_attempt,
+                    _ => &self.last_sync,
+                };
+                let (last, now) = (last.load(Ordering::Relaxed), now());
                 let body = format!(r#"{{"lastUpdated": {last}, "currentTime": {now}}}"#);
                 let fresh = last != 0 && now.saturating_sub(last) <= self.stale_after;
                 (if fresh { 200 } else { 503 }, body)
@@ -164,9 +181,11 @@ mod tests {
     fn unhealthy_until_first_sync() {
         let health = Health::default();
         assert_eq!(health.respond("/healthz").0, 503);
+        health.attempted();
+        assert_eq!(health.respond("/livez").0, 200, "the loop runs");
+        assert_eq!(health.respond("/healthz").0, 503, "no clean sync yet");
         health.synced();
         assert_eq!(health.respond("/healthz").0, 200);
-        assert_eq!(health.respond("/livez").0, 200);
         assert_eq!(health.respond("/other").0, 404);
     }
 

@@ -121,6 +121,8 @@ impl Metrics {
     pub fn programmed(&self, slices: &[impl std::borrow::Borrow<EndpointSlice>], count: bool) {
         let now = Timestamp::now();
         let mut state = self.state();
+        // Only slices that still exist are remembered.
+        let mut seen = HashMap::with_capacity(slices.len());
         for slice in slices.iter().map(std::borrow::Borrow::borrow) {
             let Some(trigger) =
                 slice.metadata.annotations.as_ref().and_then(|a| a.get(TRIGGER_TIME))
@@ -132,17 +134,16 @@ impl Metrics {
                 slice.metadata.namespace.as_deref().unwrap_or_default(),
                 slice.metadata.name.as_deref().unwrap_or_default()
             );
-            if state.triggers.get(&key) == Some(trigger) {
-                continue;
-            }
-            state.triggers.insert(key, trigger.clone());
-            if let (true, Ok(at)) = (count, trigger.parse::<Timestamp>()) {
+            let new = state.triggers.get(&key) != Some(trigger);
+            seen.insert(key, trigger.clone());
+            if let (true, true, Ok(at)) = (new, count, trigger.parse::<Timestamp>()) {
                 let seconds = now.duration_since(at).as_secs_f64();
                 if seconds >= 0.0 {
                     state.programming.observe(seconds);
                 }
             }
         }
+        state.triggers = seen;
     }
 
     pub fn set_map(&self, name: &'static str, entries: Option<usize>, capacity: u32) {

@@ -51,11 +51,13 @@ pub trait Datapath {
     fn remove_snat_addr(&mut self, ifindex: u32) -> Result<(), MapWriteError>;
 }
 
-/// The outcome of one sync: how many writes it took, and what failed.
+/// The outcome of one sync: how many writes it took, what failed, and
+/// what was programmed only in part on purpose.
 #[derive(Debug, Default)]
 pub struct SyncReport {
     pub writes: usize,
     pub errors: Vec<String>,
+    pub warnings: Vec<String>,
 }
 
 /// What a frontend currently holds in the map, exactly.
@@ -140,6 +142,11 @@ impl Syncer {
         }
     }
 
+    /// The node addresses in the map.
+    pub fn node_ips(&self) -> BTreeSet<Ipv4Addr> {
+        self.node_ips.clone()
+    }
+
     /// Entries the syncer keeps in each map it writes.
     pub fn entries(&self) -> [(&'static str, usize); 6] {
         use forwarder_common::map_names;
@@ -190,7 +197,7 @@ impl Syncer {
             .chain(desired.services.iter().filter(|(f, _)| f.scope == Scope::External));
         for (frontend, endpoints) in ordered {
             let endpoints = if endpoints.len() > MAX_SLOTS {
-                report.errors.push(format!(
+                report.warnings.push(format!(
                     "{frontend}: {} endpoints, only the first {MAX_SLOTS} are used",
                     endpoints.len()
                 ));
@@ -389,6 +396,7 @@ impl Syncer {
             report.writes += 1;
             applied.slots.pop();
             self.service_entries -= 1;
+            self.unreferenced = true;
         }
         self.applied.remove(frontend);
         self.unreferenced = true;

@@ -35,8 +35,14 @@ fn bpffs_root(node: &NetNs) -> PathBuf {
     mount.join(&node.name)
 }
 
-/// Mounts a bpffs at `dir` unless one is there (idempotent, race-tolerant).
+/// Mounts a bpffs at `dir` unless one is there; once per test process, so
+/// parallel tests never stack two mounts.
 fn forwarder_user_pins_mount(dir: &Path) {
+    static MOUNTED: std::sync::Once = std::sync::Once::new();
+    MOUNTED.call_once(|| mount_bpffs(dir));
+}
+
+fn mount_bpffs(dir: &Path) {
     std::fs::create_dir_all(dir).expect("bpffs mount point");
     let on_bpffs = nix::sys::statfs::statfs(dir)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
@@ -51,8 +57,25 @@ fn forwarder_user_pins_mount(dir: &Path) {
     }
 }
 
+/// Another build of the agent, to upgrade to: `$FORWARDER_OTHER_BIN`, or
+/// the workspace's release build (`cargo xtask test` builds it).
+pub fn other_build() -> PathBuf {
+    let path = std::env::var_os("FORWARDER_OTHER_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/forwarder"),
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build --release -p forwarder-user (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
 pub struct Forwarder {
     child: Option<Child>,
+    /// The build this agent runs.
+    binary: PathBuf,
     pub log: PathBuf,
     node_ns: String,
     node_name: String,
@@ -99,6 +122,7 @@ impl Forwarder {
         let _ = std::fs::remove_file(&log);
         let mut forwarder = Self {
             child: None,
+            binary: binary(),
             log,
             node_ns: node.name.clone(),
             node_name: node_name.to_owned(),
@@ -119,7 +143,7 @@ impl Forwarder {
             .expect("log file");
         let child = Command::new("ip")
             .args(["netns", "exec", &self.node_ns])
-            .arg(binary())
+            .arg(&self.binary)
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -135,6 +159,12 @@ impl Forwarder {
         assert!(self.child.is_none(), "the previous agent is still running");
         self.spawn();
         self.wait_healthy(node);
+    }
+
+    /// As `restart`, with another build (an upgrade).
+    pub fn upgrade(&mut self, node: &NetNs, build: PathBuf) {
+        self.binary = build;
+        self.restart(node);
     }
 
     /// SIGKILL: the agent gets no chance to tidy up.

@@ -337,7 +337,13 @@ fn sigterm_leaves_the_datapath_forwarding_and_cleanup_removes_it() {
     tcp_reaches_both(&topology.pod("pod-c").ns, &format!("{CLUSTER_IP}:80"), &forwarder);
 
     forwarder.cleanup();
-    let attached = attachments(&topology.node);
+    // Links go when their last pin does, which the kernel may finish later.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut attached = attachments(&topology.node);
+    while !attached.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        attached = attachments(&topology.node);
+    }
     assert!(attached.is_empty(), "programs left attached: {attached:?}");
     let pins: Vec<_> = std::fs::read_dir(&forwarder.bpffs_root)
         .map(|d| d.flatten().map(|e| e.path()).collect())

@@ -3,15 +3,18 @@
 //! a DaemonSet rolling update) loses no request and no established
 //! connection; what changed while no agent ran is applied on start.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
     sync::atomic::{AtomicBool, AtomicUsize, Ordering},
     time::Duration,
 };
 
+use aya::maps::{HashMap, Map, MapData};
+use forwarder_common::{Backend, map_names};
 use forwarder_tests::{
     api_cluster::{Cluster, create_echo_service, create_echo_slice},
     echo::{EchoConn, EchoServer, UdpClient, tcp_once, udp_once},
-    forwarder::Forwarder,
+    forwarder::{Forwarder, other_build},
     manifest::ManifestCopy,
     netns::NetNs,
     topology::{NODE_IFACE, NODE_IP, NODE_NAME, Topology},
@@ -33,6 +36,8 @@ fn keep_connecting(client: &NetNs, frontend: &str, stop: &AtomicBool) -> (usize,
 enum Stop {
     Kill,
     Term,
+    /// SIGTERM, then another build starts: a DaemonSet image update.
+    Upgrade,
 }
 
 fn survives(tag: &str, how: Stop) {
@@ -57,13 +62,16 @@ fn survives(tag: &str, how: Stop) {
         std::thread::sleep(Duration::from_millis(200));
         match how {
             Stop::Kill => forwarder.kill(),
-            Stop::Term => {
+            Stop::Term | Stop::Upgrade => {
                 forwarder.stop();
             }
         }
         // No agent: the pinned programs and maps keep serving.
         std::thread::sleep(Duration::from_millis(500));
-        forwarder.restart(&topology.node);
+        match how {
+            Stop::Upgrade => forwarder.upgrade(&topology.node, other_build()),
+            Stop::Kill | Stop::Term => forwarder.restart(&topology.node),
+        }
         std::thread::sleep(Duration::from_millis(300));
         stop.store(true, Ordering::Relaxed);
         traffic.join().expect("traffic thread")
@@ -78,11 +86,10 @@ fn survives(tag: &str, how: Stop) {
     assert_eq!(established.ask().expect("the established connection lives"), first);
     let (udp_again, _) = udp.ask(&udp_frontend).expect("the UDP flow lives");
     assert_eq!(udp_again, udp_first, "the UDP flow keeps its backend");
-    assert!(
-        forwarder.log_text().contains("adopted the state a previous agent left"),
-        "{}",
-        forwarder.log_text()
-    );
+    let log = forwarder.log_text();
+    assert!(log.contains("adopted the state a previous agent left"), "{log}");
+    // Swapped into the pinned link, not detached and attached again.
+    assert!(log.contains("XDP program replaced in place"), "{log}");
 }
 
 #[test]
@@ -93,6 +100,13 @@ fn sigkill_and_restart_lose_no_connection() {
 #[test]
 fn sigterm_and_restart_lose_no_connection() {
     survives("term", Stop::Term);
+}
+
+/// Another build (the release one after the debug one: different
+/// binaries, programs loaded anew) takes over the same pins.
+#[test]
+fn an_upgrade_to_another_build_loses_no_connection() {
+    survives("upgrade", Stop::Upgrade);
 }
 
 /// An endpoint removed while no agent ran stops receiving new flows once
@@ -113,13 +127,33 @@ fn changes_made_while_no_agent_ran_apply_on_start() {
     );
     let (pod, _) = udp_once(&topology.client, &format!("{NODE_IP}:30053")).expect("UDP, no agent");
     assert!(pod == "pod-a" || pod == "pod-b");
+    let backends_before = pinned_backends(&forwarder);
     forwarder.restart(&topology.node);
     let answered: BTreeSet<String> = (0..24)
         .filter_map(|_| tcp_once(&topology.client, &format!("{NODE_IP}:30080")).ok())
         .collect();
     assert_eq!(answered, ["pod-a".to_owned()].into(), "{}", forwarder.log_text());
+    // Restored, then swept: pod-b's backends (TCP and UDP) are gone from
+    // the map, pod-a's kept their ids.
+    let backends_after = pinned_backends(&forwarder);
+    let pod_a: BTreeMap<u32, String> =
+        backends_before.into_iter().filter(|(_, b)| b.starts_with("10.244.1.2:")).collect();
+    assert_eq!(backends_after, pod_a, "{}", forwarder.log_text());
 }
 
+/// Backend id -> `address:port` in the agent's pinned backends map.
+fn pinned_backends(forwarder: &Forwarder) -> BTreeMap<u32, String> {
+    let path = forwarder.bpffs_root.join(NODE_NAME).join(map_names::BACKENDS);
+    let map = MapData::from_pin(&path).expect("pinned backends map");
+    let backends: HashMap<_, u32, Backend> = HashMap::try_from(Map::HashMap(map)).expect("hash");
+    backends
+        .iter()
+        .map(|entry| {
+            let (id, b) = entry.expect("readable");
+            (id, format!("{}:{}", Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port)))
+        })
+        .collect()
+}
 /// The same against the API server: the new agent waits for its lists and
 /// adopts the maps, while the old programs keep serving.
 #[test]

@@ -14,13 +14,21 @@ pub fn run() -> anyhow::Result<()> {
     // The API tests run a real kube-apiserver (built once, then cached).
     k8s::build()?;
     let root = workspace_root();
-    // The end-to-end tests run the real binary.
+    // The end-to-end tests run the real binary; the upgrade test moves from
+    // the debug build to the release one.
     check(Command::new("cargo").current_dir(&root).args(["build", "--package", "forwarder-user"]))?;
+    check(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "forwarder-user",
+    ]))?;
     check(
         Command::new("cargo")
             .current_dir(&root)
             .args(["test", "--workspace"])
-            .env("FORWARDER_BIN", root.join("target/debug/forwarder")),
+            .env("FORWARDER_BIN", root.join("target/debug/forwarder"))
+            .env("FORWARDER_OTHER_BIN", root.join("target/release/forwarder")),
     )?;
     vm::run()?;
     println!("xtask test: all tests passed");

@@ -72,19 +72,38 @@ impl Syncer {
                 Err(err) => report.errors.push(err.to_string()),
             }
         }
+        let mut used = BTreeSet::new();
         for (id, backend) in &contents.backends {
-            let key = BackendKey {
+            let key = Proto::from_number(backend.proto).map(|proto| BackendKey {
                 endpoint: Endpoint {
                     addr: Ipv4Addr::from(backend.addr.to_ne_bytes()),
                     port: u16::from_be(backend.port),
                 },
-                proto: Proto::from_number(backend.proto).unwrap_or(Proto::Tcp),
+                proto,
                 local: backend.flags & BACKEND_LOCAL != 0,
-            };
-            // Two ids for one backend cannot come from a sync; keep the first.
-            self.backends.entry(key).or_insert(*id);
+            });
+            // Two ids for one backend cannot come from a sync, nor a protocol
+            // this build does not know: keep the first id, remove the rest
+            // (slots naming them are rewritten by the sync that follows).
+            match key {
+                Some(key) if !self.backends.contains_key(&key) => {
+                    self.backends.insert(key, *id);
+                    used.insert(*id);
+                }
+                _ => {
+                    let still_named = self.applied.values().any(|a| a.slots.contains(id));
+                    if still_named {
+                        // Kept until its slot is rewritten; then collected.
+                        used.insert(*id);
+                        continue;
+                    }
+                    match dp.remove_backend(*id) {
+                        Ok(()) => report.writes += 1,
+                        Err(err) => report.errors.push(err.to_string()),
+                    }
+                }
+            }
         }
-        let used: BTreeSet<u32> = contents.backends.iter().map(|(id, _)| *id).collect();
         self.next_id = used.last().map_or(1, |max| max + 1);
         self.free_ids = (1..self.next_id).filter(|id| !used.contains(id)).collect();
         self.node_ips = contents.node_ips.into_iter().collect();
