@@ -214,3 +214,22 @@ pub fn udp_connected_error(ns: &NetNs, addr: &str) -> Option<std::io::ErrorKind>
     let mut buf = [0u8; 64];
     socket.recv(&mut buf).err().map(|e| e.kind())
 }
+
+/// New connections to `frontend`, one after another with `pause` between,
+/// until `stop`: how many were tried, and the errors of those that failed.
+pub fn keep_connecting(
+    client: &NetNs,
+    frontend: &str,
+    pause: Duration,
+    stop: &AtomicBool,
+) -> (usize, Vec<String>) {
+    let (mut sent, mut failures) = (0, Vec::new());
+    while !stop.load(Ordering::Relaxed) {
+        sent += 1;
+        if let Err(error) = tcp_once(client, frontend) {
+            failures.push(error.to_string());
+        }
+        std::thread::sleep(pause);
+    }
+    (sent, failures)
+}

@@ -11,27 +11,13 @@ use std::{
 
 use forwarder_tests::{
     api_cluster::{Cluster, answering, create_service, create_slice},
-    echo::{tcp_connect_error, tcp_once},
-    netns::NetNs,
+    echo::{keep_connecting, tcp_connect_error, tcp_once},
 };
 
 const OUTAGE: Duration = Duration::from_secs(30);
 
 /// Reconnecting after the outage: watch backoff is capped at about 30 s.
 const RECOVERY: Duration = Duration::from_secs(60);
-
-/// Connects to `frontend` until `stop`; returns (attempts, failures).
-fn keep_connecting(client: &NetNs, frontend: &str, stop: &AtomicBool) -> (usize, Vec<String>) {
-    let (mut sent, mut failures) = (0, Vec::new());
-    while !stop.load(Ordering::Relaxed) {
-        sent += 1;
-        if let Err(error) = tcp_once(client, frontend) {
-            failures.push(error.to_string());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (sent, failures)
-}
 
 #[test]
 fn forwarding_survives_an_api_outage_and_the_relist_removes_what_was_deleted() {
@@ -49,7 +35,8 @@ fn forwarding_survives_an_api_outage_and_the_relist_removes_what_was_deleted() {
     let plane = &mut cluster.plane;
     let log = || cluster.forwarder.as_ref().map(|f| f.log_text()).unwrap_or_default();
     let (sent, failures) = std::thread::scope(|scope| {
-        let traffic = scope.spawn(|| keep_connecting(pod_c, &kept, &stop));
+        let traffic =
+            scope.spawn(|| keep_connecting(pod_c, &kept, Duration::from_millis(20), &stop));
         let started = Instant::now();
         plane.stop_apiserver();
         plane

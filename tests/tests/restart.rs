@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
@@ -13,24 +13,26 @@ use aya::maps::{HashMap, Map, MapData};
 use forwarder_common::{Backend, map_names};
 use forwarder_tests::{
     api_cluster::{Cluster, create_echo_service, create_echo_slice},
-    echo::{EchoConn, EchoServer, UdpClient, tcp_once, udp_once},
+    echo::{EchoConn, EchoServer, UdpClient, keep_connecting, tcp_once, udp_once},
     forwarder::{Forwarder, other_build},
     manifest::ManifestCopy,
-    netns::NetNs,
     topology::{NODE_IFACE, NODE_IP, NODE_NAME, Topology},
 };
 
-/// New connections, one after another, until `stop`: (sent, failed).
-fn keep_connecting(client: &NetNs, frontend: &str, stop: &AtomicBool) -> (usize, Vec<String>) {
-    let (sent, failures) = (AtomicUsize::new(0), std::sync::Mutex::new(Vec::new()));
-    while !stop.load(Ordering::Relaxed) {
-        sent.fetch_add(1, Ordering::Relaxed);
-        if let Err(error) = tcp_once(client, frontend) {
-            failures.lock().unwrap().push(error.to_string());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    (sent.into_inner(), failures.into_inner().unwrap())
+/// Between two new connections under way.
+const PAUSE: Duration = Duration::from_millis(5);
+
+/// The one-node topology with echo servers on pod-a and pod-b, and an
+/// agent on a private copy of the demo manifest.
+fn start(tag: &str) -> (Topology, Vec<EchoServer>, ManifestCopy, Forwarder) {
+    let topology = Topology::new(tag);
+    let servers = ["pod-a", "pod-b"]
+        .iter()
+        .map(|name| EchoServer::start(&topology.pod(name).ns, name))
+        .collect();
+    let manifest = ManifestCopy::new(&topology);
+    let forwarder = Forwarder::start(&topology.node, &manifest.0, NODE_NAME, NODE_IFACE);
+    (topology, servers, manifest, forwarder)
 }
 
 enum Stop {
@@ -41,13 +43,7 @@ enum Stop {
 }
 
 fn survives(tag: &str, how: Stop) {
-    let topology = Topology::new(tag);
-    let _servers: Vec<EchoServer> = ["pod-a", "pod-b"]
-        .iter()
-        .map(|name| EchoServer::start(&topology.pod(name).ns, name))
-        .collect();
-    let manifest = ManifestCopy::new(&topology);
-    let mut forwarder = Forwarder::start(&topology.node, &manifest.0, NODE_NAME, NODE_IFACE);
+    let (topology, _servers, _manifest, mut forwarder) = start(tag);
     let nodeport = format!("{NODE_IP}:30080");
     let mut established = EchoConn::connect(&topology.client, &nodeport).expect("connect");
     let first = established.ask().expect("first answer");
@@ -58,7 +54,7 @@ fn survives(tag: &str, how: Stop) {
 
     let stop = AtomicBool::new(false);
     let (sent, failures) = std::thread::scope(|scope| {
-        let traffic = scope.spawn(|| keep_connecting(&topology.client, &nodeport, &stop));
+        let traffic = scope.spawn(|| keep_connecting(&topology.client, &nodeport, PAUSE, &stop));
         std::thread::sleep(Duration::from_millis(200));
         match how {
             Stop::Kill => forwarder.kill(),
@@ -113,13 +109,7 @@ fn an_upgrade_to_another_build_loses_no_connection() {
 /// the next agent starts; UDP still flows through the pinned maps meanwhile.
 #[test]
 fn changes_made_while_no_agent_ran_apply_on_start() {
-    let topology = Topology::new("offline");
-    let _servers: Vec<EchoServer> = ["pod-a", "pod-b"]
-        .iter()
-        .map(|name| EchoServer::start(&topology.pod(name).ns, name))
-        .collect();
-    let manifest = ManifestCopy::new(&topology);
-    let mut forwarder = Forwarder::start(&topology.node, &manifest.0, NODE_NAME, NODE_IFACE);
+    let (topology, _servers, manifest, mut forwarder) = start("offline");
     forwarder.kill();
     manifest.edit(
         "- addresses: [10.244.1.3]\n  conditions: {ready: true}",
@@ -170,7 +160,7 @@ fn sigkill_and_restart_against_the_apiserver_lose_no_connection() {
     let first = established.ask().expect("first answer");
     let stop = AtomicBool::new(false);
     let (sent, failures) = std::thread::scope(|scope| {
-        let traffic = scope.spawn(|| keep_connecting(pod_c, &frontend, &stop));
+        let traffic = scope.spawn(|| keep_connecting(pod_c, &frontend, PAUSE, &stop));
         std::thread::sleep(Duration::from_millis(200));
         forwarder.kill();
         std::thread::sleep(Duration::from_millis(500));

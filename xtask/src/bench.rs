@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, process::Command};
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use crate::setup::{self, check, workspace_root};
+use crate::setup::{self, workspace_root};
 
 /// Per-packet cost, in the order the table shows it.
 const PATHS: [(&str, &str, &str); 6] = [
@@ -104,12 +104,7 @@ fn control_plane() -> anyhow::Result<()> {
     crate::k8s::build()?;
     let root = workspace_root();
     // The agent as it would be deployed: an optimized build.
-    check(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--package",
-        "forwarder-user",
-    ]))?;
+    setup::build_agent(true)?;
     let out = Command::new("cargo")
         .current_dir(&root)
         .args(["bench", "--package", "forwarder-tests", "--bench", "control_plane"])

@@ -62,6 +62,16 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_owned()
 }
 
+/// Builds the agent (`target/debug/forwarder`, or the release one).
+pub fn build_agent(release: bool) -> anyhow::Result<()> {
+    let mut cargo = Command::new("cargo");
+    cargo.current_dir(workspace_root()).args(["build", "--package", "forwarder-user"]);
+    if release {
+        cargo.arg("--release");
+    }
+    check(&mut cargo)
+}
+
 /// Runs a command, failing with its name when it does not succeed.
 pub fn check(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;

@@ -16,13 +16,8 @@ pub fn run() -> anyhow::Result<()> {
     let root = workspace_root();
     // The end-to-end tests run the real binary; the upgrade test moves from
     // the debug build to the release one.
-    check(Command::new("cargo").current_dir(&root).args(["build", "--package", "forwarder-user"]))?;
-    check(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--package",
-        "forwarder-user",
-    ]))?;
+    setup::build_agent(false)?;
+    setup::build_agent(true)?;
     check(
         Command::new("cargo")
             .current_dir(&root)

@@ -73,7 +73,7 @@ fn test_runs(binaries: &[(String, PathBuf)]) -> anyhow::Result<Vec<TestRun>> {
 
 /// Builds forwarder, vm-init and the test binaries; returns test binaries by name.
 fn build(root: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    check(Command::new("cargo").current_dir(root).args(["build", "--package", "forwarder-user"]))?;
+    crate::setup::build_agent(false)?;
     check(Command::new("cargo").current_dir(root).args([
         "build",
         "--package",
