@@ -12,22 +12,20 @@ use std::{
 use anyhow::Context as _;
 use forwarder_common::map_names;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    time::Interval,
-};
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    addresses::{node_ips, nodeport_addresses, snat_addresses},
     cidr::Cidr,
     cluster::ClusterSource,
     dataplane::{Capacity, Dataplane, XdpAttachMode},
     healthz::{self, Health, ServiceHealth},
-    manifests::{Fingerprint, ManifestSource, Objects},
+    manifests::Objects,
     metrics::Metrics,
     model::DesiredState,
     netlink::{Link, Netlink, glob_match},
     pins::PinDir,
+    source::Source,
     stale::removed_udp_endpoints,
     sync::Syncer,
     translate::{HealthCheck, translate},
@@ -62,13 +60,8 @@ pub struct Config {
     pub sync_period: Duration,
 }
 
-/// How often the manifests are checked for changes (edits apply within 1 s).
-const MANIFEST_POLL: Duration = Duration::from_millis(250);
 /// When map writes failed (a full map), the sync is retried this often.
 const RETRY_FAILED_SYNC: Duration = Duration::from_secs(5);
-/// A burst of API events (a rollout touching many slices) within this time
-/// is programmed in one sync; short against the latency goal (p99 100 ms).
-const COALESCE_EVENTS: Duration = Duration::from_millis(5);
 
 /// Loads and attaches the programs (into what a previous agent left), runs
 /// until SIGINT/SIGTERM and exits leaving them in place: forwarding goes on
@@ -79,18 +72,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         SourceConfig::Manifests(path) => {
             std::fs::metadata(path)
                 .with_context(|| format!("manifests path {}", path.display()))?;
-            Source::Manifests {
-                files: ManifestSource::new(path),
-                fingerprint: None,
-                poll: tokio::time::interval(MANIFEST_POLL),
-            }
+            Source::manifests(path)
         }
-        SourceConfig::Cluster { kubeconfig } => Source::Cluster {
-            cluster: ClusterSource::connect(kubeconfig.as_deref(), &config.node_name)
+        SourceConfig::Cluster { kubeconfig } => Source::cluster(
+            ClusterSource::connect(kubeconfig.as_deref(), &config.node_name)
                 .await
                 .context("connecting to the API server")?,
-            listed: false,
-        },
+        ),
     };
     let listener = healthz::bind(config.healthz_bind_address)
         .await
@@ -150,85 +138,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let result = agent.run(&mut source).await;
     tracing::info!("exiting; programs stay attached (`forwarder cleanup` removes them)");
     result
-}
-
-/// The objects' source, and how it tells of changes.
-enum Source {
-    Manifests {
-        files: ManifestSource,
-        fingerprint: Option<Fingerprint>,
-        poll: Interval,
-    },
-    /// `listed`: every kind was listed completely once.
-    Cluster {
-        cluster: ClusterSource,
-        listed: bool,
-    },
-}
-
-impl Source {
-    /// Resolves when the objects changed, or when a failed sync is due for
-    /// another try (`retry_at`).
-    async fn changed(&mut self, retry_at: Option<Instant>) {
-        let retry = async {
-            match retry_at {
-                Some(at) => tokio::time::sleep_until(at.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        match self {
-            Self::Manifests { files, fingerprint, poll } => {
-                let edited = async {
-                    loop {
-                        poll.tick().await;
-                        let current = files.fingerprint();
-                        if fingerprint.as_ref() != Some(&current) {
-                            *fingerprint = Some(current);
-                            return;
-                        }
-                    }
-                };
-                tokio::select! { () = retry => {}, () = edited => {} }
-            }
-            // Never program from a partial cache: it lacks what is not
-            // listed yet, and the sync would delete that.
-            Self::Cluster { cluster, listed: listed @ false } => {
-                cluster.ready().await;
-                tracing::info!("API objects listed");
-                *listed = true;
-            }
-            Self::Cluster { cluster, listed: true } => tokio::select! {
-                () = retry => {}
-                () = cluster.changed() => {}
-            },
-        }
-    }
-
-    /// Lets a burst of API events arrive before the sync (outside
-    /// `changed`, whose future a concurrent event may cancel).
-    async fn coalesce(&self) {
-        if let Self::Cluster { .. } = self {
-            tokio::time::sleep(COALESCE_EVENTS).await;
-        }
-    }
-
-    /// Whether `objects` may be synced: not before the first complete lists.
-    fn ready(&self) -> bool {
-        !matches!(self, Self::Cluster { listed: false, .. })
-    }
-
-    fn objects(&mut self) -> Objects {
-        match self {
-            Self::Manifests { files, .. } => {
-                let (objects, problems) = files.load();
-                for problem in &problems {
-                    tracing::warn!(%problem, "manifest skipped");
-                }
-                objects
-            }
-            Self::Cluster { cluster, .. } => cluster.snapshot(),
-        }
-    }
 }
 
 struct Agent {
@@ -492,32 +401,8 @@ impl Agent {
     }
 }
 
-/// The address masquerading uses on each interface: its first IPv4
-/// address; on interfaces without one (and as `SNAT_ADDR_DEFAULT`), the
-/// first address of the first node interface.
-fn snat_addresses(
-    by_interface: &[(u32, Ipv4Addr)],
-    links: &[Link],
-    node_ifaces: &[String],
-) -> BTreeMap<u32, Ipv4Addr> {
-    let mut out = BTreeMap::new();
-    for (index, ip) in by_interface.iter().filter(|(_, ip)| !ip.is_loopback()) {
-        out.entry(*index).or_insert(*ip);
-    }
-    let primary = node_ifaces
-        .iter()
-        .filter_map(|name| links.iter().find(|l| &l.name == name))
-        .find_map(|l| out.get(&l.index).copied());
-    if let Some(primary) = primary {
-        out.insert(forwarder_common::SNAT_ADDR_DEFAULT, primary);
-    }
-    out
-}
-
-/// Keeps the node's own sockets off the masquerade ports, whose replies
-/// the datapath would take (net.ipv4.ip_local_reserved_ports).
 /// Adds the masquerade ports to `net.ipv4.ip_local_reserved_ports`, so the
-/// node's own sockets never take one.
+/// node's own sockets never take one (the datapath would take its replies).
 pub fn reserve_masquerade_ports() -> anyhow::Result<()> {
     use forwarder_common::{SNAT_PORT_COUNT, SNAT_PORT_MIN};
     let path = "/proc/sys/net/ipv4/ip_local_reserved_ports";
@@ -562,96 +447,4 @@ fn mount_cgroup2() -> Option<PathBuf> {
         return None;
     }
     Some(dir)
-}
-
-/// The addresses NodePorts are served on: the node's own, plus its Node
-/// object's, within `--nodeport-addresses` when given. Never 127.0.0.0/8:
-/// traffic from the wire to loopback must not be forwarded (CVE-2020-8558).
-fn nodeport_addresses(
-    local: &BTreeSet<Ipv4Addr>,
-    from_node_object: &BTreeSet<Ipv4Addr>,
-    allowed: &[Cidr],
-) -> BTreeSet<Ipv4Addr> {
-    local
-        .union(from_node_object)
-        .filter(|ip| !ip.is_loopback())
-        .filter(|ip| allowed.is_empty() || allowed.iter().any(|c| c.contains(**ip)))
-        .copied()
-        .collect()
-}
-
-/// IPv4 InternalIP/ExternalIP addresses of the Node named `node_name`.
-fn node_ips(nodes: &[impl std::borrow::Borrow<Node>], node_name: &str) -> BTreeSet<Ipv4Addr> {
-    nodes
-        .iter()
-        .map(std::borrow::Borrow::borrow)
-        .filter(|n| n.metadata.name.as_deref() == Some(node_name))
-        .filter_map(|n| n.status.as_ref()?.addresses.as_ref())
-        .flatten()
-        .filter(|a| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"))
-        .filter_map(|a| a.address.parse::<Ipv4Addr>().ok())
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ips(list: &[&str]) -> BTreeSet<Ipv4Addr> {
-        list.iter().map(|s| s.parse().unwrap()).collect()
-    }
-
-    #[test]
-    fn nodeports_never_on_loopback() {
-        let local = ips(&["127.0.0.1", "127.0.1.1", "192.168.10.1"]);
-        let node = ips(&["203.0.113.7", "127.0.0.53"]);
-        assert_eq!(nodeport_addresses(&local, &node, &[]), ips(&["192.168.10.1", "203.0.113.7"]));
-    }
-
-    #[test]
-    fn snat_address_per_interface_and_default_from_the_node_interface() {
-        let links = [
-            Link { index: 1, name: "lo".into() },
-            Link { index: 2, name: "eth0".into() },
-            Link { index: 3, name: "veth-a".into() },
-            Link { index: 4, name: "cali1".into() },
-        ];
-        let addrs = [
-            (1, "127.0.0.1".parse().unwrap()),
-            (2, "192.168.10.1".parse().unwrap()),
-            (2, "192.168.10.99".parse().unwrap()),
-            (3, "169.254.1.1".parse().unwrap()),
-        ];
-        let snat = snat_addresses(&addrs, &links, &["eth0".to_owned()]);
-        let expect: BTreeMap<u32, Ipv4Addr> = [
-            (0, "192.168.10.1".parse().unwrap()),
-            (2, "192.168.10.1".parse().unwrap()),
-            (3, "169.254.1.1".parse().unwrap()),
-        ]
-        .into();
-        assert_eq!(snat, expect);
-    }
-
-    #[test]
-    fn nodeport_addresses_flag_limits_the_set_but_never_admits_loopback() {
-        let local = ips(&["127.0.0.1", "192.168.10.1", "10.0.0.5"]);
-        let allowed: Vec<Cidr> =
-            vec!["192.168.0.0/16".parse().unwrap(), "127.0.0.0/8".parse().unwrap()];
-        assert_eq!(nodeport_addresses(&local, &BTreeSet::new(), &allowed), ips(&["192.168.10.1"]));
-    }
-
-    #[test]
-    fn node_object_addresses_of_this_node_only() {
-        let nodes: Vec<Node> = serde_yaml::from_str(
-            "
-- metadata: {name: node-a}
-  status: {addresses: [{type: InternalIP, address: 10.0.0.1}, {type: Hostname, address: node-a},
-                       {type: ExternalIP, address: 203.0.113.7}, {type: InternalIP, address: 'fd00::1'}]}
-- metadata: {name: node-b}
-  status: {addresses: [{type: InternalIP, address: 10.0.0.2}]}
-",
-        )
-        .unwrap();
-        assert_eq!(node_ips(&nodes, "node-a"), ips(&["10.0.0.1", "203.0.113.7"]));
-    }
 }

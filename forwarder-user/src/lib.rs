@@ -1,5 +1,6 @@
 //! forwarder's userspace: loads the programs, translates Kubernetes objects
 //! into map entries and keeps the maps in sync.
+pub mod addresses;
 pub mod agent;
 pub mod attach;
 pub mod cidr;
@@ -11,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod pins;
+pub mod source;
 pub mod stale;
 pub mod sync;
 pub mod translate;
