@@ -215,21 +215,30 @@ pub fn udp_connected_error(ns: &NetNs, addr: &str) -> Option<std::io::ErrorKind>
     socket.recv(&mut buf).err().map(|e| e.kind())
 }
 
-/// New connections to `frontend`, one after another with `pause` between,
-/// until `stop`: how many were tried, and the errors of those that failed.
-pub fn keep_connecting(
+/// Runs `during` while new connections to `frontend` go on in the
+/// background, `pause` apart; returns how many were tried and the errors of
+/// those that failed.
+pub fn under_traffic(
     client: &NetNs,
     frontend: &str,
     pause: Duration,
-    stop: &AtomicBool,
+    during: impl FnOnce(),
 ) -> (usize, Vec<String>) {
-    let (mut sent, mut failures) = (0, Vec::new());
-    while !stop.load(Ordering::Relaxed) {
-        sent += 1;
-        if let Err(error) = tcp_once(client, frontend) {
-            failures.push(error.to_string());
-        }
-        std::thread::sleep(pause);
-    }
-    (sent, failures)
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let traffic = scope.spawn(|| {
+            let (mut sent, mut failures) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                sent += 1;
+                if let Err(error) = tcp_once(client, frontend) {
+                    failures.push(error.to_string());
+                }
+                std::thread::sleep(pause);
+            }
+            (sent, failures)
+        });
+        during();
+        stop.store(true, Ordering::Relaxed);
+        traffic.join().expect("traffic thread")
+    })
 }

@@ -31,13 +31,13 @@ pub fn binary() -> PathBuf {
 /// makes inherit, so pins outlive each agent as they would on a node.
 fn bpffs_root(node: &NetNs) -> PathBuf {
     let mount = Path::new("/run/forwarder-tests/bpffs");
-    forwarder_user_pins_mount(mount);
+    mount_bpffs_once(mount);
     mount.join(&node.name)
 }
 
 /// Mounts a bpffs at `dir` unless one is there; once per test process, so
 /// parallel tests never stack two mounts.
-fn forwarder_user_pins_mount(dir: &Path) {
+fn mount_bpffs_once(dir: &Path) {
     static MOUNTED: std::sync::Once = std::sync::Once::new();
     MOUNTED.call_once(|| mount_bpffs(dir));
 }
@@ -208,18 +208,21 @@ impl Forwarder {
 
     /// `forwarder cleanup` for this node; panics with its output on failure.
     pub fn cleanup(&self) {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.node_ns])
-            .arg(binary())
-            .args(["cleanup", "--node-name", &self.node_name, "--bpffs-root"])
-            .arg(&self.bpffs_root)
-            .output()
-            .expect("run forwarder cleanup");
+        let out = self.cleanup_command().output().expect("run forwarder cleanup");
         assert!(
             out.status.success(),
             "forwarder cleanup failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    fn cleanup_command(&self) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.node_ns])
+            .arg(binary())
+            .args(["cleanup", "--node-name", &self.node_name, "--bpffs-root"])
+            .arg(&self.bpffs_root);
+        cmd
     }
 
     fn terminate(&mut self) -> Option<std::process::ExitStatus> {
@@ -261,12 +264,7 @@ impl Drop for Forwarder {
             let _ = child.wait();
         }
         // Leave nothing behind: pins would keep links and maps alive.
-        let _ = Command::new("ip")
-            .args(["netns", "exec", &self.node_ns])
-            .arg(binary())
-            .args(["cleanup", "--node-name", &self.node_name, "--bpffs-root"])
-            .arg(&self.bpffs_root)
-            .output();
+        let _ = self.cleanup_command().output();
         let _ = std::fs::remove_dir(&self.bpffs_root);
     }
 }

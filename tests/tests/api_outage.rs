@@ -4,14 +4,11 @@
 //! compacted, so when the apiserver returns the agent's watches get `410
 //! Gone` and relist. Forwarding never stops, and the deleted Service goes
 //! with the relist.
-use std::{
-    sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use forwarder_tests::{
     api_cluster::{Cluster, answering, create_service, create_slice},
-    echo::{keep_connecting, tcp_connect_error, tcp_once},
+    echo::{tcp_connect_error, tcp_once, under_traffic},
 };
 
 const OUTAGE: Duration = Duration::from_secs(30);
@@ -31,12 +28,9 @@ fn forwarding_survives_an_api_outage_and_the_relist_removes_what_was_deleted() {
     let (kept, deleted) = (format!("{kept_ip}:80"), format!("{deleted_ip}:80"));
     assert_eq!(answering(pod_c, &deleted, 4).len(), 1, "{}", cluster.log());
 
-    let stop = AtomicBool::new(false);
     let plane = &mut cluster.plane;
     let log = || cluster.forwarder.as_ref().map(|f| f.log_text()).unwrap_or_default();
-    let (sent, failures) = std::thread::scope(|scope| {
-        let traffic =
-            scope.spawn(|| keep_connecting(pod_c, &kept, Duration::from_millis(20), &stop));
+    let (sent, failures) = under_traffic(pod_c, &kept, Duration::from_millis(20), || {
         let started = Instant::now();
         plane.stop_apiserver();
         plane
@@ -54,8 +48,6 @@ fn forwarding_survives_an_api_outage_and_the_relist_removes_what_was_deleted() {
             assert!(Instant::now() < deadline, "the deleted Service still answers:\n{}", log());
             std::thread::sleep(Duration::from_millis(200));
         }
-        stop.store(true, Ordering::Relaxed);
-        traffic.join().expect("traffic thread")
     });
     assert!(sent > 100, "too little traffic to tell ({sent})");
     assert!(

@@ -5,7 +5,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
@@ -13,7 +12,7 @@ use aya::maps::{HashMap, Map, MapData};
 use forwarder_common::{Backend, map_names};
 use forwarder_tests::{
     api_cluster::{Cluster, create_echo_service, create_echo_slice},
-    echo::{EchoConn, EchoServer, UdpClient, keep_connecting, tcp_once, udp_once},
+    echo::{EchoConn, EchoServer, UdpClient, tcp_once, udp_once, under_traffic},
     forwarder::{Forwarder, other_build},
     manifest::ManifestCopy,
     topology::{NODE_IFACE, NODE_IP, NODE_NAME, Topology},
@@ -52,9 +51,7 @@ fn survives(tag: &str, how: Stop) {
     let udp_frontend = format!("{NODE_IP}:30053");
     let (udp_first, _) = udp.ask(&udp_frontend).expect("first UDP answer");
 
-    let stop = AtomicBool::new(false);
-    let (sent, failures) = std::thread::scope(|scope| {
-        let traffic = scope.spawn(|| keep_connecting(&topology.client, &nodeport, PAUSE, &stop));
+    let (sent, failures) = under_traffic(&topology.client, &nodeport, PAUSE, || {
         std::thread::sleep(Duration::from_millis(200));
         match how {
             Stop::Kill => forwarder.kill(),
@@ -69,8 +66,6 @@ fn survives(tag: &str, how: Stop) {
             Stop::Kill | Stop::Term => forwarder.restart(&topology.node),
         }
         std::thread::sleep(Duration::from_millis(300));
-        stop.store(true, Ordering::Relaxed);
-        traffic.join().expect("traffic thread")
     });
     assert!(sent > 20, "too little traffic to tell ({sent})");
     assert!(
@@ -158,16 +153,12 @@ fn sigkill_and_restart_against_the_apiserver_lose_no_connection() {
     let frontend = format!("{cluster_ip}:80");
     let mut established = EchoConn::connect(pod_c, &frontend).expect("connect");
     let first = established.ask().expect("first answer");
-    let stop = AtomicBool::new(false);
-    let (sent, failures) = std::thread::scope(|scope| {
-        let traffic = scope.spawn(|| keep_connecting(pod_c, &frontend, PAUSE, &stop));
+    let (sent, failures) = under_traffic(pod_c, &frontend, PAUSE, || {
         std::thread::sleep(Duration::from_millis(200));
         forwarder.kill();
         std::thread::sleep(Duration::from_millis(500));
         forwarder.restart(&topology.node);
         std::thread::sleep(Duration::from_millis(300));
-        stop.store(true, Ordering::Relaxed);
-        traffic.join().expect("traffic thread")
     });
     assert!(sent > 20, "too little traffic to tell ({sent})");
     assert!(failures.is_empty(), "{failures:?}\n{}", forwarder.log_text());
