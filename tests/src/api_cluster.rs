@@ -66,15 +66,8 @@ impl Cluster {
             .iter()
             .map(|name| EchoServer::start(&topology.pod(name).ns, name))
             .collect();
-        let cluster = Self { forwarder: None, _servers: servers, plane, plane_ns, topology };
-        cluster.call("POST", "/api/v1/nodes", Some(json!({"metadata": {"name": NODE_NAME}})));
-        cluster.call(
-            "PATCH",
-            &format!("/api/v1/nodes/{NODE_NAME}/status"),
-            Some(json!({"status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]}})),
-        );
-        cluster.call("POST", "/api/v1/namespaces", Some(json!({"metadata": {"name": "demo"}})));
-        cluster
+        register_node(&plane);
+        Self { forwarder: None, _servers: servers, plane, plane_ns, topology }
     }
 
     /// An API call as the admin; panics with the answer on failure.
@@ -100,6 +93,23 @@ impl Cluster {
     pub fn log(&self) -> String {
         self.forwarder.as_ref().map(Forwarder::log_text).unwrap_or_default()
     }
+}
+
+/// This Node (its InternalIP the topology's node address) and namespace
+/// `demo` in the API.
+pub fn register_node(plane: &ControlPlane) {
+    let call = |method: &str, path: &str, body: Value| {
+        plane
+            .request(method, path, Some(&body.to_string()))
+            .unwrap_or_else(|e| panic!("API call failed: {e}"));
+    };
+    call("POST", "/api/v1/nodes", json!({"metadata": {"name": NODE_NAME}}));
+    call(
+        "PATCH",
+        &format!("/api/v1/nodes/{NODE_NAME}/status"),
+        json!({"status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]}}),
+    );
+    call("POST", "/api/v1/namespaces", json!({"metadata": {"name": "demo"}}));
 }
 
 /// A selector-less NodePort Service (the apiserver allocates its ClusterIP

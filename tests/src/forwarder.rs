@@ -281,7 +281,11 @@ pub fn http_get(ns: &NetNs, addr: &str, path: &str) -> Option<(u16, String)> {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
         stream
-            .write_all(format!("GET {path} HTTP/1.1\r\nHost: forwarder\r\n\r\n").as_bytes())
+            // Servers that keep connections alive (kube-proxy's) close this one.
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: forwarder\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
             .ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).ok()?;

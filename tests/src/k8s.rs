@@ -17,6 +17,9 @@ pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// What the tests and the benchmark build from `tests/k8s`.
 pub const BINARIES: [&str; 3] = ["etcd", "kube-apiserver", "kube-proxy"];
 
+/// kube-apiserver's own default `--service-node-port-range`.
+pub const DEFAULT_NODE_PORTS: &str = "30000-32767";
+
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// `tests/k8s` in this checkout: the Go module the binaries come from.
@@ -60,6 +63,8 @@ pub struct ControlPlane {
     address: String,
     secure_port: u16,
     etcd_port: u16,
+    /// `--service-node-port-range`.
+    node_ports: String,
     etcd: Option<Child>,
     apiserver: Option<Child>,
 }
@@ -88,6 +93,17 @@ impl ControlPlane {
     /// As `start`, the apiserver serving on `address` of `netns` (also in
     /// its certificate), for clients in other namespaces.
     pub fn start_at(dir: &Path, netns: Option<&str>, address: &str) -> Result<Self, String> {
+        Self::start_with_node_ports(dir, netns, address, DEFAULT_NODE_PORTS)
+    }
+
+    /// As `start_at`, allocating NodePorts from `node_ports` (`first-last`):
+    /// the default range holds 2,768, fewer than a large benchmark needs.
+    pub fn start_with_node_ports(
+        dir: &Path,
+        netns: Option<&str>,
+        address: &str,
+        node_ports: &str,
+    ) -> Result<Self, String> {
         let bin = bin_dir();
         for name in BINARIES {
             if !bin.join(name).exists() {
@@ -141,6 +157,7 @@ impl ControlPlane {
             address: address.to_owned(),
             secure_port: secure,
             etcd_port: client,
+            node_ports: node_ports.to_owned(),
             etcd: Some(etcd),
             apiserver: None,
         };
@@ -170,7 +187,7 @@ impl ControlPlane {
             .arg(format!("--service-account-key-file={}", key.display()))
             .arg(format!("--service-account-signing-key-file={}", key.display()))
             .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
-            .arg("--service-node-port-range=30000-32767")
+            .arg(format!("--service-node-port-range={}", self.node_ports))
             // Nothing runs at the address for the `kubernetes` Service to point at.
             .arg("--endpoint-reconciler-type=none")
             // As kubeadm clusters do: node agents' init containers may be.

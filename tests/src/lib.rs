@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod echo;
 pub mod forwarder;
 pub mod k8s;
+pub mod kube_proxy;
 pub mod manifest;
 pub mod netns;
 pub mod packet;

@@ -10,6 +10,7 @@ use forwarder_tests::{
     api_cluster::{Cluster, answering, create_echo_service, create_echo_slice, endpoints},
     echo::tcp_connect_error,
     forwarder::{Forwarder, http_get},
+    kube_proxy::{KubeProxy, ProxyMode, leftovers},
     topology::{NODE_IFACE, NODE_IP, NODE_NAME},
 };
 use serde::Deserialize as _;
@@ -76,27 +77,21 @@ fn services_and_slices_from_the_api_are_forwarded_and_follow_changes() {
 
 /// The kube-proxy built from the same release syncs its iptables rules
 /// from the same apiserver (the benchmark compares against it), in a
-/// namespace of its own.
+/// namespace of its own, and removes them all with `--cleanup`.
 #[test]
 fn kube_proxy_syncs_rules_from_the_same_apiserver() {
     let cluster = Cluster::new("kproxy");
     let (cluster_ip, _) = create_echo_service(&cluster);
     create_echo_slice(&cluster, &["10.244.1.2"]);
     let node = &cluster.topology.node;
-    let log = cluster.plane.dir.join("kube-proxy.log");
-    let child = std::process::Command::new("ip")
-        .args(["netns", "exec", &node.name])
-        .arg(forwarder_tests::k8s::bin_dir().join("kube-proxy"))
-        .arg(format!("--kubeconfig={}", cluster.plane.kubeconfig.display()))
-        .args(["--proxy-mode=iptables", &format!("--hostname-override={NODE_NAME}")])
-        // nf_conntrack_max is global: a test namespace must not change it.
-        .arg("--conntrack-max-per-core=0")
-        .args(["--metrics-bind-address=127.0.0.1:10249", "--healthz-bind-address=127.0.0.1:10256"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("kube-proxy log"))
-        .spawn()
-        .expect("kube-proxy starts");
-    let _kube_proxy = KillOnDrop(child);
+    let mut kube_proxy = KubeProxy::start(
+        node,
+        &cluster.plane.kubeconfig,
+        NODE_NAME,
+        ProxyMode::Iptables,
+        None,
+        "10.244.0.0/16",
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let rules = node.exec(&["iptables-save", "-t", "nat"]);
@@ -107,19 +102,21 @@ fn kube_proxy_syncs_rules_from_the_same_apiserver() {
         assert!(
             Instant::now() < deadline,
             "kube-proxy wrote no rules for {cluster_ip}:\n{rules}\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+            kube_proxy.log_text()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    // What the benchmark checks between its modes: the rules are seen,
+    // and none is left once stopped (`--cleanup` keeps only KUBE-FIREWALL,
+    // which `stop` removes).
+    assert!(!leftovers(node).is_empty(), "kube-proxy's rules not found");
+    let left_by_cleanup = kube_proxy.stop();
+    assert!(
+        left_by_cleanup.iter().all(|l| l.contains("KUBE-FIREWALL")),
+        "kube-proxy --cleanup left more than KUBE-FIREWALL: {left_by_cleanup:#?}"
+    );
+    let left = leftovers(node);
+    assert!(left.is_empty(), "left after stopping kube-proxy: {left:#?}");
 }
 
 /// The collection a manifest object is created in: `/api/v1/...` or

@@ -1,0 +1,220 @@
+//! The real kube-proxy (built from the release pinned in `tests/k8s`) in a
+//! node namespace, for the smoke test and the side-by-side benchmarks:
+//! started with kube-proxy's own defaults except where a test namespace
+//! needs otherwise, stopped and `--cleanup`ed on drop.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{forwarder::http_get, k8s::bin_dir, netns::NetNs};
+
+/// Where kube-proxy serves its metrics in the node namespace (its default port).
+pub const METRICS_ADDRESS: &str = "127.0.0.1:10249";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyMode {
+    Iptables,
+    Nftables,
+}
+
+impl ProxyMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Iptables => "iptables",
+            Self::Nftables => "nftables",
+        }
+    }
+}
+
+pub struct KubeProxy {
+    child: Option<Child>,
+    node_ns: String,
+    pub log: PathBuf,
+    /// Every flag it was started with, for the results.
+    pub flags: Vec<String>,
+    /// When it was started (wall clock, seconds since the epoch).
+    pub started_unix: f64,
+}
+
+/// The kubernetes release pinned in `tests/k8s/go.mod` (a binary built from
+/// the module reports `v0.0.0-master`).
+pub fn pinned_release() -> String {
+    let go_mod = std::fs::read_to_string(crate::k8s::go_module_dir().join("go.mod"));
+    go_mod
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("k8s.io/kubernetes ")?.split_whitespace().next())
+        .unwrap_or("unknown")
+        .to_owned()
+}
+
+/// Wall-clock seconds since the epoch, as kube-proxy's timestamp metrics.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl KubeProxy {
+    /// Starts kube-proxy in `mode` for Node `node_name`; `min_sync_period`
+    /// `None` keeps kube-proxy's default (1s).
+    pub fn start(
+        node: &NetNs,
+        kubeconfig: &Path,
+        node_name: &str,
+        mode: ProxyMode,
+        min_sync_period: Option<&str>,
+        cluster_cidr: &str,
+    ) -> Self {
+        let mut flags = vec![
+            format!("--kubeconfig={}", kubeconfig.display()),
+            format!("--proxy-mode={}", mode.name()),
+            format!("--hostname-override={node_name}"),
+            format!("--cluster-cidr={cluster_cidr}"),
+            // nf_conntrack_max is global: a test namespace must not change it.
+            "--conntrack-max-per-core=0".into(),
+            format!("--metrics-bind-address={METRICS_ADDRESS}"),
+            "--healthz-bind-address=127.0.0.1:10256".into(),
+        ];
+        if let Some(period) = min_sync_period {
+            // kube-proxy's one flag for it in every mode but IPVS.
+            flags.push(format!("--iptables-min-sync-period={period}"));
+        }
+        let log = std::env::temp_dir().join(format!("{}-kube-proxy.log", node.name));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &node.name])
+            .arg(bin_dir().join("kube-proxy"))
+            .args(&flags)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("kube-proxy log"))
+            .spawn()
+            .expect("kube-proxy starts");
+        Self {
+            child: Some(child),
+            node_ns: node.name.clone(),
+            log,
+            flags,
+            started_unix: unix_now(),
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its Prometheus metrics, when it answers.
+    pub fn metrics(&self, node: &NetNs) -> Option<String> {
+        http_get(node, METRICS_ADDRESS, "/metrics").map(|(_, body)| body)
+    }
+
+    /// Waits for its first complete sync (it syncs only once every initial
+    /// list is in); returns `kubeproxy_sync_proxy_rules_last_timestamp_seconds`.
+    pub fn wait_synced(&self, node: &NetNs, limit: Duration) -> f64 {
+        let deadline = Instant::now() + limit;
+        loop {
+            let synced = self
+                .metrics(node)
+                .and_then(|m| metric(&m, "kubeproxy_sync_proxy_rules_last_timestamp_seconds"))
+                .filter(|t| *t > 0.0);
+            if let Some(at) = synced {
+                return at;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kube-proxy did not sync within {limit:?}:\n{}",
+                tail(&self.log_text())
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Kills it and removes its rules with `kube-proxy --cleanup`; returns
+    /// what that left, which is then removed too: 1.35's clean-up keeps
+    /// `KUBE-FIREWALL` (a drop of non-loopback sources to 127.0.0.0/8, no
+    /// Service translation), which the next dataplane must not inherit.
+    pub fn stop(&mut self) -> Vec<String> {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.node_ns])
+            .arg(bin_dir().join("kube-proxy"))
+            .arg("--cleanup")
+            .output()
+            .expect("kube-proxy --cleanup runs");
+        assert!(
+            out.status.success(),
+            "kube-proxy --cleanup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let left = leftovers_in(&self.node_ns);
+        if left.iter().any(|l| l.contains("KUBE-FIREWALL")) {
+            for args in [
+                &["-D", "INPUT", "-j", "KUBE-FIREWALL"][..],
+                &["-D", "OUTPUT", "-j", "KUBE-FIREWALL"],
+                &["-F", "KUBE-FIREWALL"],
+                &["-X", "KUBE-FIREWALL"],
+            ] {
+                let _ = Command::new("ip")
+                    .args(["netns", "exec", &self.node_ns, "iptables"])
+                    .args(args)
+                    .output();
+            }
+        }
+        left
+    }
+}
+
+impl Drop for KubeProxy {
+    fn drop(&mut self) {
+        if self.child.is_some() && !std::thread::panicking() {
+            self.stop();
+        } else if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// kube-proxy's rules left in `node`: iptables chains and rules named
+/// `KUBE-*` in any table, and its nftables tables.
+pub fn leftovers(node: &NetNs) -> Vec<String> {
+    leftovers_in(&node.name)
+}
+
+fn leftovers_in(netns: &str) -> Vec<String> {
+    let output = |args: &[&str]| {
+        let out = Command::new("ip").args(["netns", "exec", netns]).args(args).output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+    };
+    let iptables = output(&["iptables-save"]);
+    let tables = output(&["nft", "list", "tables"]);
+    let iptables = iptables.lines().filter(|l| l.contains("KUBE-"));
+    let tables = tables.lines().filter(|l| l.contains("kube-proxy"));
+    iptables.chain(tables).map(str::to_owned).collect()
+}
+
+/// The first sample of `name` in Prometheus text, labelled or not
+/// (kube-proxy labels its sync metrics with `ip_family`).
+pub fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let value = match rest.strip_prefix('{') {
+            Some(labelled) => labelled.split_once("} ")?.1,
+            None => rest.strip_prefix(' ')?,
+        };
+        value.trim().parse().ok()
+    })
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
