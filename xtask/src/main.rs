@@ -22,8 +22,16 @@ enum Task {
     Demo,
     /// Run every test: unit, BPF program fixtures, network-namespace end-to-end.
     Test,
-    /// Measure the programs' per-packet cost; writes bench/results/.
-    Bench,
+    /// Measure the datapath and forwarder against kube-proxy; writes bench/results/.
+    Bench {
+        /// Only the side-by-side benchmarks, at 10 Services, one short run
+        /// each; fails unless every mode produced numbers.
+        #[arg(long)]
+        smoke: bool,
+        /// Tables and plots again from bench/results/*.json, measuring nothing.
+        #[arg(long, conflicts_with = "smoke")]
+        report: bool,
+    },
     /// Run the BPF and focused end-to-end tests on distribution kernels under qemu.
     Vm,
     /// The test control plane: build, start, stop, or print its KUBECONFIG.
@@ -38,7 +46,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::Demo => demo::run(),
         Task::Test => test::run(),
-        Task::Bench => bench::run(),
+        Task::Bench { smoke, report } => bench::run(smoke, report),
         Task::Vm => vm::run(),
         Task::K8s { action } => k8s::run(action),
     }

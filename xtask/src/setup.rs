@@ -17,7 +17,7 @@ const LIBLLVM: &str = "libLLVM.so.22.1-rust-1.97.0-nightly";
 /// `dpkg-deb`, `depmod`, the archive keyring and module decompressors; for
 /// the test control plane `openssl` (its service-account key) and `curl`
 /// (its readiness probe and API calls); what kube-proxy runs: `iptables`,
-/// `nft`, `conntrack`.
+/// `nft`, `conntrack`; the benchmark plots' font.
 const APT_PACKAGES: &[&str] = &[
     "gcc",
     "iproute2",
@@ -35,6 +35,7 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "conntrack",
+    "fonts-dejavu-core",
 ];
 
 pub fn run() -> anyhow::Result<()> {
