@@ -45,6 +45,9 @@ fn render(
     lines: &[serde_json::Value],
     machine: serde_json::Value,
 ) -> anyhow::Result<()> {
+    // First: the report can be made again from it.
+    let results = json!({"machine": machine, "agents": lines});
+    write(dir, "control_plane.json", &(serde_json::to_string_pretty(&results)? + "\n"))?;
     let agent = |name: &str| lines.iter().find(|l| l["agent"] == name);
     let mut missing = Vec::new();
     for (name, ..) in AGENTS {
