@@ -1,7 +1,8 @@
 //! A do-nothing XDP program for the far end of a test veth. veth delivers
 //! XDP_TX frames (forwarder's ICMP rejects) promptly only to a peer that
 //! runs XDP itself; a NIC needs nothing. Loaded from two raw instructions,
-//! so the test library needs no eBPF build; detached when dropped.
+//! so the test library needs no eBPF build; detached when dropped. Also a
+//! do-nothing TC program, for the benchmark.
 use std::os::fd::{FromRawFd, OwnedFd};
 
 use crate::netns::NetNs;
@@ -31,28 +32,60 @@ fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<OwnedFd> {
 impl XdpPass {
     /// Attaches `r0 = XDP_PASS; exit` to `iface` in `ns`.
     pub fn attach(ns: &NetNs, iface: &str) -> Self {
-        ns.run(|| {
-            let insns: [u64; 2] = [
-                u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]), // mov r0, 2
-                u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]), // exit
-            ];
-            let license = c"GPL";
-            let mut attr = [0u64; 16];
-            attr[0] = u64::from(BPF_PROG_TYPE_XDP) | (2u64 << 32);
-            attr[1] = insns.as_ptr() as u64;
-            attr[2] = license.as_ptr() as u64;
-            let prog = bpf(BPF_PROG_LOAD, &mut attr).expect("load the XDP_PASS program");
-
-            let name = std::ffi::CString::new(iface).unwrap();
-            // SAFETY: a valid C string.
-            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-            assert_ne!(ifindex, 0, "no interface {iface} in {}", ns.name);
-            let mut attr = [0u64; 16];
-            use std::os::fd::AsRawFd;
-            attr[0] = u64::from(prog.as_raw_fd() as u32) | (u64::from(ifindex) << 32);
-            attr[1] = u64::from(BPF_XDP);
-            let link = bpf(BPF_LINK_CREATE, &mut attr).expect("attach the XDP_PASS program");
-            Self { _link: link, _prog: prog }
-        })
+        let (link, prog) = attach_bare(ns, iface, BPF_PROG_TYPE_XDP, 2, BPF_XDP);
+        Self { _link: link, _prog: prog }
     }
+}
+
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_TCX_INGRESS: u32 = 46;
+const BPF_TCX_EGRESS: u32 = 47;
+
+/// A do-nothing TC program (`TC_ACT_OK`) on a TCX hook (kernel 6.6+): with
+/// `XdpPass`, what the benchmark uses to price the hooks alone.
+pub struct TcPass {
+    _link: OwnedFd,
+    _prog: OwnedFd,
+}
+
+impl TcPass {
+    pub fn attach(ns: &NetNs, iface: &str, egress: bool) -> Self {
+        let hook = if egress { BPF_TCX_EGRESS } else { BPF_TCX_INGRESS };
+        let (link, prog) = attach_bare(ns, iface, BPF_PROG_TYPE_SCHED_CLS, 0, hook);
+        Self { _link: link, _prog: prog }
+    }
+}
+
+/// Loads `r0 = verdict; exit` as `prog_type` and links it to `iface`'s
+/// `attach_type` hook.
+fn attach_bare(
+    ns: &NetNs,
+    iface: &str,
+    prog_type: u32,
+    verdict: u8,
+    attach_type: u32,
+) -> (OwnedFd, OwnedFd) {
+    ns.run(|| {
+        let insns: [u64; 2] = [
+            u64::from_le_bytes([0xb7, 0, 0, 0, verdict, 0, 0, 0]), // mov r0, verdict
+            u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),       // exit
+        ];
+        let license = c"GPL";
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(prog_type) | (2u64 << 32);
+        attr[1] = insns.as_ptr() as u64;
+        attr[2] = license.as_ptr() as u64;
+        let prog = bpf(BPF_PROG_LOAD, &mut attr).expect("load the do-nothing program");
+
+        let name = std::ffi::CString::new(iface).unwrap();
+        // SAFETY: a valid C string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(ifindex, 0, "no interface {iface} in {}", ns.name);
+        let mut attr = [0u64; 16];
+        use std::os::fd::AsRawFd;
+        attr[0] = u64::from(prog.as_raw_fd() as u32) | (u64::from(ifindex) << 32);
+        attr[1] = u64::from(attach_type);
+        let link = bpf(BPF_LINK_CREATE, &mut attr).expect("attach the do-nothing program");
+        (link, prog)
+    })
 }

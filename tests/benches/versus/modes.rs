@@ -7,22 +7,31 @@ use forwarder_tests::{
     forwarder::{Forwarder, attachments},
     kube_proxy::{KubeProxy, ProxyMode, leftovers},
     topology::{NODE_IFACE, NODE_NAME},
+    xdp_pass::{TcPass, XdpPass},
 };
 use serde_json::{Value, json};
 
 use crate::topology::{Bench, CLUSTER_CIDR, Path};
 
+/// The node's pod-facing interfaces (forwarder attaches to `veth*`).
+const POD_IFACES: [&str; 3] = ["veth-a", "veth-b", "veth-c"];
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// The client talks to the endpoints' addresses: no Service translation.
     Direct,
+    /// As `Direct`, with do-nothing programs on each of forwarder's hooks
+    /// (XDP and TC egress on the node interface, TC both ways on the pods'
+    /// interfaces): what the hooks cost before any work is done in them.
+    Hooks,
     Forwarder,
     KubeProxy(ProxyMode),
 }
 
 impl Mode {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::Direct,
+        Self::Hooks,
         Self::Forwarder,
         Self::KubeProxy(ProxyMode::Iptables),
         Self::KubeProxy(ProxyMode::Nftables),
@@ -31,6 +40,7 @@ impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
+            Self::Hooks => "direct-hooks",
             Self::Forwarder => "forwarder",
             Self::KubeProxy(ProxyMode::Iptables) => "kube-proxy-iptables",
             Self::KubeProxy(ProxyMode::Nftables) => "kube-proxy-nftables",
@@ -38,13 +48,18 @@ impl Mode {
     }
 
     pub fn is_direct(self) -> bool {
-        self == Self::Direct
+        matches!(self, Self::Direct | Self::Hooks)
     }
 }
 
 /// The running dataplane; `stop` ends it and checks what it left.
 pub enum Active {
     Nothing,
+    /// Held for their links: dropping them detaches the programs.
+    Hooks {
+        _xdp: Vec<XdpPass>,
+        _tc: Vec<TcPass>,
+    },
     Forwarder(Forwarder),
     KubeProxy(KubeProxy),
 }
@@ -55,6 +70,14 @@ pub fn start(mode: Mode, bench: &Bench) -> Active {
     let node = bench.node();
     let active = match mode {
         Mode::Direct => return Active::Nothing,
+        Mode::Hooks => {
+            let xdp = vec![XdpPass::attach(node, NODE_IFACE)];
+            let mut tc = vec![TcPass::attach(node, NODE_IFACE, true)];
+            for iface in POD_IFACES {
+                tc.extend([TcPass::attach(node, iface, false), TcPass::attach(node, iface, true)]);
+            }
+            return Active::Hooks { _xdp: xdp, _tc: tc };
+        }
         Mode::Forwarder => {
             let map_max = lb_map_max(bench.services.len()).to_string();
             Active::Forwarder(Forwarder::start_cluster_with(
@@ -99,6 +122,11 @@ pub fn start(mode: Mode, bench: &Bench) -> Active {
 pub fn stop(active: Active, bench: &Bench) -> Vec<String> {
     let left = match active {
         Active::Nothing => Vec::new(),
+        // Closing the links detaches them.
+        hooks @ Active::Hooks { .. } => {
+            drop(hooks);
+            Vec::new()
+        }
         // Dropping stops the agent and runs `forwarder cleanup`.
         Active::Forwarder(forwarder) => {
             drop(forwarder);
@@ -116,7 +144,7 @@ pub fn stop(active: Active, bench: &Bench) -> Vec<String> {
 pub fn describe(mode: Mode, active: &Active, bench: &Bench) -> Value {
     let mut info = json!({"mode": mode.name(), "services": bench.services.len()});
     match active {
-        Active::Nothing => {}
+        Active::Nothing | Active::Hooks { .. } => {}
         Active::Forwarder(_) => {
             info["flags"] = json!(["--bpf-lb-map-max", lb_map_max(bench.services.len())]);
         }

@@ -13,8 +13,9 @@ use super::{
     spread, write,
 };
 
-const MODES: [(&str, &str, RGBColor); 4] = [
+const MODES: [(&str, &str, RGBColor); 5] = [
     ("direct", "direct to pod", RGBColor(120, 120, 120)),
+    ("direct-hooks", "direct, empty hooks", RGBColor(190, 190, 190)),
     ("forwarder", "forwarder", RGBColor(0, 114, 178)),
     ("kube-proxy-iptables", "kube-proxy iptables", RGBColor(213, 94, 0)),
     ("kube-proxy-nftables", "kube-proxy nftables", RGBColor(0, 158, 115)),
