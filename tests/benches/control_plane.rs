@@ -52,8 +52,9 @@ enum Agent {
 
 const AGENTS: [(&str, Agent); 5] = [
     ("forwarder", Agent::Forwarder),
-    ("kube-proxy-iptables", Agent::KubeProxy(ProxyMode::Iptables, None)),
-    ("kube-proxy-iptables-min-sync-0", Agent::KubeProxy(ProxyMode::Iptables, Some("0s"))),
+    // The legacy backend: see `ProxyMode::IptablesLegacy`.
+    ("kube-proxy-iptables", Agent::KubeProxy(ProxyMode::IptablesLegacy, None)),
+    ("kube-proxy-iptables-min-sync-0", Agent::KubeProxy(ProxyMode::IptablesLegacy, Some("0s"))),
     ("kube-proxy-nftables", Agent::KubeProxy(ProxyMode::Nftables, None)),
     ("kube-proxy-nftables-min-sync-0", Agent::KubeProxy(ProxyMode::Nftables, Some("0s"))),
 ];

@@ -15,22 +15,67 @@ pub const METRICS_ADDRESS: &str = "127.0.0.1:10249";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProxyMode {
+    /// iptables mode, the `iptables` commands on the PATH (Debian 12: the
+    /// nf_tables backend of iptables 1.8.9).
     Iptables,
+    /// iptables mode on iptables' legacy backend (`iptables-legacy*` put
+    /// first on kube-proxy's PATH). The nf_tables backend's
+    /// `iptables-restore --noflush` grows worse than quadratically with
+    /// the chains already there: at 10,000 Services its first sync did not
+    /// end within 5 minutes here.
+    IptablesLegacy,
     Nftables,
 }
 
 impl ProxyMode {
+    /// kube-proxy's `--proxy-mode`.
     pub fn name(self) -> &'static str {
         match self {
-            Self::Iptables => "iptables",
+            Self::Iptables | Self::IptablesLegacy => "iptables",
             Self::Nftables => "nftables",
         }
     }
+
+    /// The iptables commands the mode runs (and its rules are read with).
+    pub fn iptables_backend(self) -> &'static str {
+        match self {
+            Self::IptablesLegacy => "legacy",
+            _ => "nft",
+        }
+    }
+}
+
+/// A directory whose `iptables*` and `ip6tables*` commands are the legacy
+/// backend's, for the front of kube-proxy's PATH.
+fn legacy_iptables_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join("forwarder-iptables-legacy");
+    let _ = std::fs::create_dir_all(&dir);
+    for family in ["iptables", "ip6tables"] {
+        for suffix in ["", "-save", "-restore"] {
+            let link = dir.join(format!("{family}{suffix}"));
+            let _ = std::fs::remove_file(&link);
+            let target = format!("/usr/sbin/{family}-legacy{suffix}");
+            let _ = std::os::unix::fs::symlink(target, &link);
+        }
+    }
+    dir
+}
+
+/// `kube-proxy` run in `netns` with `mode`'s iptables commands.
+fn kube_proxy_command(netns: &str, mode: ProxyMode) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns]).arg(bin_dir().join("kube-proxy"));
+    if mode == ProxyMode::IptablesLegacy {
+        let path = std::env::var("PATH").unwrap_or_default();
+        cmd.env("PATH", format!("{}:{path}", legacy_iptables_dir().display()));
+    }
+    cmd
 }
 
 pub struct KubeProxy {
     child: Option<Child>,
     node_ns: String,
+    mode: ProxyMode,
     pub log: PathBuf,
     /// Every flag it was started with, for the results.
     pub flags: Vec<String>,
@@ -83,9 +128,7 @@ impl KubeProxy {
             flags.push(format!("--iptables-min-sync-period={period}"));
         }
         let log = std::env::temp_dir().join(format!("{}-kube-proxy.log", node.name));
-        let child = Command::new("ip")
-            .args(["netns", "exec", &node.name])
-            .arg(bin_dir().join("kube-proxy"))
+        let child = kube_proxy_command(&node.name, mode)
             .args(&flags)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("kube-proxy log"))
@@ -94,6 +137,7 @@ impl KubeProxy {
         Self {
             child: Some(child),
             node_ns: node.name.clone(),
+            mode,
             log,
             flags,
             started_unix: unix_now(),
@@ -143,9 +187,7 @@ impl KubeProxy {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.node_ns])
-            .arg(bin_dir().join("kube-proxy"))
+        let out = kube_proxy_command(&self.node_ns, self.mode)
             .arg("--cleanup")
             .output()
             .expect("kube-proxy --cleanup runs");
@@ -162,8 +204,9 @@ impl KubeProxy {
                 &["-F", "KUBE-FIREWALL"],
                 &["-X", "KUBE-FIREWALL"],
             ] {
+                let iptables = format!("iptables-{}", self.mode.iptables_backend());
                 let _ = Command::new("ip")
-                    .args(["netns", "exec", &self.node_ns, "iptables"])
+                    .args(["netns", "exec", &self.node_ns, &iptables])
                     .args(args)
                     .output();
             }
@@ -183,8 +226,14 @@ impl Drop for KubeProxy {
     }
 }
 
+/// The nat table as `mode` wrote it (`iptables-save -t nat` of its backend).
+pub fn nat_rules(node: &NetNs, mode: ProxyMode) -> String {
+    let save = format!("iptables-{}-save", mode.iptables_backend());
+    String::from_utf8_lossy(&node.exec(&[&save, "-t", "nat"]).stdout).into_owned()
+}
+
 /// kube-proxy's rules left in `node`: iptables chains and rules named
-/// `KUBE-*` in any table, and its nftables tables.
+/// `KUBE-*` in any table of either backend, and its nftables tables.
 pub fn leftovers(node: &NetNs) -> Vec<String> {
     leftovers_in(&node.name)
 }
@@ -194,9 +243,9 @@ fn leftovers_in(netns: &str) -> Vec<String> {
         let out = Command::new("ip").args(["netns", "exec", netns]).args(args).output();
         out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
     };
-    let iptables = output(&["iptables-save"]);
+    let iptables = output(&["iptables-nft-save"]) + &output(&["iptables-legacy-save"]);
     let tables = output(&["nft", "list", "tables"]);
-    let iptables = iptables.lines().filter(|l| l.contains("KUBE-"));
+    let iptables = iptables.lines().filter(|l| l.contains("KUBE-") && !l.starts_with('#'));
     let tables = tables.lines().filter(|l| l.contains("kube-proxy"));
     iptables.chain(tables).map(str::to_owned).collect()
 }

@@ -31,6 +31,9 @@ enum Task {
         /// Tables and plots again from bench/results/*.json, measuring nothing.
         #[arg(long, conflicts_with = "smoke")]
         report: bool,
+        /// Only these benchmarks (default: all).
+        #[arg(long, value_enum)]
+        only: Vec<bench::Part>,
     },
     /// Run the BPF and focused end-to-end tests on distribution kernels under qemu.
     Vm,
@@ -46,7 +49,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::Demo => demo::run(),
         Task::Test => test::run(),
-        Task::Bench { smoke, report } => bench::run(smoke, report),
+        Task::Bench { smoke, report, only } => bench::run(smoke, report, &only),
         Task::Vm => vm::run(),
         Task::K8s { action } => k8s::run(action),
     }

@@ -8,7 +8,9 @@
 //! between), `workloads` (the load generators and the CPU they cost),
 //! `server` (the pods' echo server). Prints one JSON line per measurement;
 //! `cargo xtask bench` turns them into the results, tables and plots.
-//! `FORWARDER_BENCH_SMOKE=1`: 10 Services, one short run of everything.
+//! `FORWARDER_BENCH_SMOKE=1`: 10 Services, one short run of everything;
+//! `FORWARDER_BENCH_SCALES=10,1000` and `FORWARDER_BENCH_MODES=forwarder,...`
+//! pick a subset.
 mod modes;
 mod server;
 mod topology;
@@ -27,6 +29,7 @@ use crate::{
 
 struct Plan {
     scales: Vec<usize>,
+    modes: Vec<Mode>,
     repeats: usize,
     load: Load,
 }
@@ -51,7 +54,14 @@ fn plan() -> Plan {
         .ok()
         .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| if smoke { vec![10] } else { vec![10, 1_000, 10_000] });
-    Plan { scales, repeats: if smoke { 1 } else { 5 }, load }
+    // A subset of the modes by name, for a look at one (`direct,forwarder`).
+    let modes = match std::env::var("FORWARDER_BENCH_MODES") {
+        Ok(names) => {
+            Mode::ALL.into_iter().filter(|m| names.split(',').any(|n| n == m.name())).collect()
+        }
+        Err(_) => Mode::ALL.to_vec(),
+    };
+    Plan { scales, modes, repeats: if smoke { 1 } else { 5 }, load }
 }
 
 fn emit(line: Value) {
@@ -64,7 +74,7 @@ fn main() {
     for &scale in &plan.scales {
         bench.grow_to(scale);
         eprintln!("versus: {scale} Services in the API");
-        for mode in Mode::ALL {
+        for mode in plan.modes.iter().copied() {
             let active = modes::start(mode, &bench);
             emit(json!({"kind": "mode", "info": modes::describe(mode, &active, &bench)}));
             for path in Path::ALL {

@@ -5,7 +5,7 @@ use std::{process::Command, time::Duration};
 
 use forwarder_tests::{
     forwarder::{Forwarder, attachments},
-    kube_proxy::{KubeProxy, ProxyMode, leftovers},
+    kube_proxy::{KubeProxy, ProxyMode, leftovers, nat_rules},
     topology::{NODE_IFACE, NODE_NAME},
     xdp_pass::{TcPass, XdpPass},
 };
@@ -33,7 +33,7 @@ impl Mode {
         Self::Direct,
         Self::Hooks,
         Self::Forwarder,
-        Self::KubeProxy(ProxyMode::Iptables),
+        Self::KubeProxy(ProxyMode::IptablesLegacy),
         Self::KubeProxy(ProxyMode::Nftables),
     ];
 
@@ -42,7 +42,8 @@ impl Mode {
             Self::Direct => "direct",
             Self::Hooks => "direct-hooks",
             Self::Forwarder => "forwarder",
-            Self::KubeProxy(ProxyMode::Iptables) => "kube-proxy-iptables",
+            Self::KubeProxy(ProxyMode::Iptables) => "kube-proxy-iptables-nft",
+            Self::KubeProxy(ProxyMode::IptablesLegacy) => "kube-proxy-iptables",
             Self::KubeProxy(ProxyMode::Nftables) => "kube-proxy-nftables",
         }
     }
@@ -150,8 +151,11 @@ pub fn describe(mode: Mode, active: &Active, bench: &Bench) -> Value {
         }
         Active::KubeProxy(proxy) => {
             info["flags"] = json!(proxy.flags);
-            if mode == Mode::KubeProxy(ProxyMode::Iptables) {
-                info["last_service_rule"] = last_service_rules(bench);
+            if let Mode::KubeProxy(proxy_mode @ (ProxyMode::Iptables | ProxyMode::IptablesLegacy)) =
+                mode
+            {
+                info["iptables_backend"] = json!(proxy_mode.iptables_backend());
+                info["last_service_rule"] = last_service_rules(bench, proxy_mode);
             }
         }
     }
@@ -184,9 +188,8 @@ fn assert_clean(bench: &Bench, when: &str) {
 
 /// The last Service's rule's position in `KUBE-SERVICES` (ClusterIP) and
 /// `KUBE-NODEPORTS`, which is jumped to after all of `KUBE-SERVICES`.
-fn last_service_rules(bench: &Bench) -> Value {
-    let nat = bench.node().exec(&["iptables-save", "-t", "nat"]);
-    let nat = String::from_utf8_lossy(&nat.stdout);
+fn last_service_rules(bench: &Bench, mode: ProxyMode) -> Value {
+    let nat = nat_rules(bench.node(), mode);
     let last = bench.last();
     let position = |chain: &str, needle: &str| {
         let rules: Vec<&str> = nat.lines().filter(|l| l.starts_with(chain)).collect();

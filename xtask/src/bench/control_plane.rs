@@ -12,8 +12,16 @@ use super::{bench_lines, machine, plot, write};
 /// (agent as the bench names it, short label, description)
 const AGENTS: [(&str, &str, &str); 5] = [
     ("forwarder", "forwarder", "forwarder"),
-    ("kube-proxy-iptables", "iptables", "kube-proxy iptables, minSyncPeriod 1s (default)"),
-    ("kube-proxy-iptables-min-sync-0", "iptables 0", "kube-proxy iptables, minSyncPeriod 0"),
+    (
+        "kube-proxy-iptables",
+        "iptables",
+        "kube-proxy iptables (legacy backend), minSyncPeriod 1s (default)",
+    ),
+    (
+        "kube-proxy-iptables-min-sync-0",
+        "iptables 0",
+        "kube-proxy iptables (legacy backend), minSyncPeriod 0",
+    ),
     ("kube-proxy-nftables", "nftables", "kube-proxy nftables, minSyncPeriod 1s (default)"),
     ("kube-proxy-nftables-min-sync-0", "nftables 0", "kube-proxy nftables, minSyncPeriod 0"),
 ];

@@ -20,7 +20,15 @@ use serde_json::{Value, json};
 
 use crate::setup::{self, workspace_root};
 
-pub fn run(smoke: bool, report: bool) -> anyhow::Result<()> {
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Datapath,
+    Versus,
+    ControlPlane,
+}
+
+pub fn run(smoke: bool, report: bool, only: &[Part]) -> anyhow::Result<()> {
+    let wanted = |part| only.is_empty() || only.contains(&part);
     if report {
         // Tables and plots again from the committed JSON, measuring nothing.
         let dir = workspace_root().join("bench/results");
@@ -33,10 +41,17 @@ pub fn run(smoke: bool, report: bool) -> anyhow::Result<()> {
     }
     let dir = workspace_root().join("bench/results");
     std::fs::create_dir_all(&dir)?;
-    datapath::run(&dir)?;
+    if wanted(Part::Datapath) {
+        datapath::run(&dir)?;
+    }
     prepare()?;
-    versus::run(&dir, false)?;
-    control_plane::run(&dir, false)
+    if wanted(Part::Versus) {
+        versus::run(&dir, false)?;
+    }
+    if wanted(Part::ControlPlane) {
+        control_plane::run(&dir, false)?;
+    }
+    Ok(())
 }
 
 /// The side-by-side benchmarks in their smoke variant (set-up done).

@@ -162,3 +162,15 @@ pub fn bars(
         .draw()
         .map_err(|e| anyhow!("{e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ticks_have_no_float_noise() {
+        let ticks: Vec<String> = [0.30000000000000004, 0.25, 10.0, 99.5, 1000.0, 25_000.0]
+            .iter()
+            .map(super::tick)
+            .collect();
+        assert_eq!(ticks, ["0.3", "0.25", "10", "99.5", "1000", "25000"]);
+    }
+}
