@@ -80,6 +80,10 @@ fn main() {
             for path in Path::ALL {
                 measure(&bench, &plan, mode, path);
             }
+            let counters = modes::counters(&active, &bench);
+            emit(
+                json!({"kind": "counters", "mode": mode.name(), "services": scale, "counters": counters}),
+            );
             let left = modes::stop(active, &bench);
             emit(json!({"kind": "cleanup", "mode": mode.name(), "left_by_cleanup": left}));
             eprintln!("versus: {scale} Services, {} done", mode.name());

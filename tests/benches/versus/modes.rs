@@ -4,7 +4,7 @@
 use std::{process::Command, time::Duration};
 
 use forwarder_tests::{
-    forwarder::{Forwarder, attachments},
+    forwarder::{Forwarder, attachments, http_get},
     kube_proxy::{KubeProxy, ProxyMode, leftovers, nat_rules},
     topology::{NODE_IFACE, NODE_NAME},
     xdp_pass::{TcPass, XdpPass},
@@ -160,6 +160,39 @@ pub fn describe(mode: Mode, active: &Active, bench: &Bench) -> Value {
         }
     }
     info
+}
+
+/// What the dataplane counted over its life, read before it stops: drops
+/// explain failed transactions. forwarder: its packets by reason (from
+/// `/metrics`); kube-proxy: netfilter conntrack's statistics, summed over
+/// CPUs (`conntrack -S`).
+pub fn counters(active: &Active, bench: &Bench) -> Value {
+    let mut counters = serde_json::Map::new();
+    match active {
+        Active::Forwarder(_) => {
+            let metrics = http_get(bench.node(), "127.0.0.1:10249", "/metrics");
+            for line in metrics.map(|(_, body)| body).unwrap_or_default().lines() {
+                let sample = line.strip_prefix("forwarder_packets_total{reason=\"");
+                if let Some((reason, value)) = sample.and_then(|s| s.split_once("\"} ")) {
+                    counters.insert(reason.into(), json!(value.trim().parse::<f64>().ok()));
+                }
+            }
+        }
+        Active::KubeProxy(_) => {
+            let stats = bench.node().exec(&["conntrack", "-S"]);
+            for pair in String::from_utf8_lossy(&stats.stdout).split_whitespace() {
+                if let Some((key, value)) = pair.split_once('=')
+                    && let Ok(value) = value.parse::<f64>()
+                    && key != "cpu"
+                {
+                    let total = counters.entry(key).or_insert(json!(0.0));
+                    *total = json!(total.as_f64().unwrap_or(0.0) + value);
+                }
+            }
+        }
+        Active::Nothing | Active::Hooks { .. } => {}
+    }
+    Value::Object(counters)
 }
 
 /// Every new flow starts with an empty table, whatever the runs before.

@@ -110,7 +110,7 @@ pub fn run(workload: Workload, ns: &NetNs, targets: &[SocketAddr], load: &Load) 
     let cpu = CpuTimes::read();
     let started = Instant::now();
     let (ok, failed, latencies_us) = match workload {
-        Workload::ConnectionRate => clients(ns, load, targets, new_connection),
+        Workload::ConnectionRate => connection_clients(ns, load, targets),
         Workload::UdpRate => udp_clients(ns, load, targets),
         Workload::RequestLatency => open_loop(ns, load, targets),
     };
@@ -127,28 +127,27 @@ pub fn run(workload: Workload, ns: &NetNs, targets: &[SocketAddr], load: &Load) 
 
 type Tally = (u64, u64, Vec<u32>);
 
-/// `load.clients` threads in `ns`, each doing `transact` to the targets in
-/// turn until the time is up.
-fn clients(
+/// `load.clients` threads in `ns`, each doing the transaction `make` gives
+/// it (made in the thread, so its sockets are the namespace's) until the
+/// time is up.
+fn clients<T: FnMut() -> std::io::Result<()>>(
     ns: &NetNs,
     load: &Load,
-    targets: &[SocketAddr],
-    transact: fn(SocketAddr) -> std::io::Result<()>,
+    make: impl Fn(usize) -> T + Sync,
 ) -> Tally {
     let deadline = Instant::now() + load.duration;
+    let make = &make;
     let tallies: Vec<Tally> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..load.clients)
             .map(|client| {
                 s.spawn(move || {
                     ns.enter();
                     pin_to_cpu(CLIENT_CPU);
+                    let mut transact = make(client);
                     let (mut ok, mut failed, mut latencies) = (0, 0, Vec::new());
-                    let mut next = client;
                     while Instant::now() < deadline {
-                        let target = targets[next % targets.len()];
-                        next += 1;
                         let begun = Instant::now();
-                        match transact(target) {
+                        match transact() {
                             Ok(()) => {
                                 ok += 1;
                                 latencies.push(micros(begun.elapsed()));
@@ -176,6 +175,17 @@ fn micros(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
+/// New connections to the targets in turn, each client from its own start.
+fn connection_clients(ns: &NetNs, load: &Load, targets: &[SocketAddr]) -> Tally {
+    clients(ns, load, |client| {
+        let mut next = client;
+        move || {
+            next += 1;
+            new_connection(targets[(next - 1) % targets.len()])
+        }
+    })
+}
+
 /// Connect, one request and its response, close (the client closes first).
 fn new_connection(target: SocketAddr) -> std::io::Result<()> {
     let mut stream = TcpStream::connect_timeout(&target, IO_TIMEOUT)?;
@@ -188,37 +198,16 @@ fn new_connection(target: SocketAddr) -> std::io::Result<()> {
 
 /// One connected UDP socket per client, kept for the whole run: one flow.
 fn udp_clients(ns: &NetNs, load: &Load, targets: &[SocketAddr]) -> Tally {
-    let deadline = Instant::now() + load.duration;
-    let tallies: Vec<Tally> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..load.clients)
-            .map(|client| {
-                s.spawn(move || {
-                    ns.enter();
-                    pin_to_cpu(CLIENT_CPU);
-                    let (mut ok, mut failed, mut latencies) = (0, 0, Vec::new());
-                    let socket = UdpSocket::bind("0.0.0.0:0").expect("UDP client socket");
-                    socket.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
-                    socket.connect(targets[client % targets.len()]).expect("UDP connect");
-                    let mut buf = [0u8; MESSAGE];
-                    while Instant::now() < deadline {
-                        let begun = Instant::now();
-                        let answered =
-                            socket.send(&[0x5a; MESSAGE]).and_then(|_| socket.recv(&mut buf));
-                        match answered {
-                            Ok(_) => {
-                                ok += 1;
-                                latencies.push(micros(begun.elapsed()));
-                            }
-                            Err(_) => failed += 1,
-                        }
-                    }
-                    (ok, failed, latencies)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("UDP client thread")).collect()
-    });
-    merge(tallies)
+    clients(ns, load, |client| {
+        let socket = UdpSocket::bind("0.0.0.0:0").expect("UDP client socket");
+        socket.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+        socket.connect(targets[client % targets.len()]).expect("UDP connect");
+        let mut buf = [0u8; MESSAGE];
+        move || {
+            socket.send(&[0x5a; MESSAGE])?;
+            socket.recv(&mut buf).map(drop)
+        }
+    })
 }
 
 /// `load.connections` persistent connections, each with a sender on a

@@ -140,7 +140,8 @@ fn render(dir: &Path, lines: &[Value], machine: Value) -> anyhow::Result<()> {
     let env = lines.iter().find(|l| l["kind"] == "environment").cloned().unwrap_or(Value::Null);
     let modes: Vec<&Value> = lines.iter().filter(|l| l["kind"] == "mode").collect();
     let cleanups: Vec<&Value> = lines.iter().filter(|l| l["kind"] == "cleanup").collect();
-    let md = report(&results, &machine, &env, &modes, &cleanups)?;
+    let counters: Vec<&Value> = lines.iter().filter(|l| l["kind"] == "counters").collect();
+    let md = report(&results, &machine, &env, &modes, &cleanups, &counters)?;
     write(dir, "versus.md", &md)?;
     plots(dir, &results)?;
     print!("{md}");
@@ -157,6 +158,7 @@ fn report(
     env: &Value,
     modes: &[&Value],
     cleanups: &[&Value],
+    counters: &[&Value],
 ) -> anyhow::Result<String> {
     let load = &env["load"];
     let mut md = String::new();
@@ -164,7 +166,7 @@ fn report(
     writeln!(md, "Machine: {}\n", machine["summary"].as_str().unwrap_or("?"))?;
     writeln!(
         md,
-        "Same namespaces, pods and Services for every mode: one node between an external client and its pods, Services (type NodePort, TCP 80 and UDP 53, 2–4 endpoints each, every endpoint an address of its own) created once through kube-apiserver {kp}, which forwarder and kube-proxy {kp} (`{ipt}`; {nft}) both watch. One dataplane at a time; between modes each one's own clean-up runs (`forwarder cleanup`, `kube-proxy --cleanup`) and the harness checks that no program, no `KUBE-*` rule and no kube-proxy table is left and that the frontends no longer answer. `nf_conntrack_max` {ct} (kube-proxy runs with `--conntrack-max-per-core=0`, leaving it), conntrack flushed before every run. Clients pinned to CPU {ccpu}, servers to CPU {scpu}. Each point: median of {rep} runs of {sec} s (min–max).\n",
+        "Same namespaces, pods and Services for every mode: one node between an external client and its pods, Services (type NodePort, TCP 80 and UDP 53, 2–4 endpoints each, every endpoint an address of its own) created once through kube-apiserver {kp}, which forwarder and kube-proxy {kp} both watch: its iptables mode on iptables' legacy backend (the PATH's `{ipt}` did not finish a first sync at 10,000 Services within 5 minutes), its nftables mode with {nft}. One dataplane at a time; between modes each one's own clean-up runs (`forwarder cleanup`, `kube-proxy --cleanup`) and the harness checks that no program, no `KUBE-*` rule and no kube-proxy table is left and that the frontends no longer answer. `nf_conntrack_max` {ct} (kube-proxy runs with `--conntrack-max-per-core=0`, leaving it), conntrack flushed before every run. Clients pinned to CPU {ccpu}, servers to CPU {scpu}. Each point: median of {rep} runs of {sec} s (min–max).\n",
         kp = env["kube_proxy"].as_str().unwrap_or("?"),
         ipt = env["iptables"].as_str().unwrap_or("?"),
         nft = env["nft"].as_str().unwrap_or("?"),
@@ -174,18 +176,10 @@ fn report(
         rep = load["repeats"],
         sec = load["seconds"],
     )?;
-    let header = |md: &mut String, first: &str| -> std::fmt::Result {
-        write!(md, "| {first} |")?;
-        for (_, title, _) in MODES {
-            write!(md, " {title} |")?;
-        }
-        writeln!(md, "\n|---|{}", "---:|".repeat(MODES.len()))
-    };
-
     writeln!(md, "## New connections per second\n")?;
     writeln!(
         md,
-        "Connect, one {}-byte request and response, close; {} concurrent clients. *last*: the Service created last (last in kube-proxy's chains); *sample*: 16 Services drawn at random, taken in turn.\n",
+        "Connect, one {}-byte request and response, close; {} concurrent clients. *last*: the Service created last (kube-proxy orders its chains by Go map iteration, so not last there: its position is under Modes); *sample*: 16 Services drawn at random, taken in turn.\n",
         load["message_bytes"], load["clients"]
     )?;
     for (path, title) in PATHS {
@@ -225,20 +219,13 @@ fn report(
         "{} requests/s in all over {} connections to the last Service, sent on schedule (open loop) and timed from when each was due: p50 / p99 / p999, each the median of the runs.\n",
         load["requests_per_second"], load["connections"]
     )?;
-    header(&mut md, "Services, path")?;
-    for &n in &r.scales {
-        for (path, _) in PATHS {
-            write!(md, "| {n}, {path} |")?;
-            for (mode, ..) in MODES {
-                let q = |f| {
-                    r.median(n, mode, path, ("request_latency", "last"), f)
-                        .map_or("–".into(), |v| format!("{v:.0}"))
-                };
-                write!(md, " {} / {} / {} |", q("p50_us"), q("p99_us"), q("p999_us"))?;
-            }
-            writeln!(md)?;
-        }
-    }
+    mode_table(&mut md, r, |n, mode, path| {
+        let q = |f| {
+            r.median(n, mode, path, ("request_latency", "last"), f)
+                .map_or("–".into(), |v| format!("{v:.0}"))
+        };
+        format!("{} / {} / {}", q("p50_us"), q("p99_us"), q("p999_us"))
+    })?;
 
     writeln!(md, "\n## UDP requests per second\n")?;
     writeln!(
@@ -246,45 +233,26 @@ fn report(
         "{} clients, one flow each, to the last Service, request and response of {} bytes.\n",
         load["clients"], load["message_bytes"]
     )?;
-    header(&mut md, "Services, path")?;
-    for &n in &r.scales {
-        for (path, _) in PATHS {
-            write!(md, "| {n}, {path} |")?;
-            for (mode, ..) in MODES {
-                write!(md, " {} |", cell(r.stat(n, mode, path, ("udp_rate", "last"), "rate"), 0))?;
-            }
-            writeln!(md)?;
-        }
-    }
+    mode_table(&mut md, r, |n, mode, path| {
+        cell(r.stat(n, mode, path, ("udp_rate", "last"), "rate"), 0)
+    })?;
 
     writeln!(md, "\n## CPU\n")?;
     writeln!(
         md,
         "During the connection-rate runs to the last Service: softirq and system time as shares of both CPUs, and kernel time (system, irq, softirq) per connection, µs (medians).\n"
     )?;
-    header(&mut md, "Services, path")?;
-    for &n in &r.scales {
-        for (path, _) in PATHS {
-            write!(md, "| {n}, {path} |")?;
-            for (mode, ..) in MODES {
-                let q =
-                    |f| r.median(n, mode, path, ("connection_rate", "last"), f).unwrap_or(f64::NAN);
-                write!(
-                    md,
-                    " {:.0}% / {:.0}% / {:.1} µs |",
-                    q("softirq_pct"),
-                    q("system_pct"),
-                    q("kernel_cpu_us_per_op")
-                )?;
-            }
-            writeln!(md)?;
-        }
-    }
-    let failed: f64 = r.samples.values().flatten().filter_map(|v| v["failed"].as_f64()).sum();
-    writeln!(
-        md,
-        "\nFailed transactions over all runs: {failed:.0} (timeouts and refusals; counted, never retried).\n"
-    )?;
+    mode_table(&mut md, r, |n, mode, path| {
+        let q = |f| r.median(n, mode, path, ("connection_rate", "last"), f).unwrap_or(f64::NAN);
+        format!(
+            "{:.0}% / {:.0}% / {:.1} µs",
+            q("softirq_pct"),
+            q("system_pct"),
+            q("kernel_cpu_us_per_op")
+        )
+    })?;
+    failures(&mut md, r, counters)?;
+    writeln!(md)?;
 
     goals(&mut md, r)?;
 
@@ -328,6 +296,74 @@ fn report(
         )?;
     }
     Ok(md)
+}
+
+/// Failed transactions by mode, and what each dataplane counted of drops.
+fn failures(md: &mut String, r: &Results, counters: &[&Value]) -> std::fmt::Result {
+    writeln!(md, "\n## Failures\n")?;
+    writeln!(
+        md,
+        "Transactions that failed (timeouts and refusals, counted, never retried), of all runs; and the drops the dataplane itself counted over its life at that scale (forwarder: its packet counters; kube-proxy: netfilter conntrack's `drop`, `early_drop`, `insert_failed`, `invalid`).\n"
+    )?;
+    writeln!(
+        md,
+        "| Services | mode | failed / tried | dropped, as the dataplane counted |\n|---:|---|---:|---|"
+    )?;
+    for &n in &r.scales {
+        for (mode, title, _) in MODES {
+            let runs =
+                r.samples.iter().filter(|(k, _)| k.0 == n && k.1 == mode).flat_map(|(_, v)| v);
+            let (failed, ok) = runs.fold((0.0, 0.0), |(f, o), v| {
+                (f + v["failed"].as_f64().unwrap_or(0.0), o + v["ok"].as_f64().unwrap_or(0.0))
+            });
+            let recorded: Vec<_> = counters
+                .iter()
+                .filter(|c| c["mode"] == mode && c["services"].as_u64() == Some(n))
+                .filter_map(|c| c["counters"].as_object())
+                .filter(|m| !m.is_empty())
+                .collect();
+            let counted = recorded
+                .iter()
+                .flat_map(|m| m.iter())
+                .filter(|(k, v)| {
+                    let drop_like = k.starts_with("drop")
+                        || ["early_drop", "insert_failed", "invalid"].contains(&k.as_str());
+                    drop_like && v.as_f64().unwrap_or(0.0) > 0.0
+                })
+                .map(|(k, v)| format!("{k} {}", v.as_f64().unwrap_or(0.0)))
+                .collect::<Vec<_>>();
+            let counted = match (recorded.is_empty(), counted.is_empty()) {
+                (true, _) => "–".to_owned(),
+                (false, true) => "none".to_owned(),
+                (false, false) => counted.join(", "),
+            };
+            writeln!(md, "| {n} | {title} | {failed:.0} / {:.0} | {counted} |", failed + ok)?;
+        }
+    }
+    Ok(())
+}
+
+/// A row per scale and path, a column per mode.
+fn mode_table(
+    md: &mut String,
+    r: &Results,
+    cell: impl Fn(u64, &str, &str) -> String,
+) -> std::fmt::Result {
+    write!(md, "| Services, path |")?;
+    for (_, title, _) in MODES {
+        write!(md, " {title} |")?;
+    }
+    writeln!(md, "\n|---|{}", "---:|".repeat(MODES.len()))?;
+    for &n in &r.scales {
+        for (path, _) in PATHS {
+            write!(md, "| {n}, {path} |")?;
+            for (mode, ..) in MODES {
+                write!(md, " {} |", cell(n, mode, path))?;
+            }
+            writeln!(md)?;
+        }
+    }
+    Ok(())
 }
 
 /// The goals, each met or missed as measured.
