@@ -76,23 +76,24 @@ fn render(
     writeln!(md, "Machine: {}\n", machine["summary"].as_str().unwrap_or("?"))?;
     writeln!(
         md,
-        "{} Services with {} endpoints (one EndpointSlice each) in kube-apiserver v1.35.4 (etcd on the same machine), filled in {:.0} s before any agent starts. Then each agent in turn: started, its first full sync timed from its start (the agent's own `*_sync_proxy_rules_last_timestamp_seconds`), then {} single-endpoint changes one at a time, each one's network programming latency as the agent reports it (`*_network_programming_duration_seconds`, from the slice's `last-change-trigger-time`, stamped just before the request, to the change being programmed); peak RSS (VmHWM) and CPU-seconds (its own and its waited-for children's: kube-proxy's iptables-restore and nft); then stopped and cleaned up, and checked to have left nothing.\n",
+        "{} Services with {} endpoints (one EndpointSlice each) in kube-apiserver v1.35.4 (etcd on the same machine), filled in {:.0} s before any agent starts. Then each agent in turn: started, its first full sync timed from its start (the agent's own `*_sync_proxy_rules_last_timestamp_seconds`), then up to {} single-endpoint changes one at a time (as many as fit in 4 minutes), each one's network programming latency as the agent reports it (`*_network_programming_duration_seconds`, from the slice's `last-change-trigger-time`, stamped just before the request, to the change being programmed); peak RSS (VmHWM) and CPU-seconds (its own and its waited-for children's: kube-proxy's iptables-restore and nft); then stopped and cleaned up, and checked to have left nothing.\n",
         first["services"],
         first["endpoints"],
         first["fill_api_s"].as_f64().unwrap_or(f64::NAN),
-        first["changes"]
+        first["changes_planned"]
     )?;
     writeln!(
         md,
-        "| agent | start to programmed | change p50 | p99 | max | peak RSS | CPU-s to programmed | CPU-s in all |"
+        "| agent | start to programmed | changes | change p50 | p99 | max | peak RSS | CPU-s to programmed | CPU-s in all |"
     )?;
-    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     for (name, _, title) in AGENTS {
         let n = |f| num(name, f);
         writeln!(
             md,
-            "| {title} | {:.2} s | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} MiB | {:.2} | {:.2} |",
+            "| {title} | {:.2} s | {:.0} | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} MiB | {:.2} | {:.2} |",
             n("start_to_programmed_s"),
+            n("changes"),
             n("programming_p50_ms"),
             n("programming_p99_ms"),
             n("programming_max_ms"),
