@@ -250,9 +250,15 @@ fn leftovers_in(netns: &str) -> Vec<String> {
     iptables.chain(tables).map(str::to_owned).collect()
 }
 
-/// The first sample of `name` in Prometheus text, labelled or not
-/// (kube-proxy labels its sync metrics with `ip_family`).
+/// The sample of `name` in Prometheus text: kube-proxy's IPv4 one where it
+/// labels them by `ip_family` (its IPv6 proxier syncs long before the IPv4
+/// one at scale, and must not pass for it), else the first.
 pub fn metric(body: &str, name: &str) -> Option<f64> {
+    let ipv4 = format!("{name}{{ip_family=\"IPv4\"}} ");
+    let labelled = body.lines().find_map(|l| l.strip_prefix(&ipv4)?.trim().parse().ok());
+    if labelled.is_some() || body.contains(&format!("{name}{{ip_family=")) {
+        return labelled;
+    }
     body.lines().find_map(|line| {
         let rest = line.strip_prefix(name)?;
         let value = match rest.strip_prefix('{') {
@@ -266,4 +272,21 @@ pub fn metric(body: &str, name: &str) -> Option<f64> {
 fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric;
+
+    #[test]
+    fn kube_proxys_ipv6_sync_does_not_pass_for_the_ipv4_one() {
+        let name = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
+        let only_ipv6 = format!("# TYPE {name} gauge\n{name}{{ip_family=\"IPv6\"}} 1.7e+09\n");
+        assert_eq!(metric(&only_ipv6, name), None);
+        let both =
+            format!("{name}{{ip_family=\"IPv4\"}} 1.8e+09\n{name}{{ip_family=\"IPv6\"}} 1.7e+09\n");
+        assert_eq!(metric(&both, name), Some(1.8e9));
+        assert_eq!(metric("forwarder_x 3\n", "forwarder_x"), Some(3.0));
+        assert_eq!(metric("forwarder_x_count 3\n", "forwarder_x"), None);
+    }
 }
