@@ -10,6 +10,7 @@ use core::mem::size_of;
 
 pub mod crc32c;
 pub mod csum;
+pub mod flow_hash;
 
 /// Map names. A layout change bumps the suffix so an old pinned map is never
 /// reused with a new layout.

@@ -9,7 +9,7 @@ use forwarder_common::{
     CT_SNAT, CT_SNAT_REPLY, CtKey, CtValue, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
     SNAT_ADDR_DEFAULT, SNAT_CLOSED_TIMEOUT, SNAT_PORT_COUNT, SNAT_PORT_MIN, SNAT_TCP_IDLE_TIMEOUT,
     SNAT_UDP_IDLE_TIMEOUT, SOURCE_RANGE_FRONTEND_BITS, SVC_DROP_EMPTY, SVC_HAS_INTERNAL,
-    SVC_SOURCE_RANGES, SourceRangeKey, SvcKey, SvcValue, stat,
+    SVC_SOURCE_RANGES, SourceRangeKey, SvcKey, SvcValue, flow_hash::flow_hash, stat,
 };
 
 use crate::{
@@ -109,8 +109,8 @@ fn new_flow(
     if head.flags & SVC_SOURCE_RANGES != 0 && !source_allowed(flow, svc) {
         return Err(stat::DROP_SOURCE_RANGE);
     }
-    // SAFETY: helper without arguments.
-    let pick = unsafe { bpf_get_prandom_u32() };
+    // Not random: the flow's packets pick alike if its entries get lost.
+    let pick = flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
     let affine = match head.affinity_timeout {
         0 => None,
         timeout => affine_backend(flow, svc, timeout),

@@ -300,6 +300,9 @@ fn layout(name: &str) -> (usize, usize) {
     }
 }
 
+/// `BPF_F_NO_COMMON_LRU`, as the eBPF object declares the conntrack map.
+const BPF_F_NO_COMMON_LRU: u32 = 2;
+
 /// Checks the maps pinned in `pins` (if any) against this build's layouts,
 /// and returns the capacity they really have: a pinned map keeps its size.
 pub fn pinned_capacity(pins: &PinDir, wanted: Capacity) -> Result<Capacity, DataplaneError> {
@@ -314,6 +317,14 @@ pub fn pinned_capacity(pins: &PinDir, wanted: Capacity) -> Result<Capacity, Data
         let found = (info.key_size() as usize, info.value_size() as usize);
         if found != layout(name) {
             return Err(DataplaneError::PinnedLayout { name, found, wanted: layout(name) });
+        }
+        if name == map_names::CONNTRACK && info.map_flags() & BPF_F_NO_COMMON_LRU == 0 {
+            // Reused all the same: its flows outlive the upgrade.
+            tracing::warn!(
+                map = name,
+                "conntrack map pinned by an earlier build shares one LRU list between CPUs, \
+                 which can evict live flows under load; `forwarder cleanup` recreates it"
+            );
         }
         match name {
             map_names::SERVICES => capacity.services = info.max_entries(),

@@ -38,6 +38,32 @@ fn new_flows_spread_over_all_ready_backends() {
     assert!(hits.iter().all(|h| (60..=140).contains(h)), "uneven spread: {hits:?}");
 }
 
+/// Under a connection storm the LRU evicts entries of live flows; their
+/// next packets must reach the backend they were on, or it resets them.
+#[test]
+fn flows_whose_entries_were_evicted_keep_their_backend() {
+    let mut harness = Harness::new();
+    let mut services = default_services();
+    services[0].1 = vec!["10.244.1.2:8080", "10.244.1.3:8080"];
+    harness.set_services(&services);
+    let flows: Vec<Packet> = (0..32u16)
+        .map(|i| Packet::tcp(&format!("192.168.10.2:{}", 40000 + i), "192.168.10.1:30080"))
+        .collect();
+    let backends: Vec<String> =
+        flows.iter().map(|f| backend_of(&harness.run(Prog::Xdp, &f.bytes()).1)).collect();
+    let keys: Vec<CtKey> = harness.maps.conntrack().keys().map(|k| k.unwrap()).collect();
+    for key in &keys {
+        harness.maps.conntrack().remove(key).expect("entry removable");
+    }
+    assert_eq!(harness.conntrack_len(), 0);
+    // A random pick would keep all 32 with probability 2^-32.
+    for (flow, before) in flows.iter().zip(&backends) {
+        let (_, out) = harness.run(Prog::Xdp, &flow.bytes());
+        assert_eq!(&backend_of(&out), before, "flow {flow:?} moved after eviction");
+    }
+    assert!(backends.iter().any(|b| b != &backends[0]), "both backends used: {backends:?}");
+}
+
 /// One client port to two frontends that share a backend: after DNAT both
 /// flows would be the same tuple.
 #[test]
