@@ -91,9 +91,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut dataplane =
         Dataplane::load(capacity, pins.clone()).context("loading the eBPF programs")?;
     let capacity = dataplane.capacity();
-    if (capacity.services, capacity.conntrack)
-        != (config.capacity.services, config.capacity.conntrack)
-    {
+    let wanted = config.capacity.as_created();
+    if (capacity.services, capacity.conntrack) != (wanted.services, wanted.conntrack) {
         tracing::warn!(
             services = capacity.services,
             conntrack = capacity.conntrack,

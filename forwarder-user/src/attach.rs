@@ -91,7 +91,7 @@ impl Dataplane {
         let pin_err =
             |source| DataplaneError::Pin { path: pins.path().display().to_string(), source };
         pins.create().map_err(pin_err)?;
-        let capacity = pinned_capacity(&pins, capacity)?;
+        let capacity = pinned_capacity(&pins, capacity.as_created())?;
         let node_netns = current_netns_cookie().map_err(DataplaneError::NetnsCookie)?;
         let mut ebpf = load_object(capacity, node_netns, Some(&pins))?;
         let maps = Maps::take(&mut ebpf)?;

@@ -44,6 +44,17 @@ impl Default for Capacity {
     }
 }
 
+impl Capacity {
+    /// The sizes the kernel creates: a map with an LRU list per CPU gets a
+    /// multiple of the possible CPUs, so a flag's value is compared as such.
+    pub fn as_created(self) -> Self {
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
+        let conntrack =
+            self.conntrack.checked_next_multiple_of(cpus).unwrap_or(self.conntrack / cpus * cpus);
+        Self { conntrack, ..self }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error("loading the eBPF object failed")]

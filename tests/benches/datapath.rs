@@ -68,8 +68,9 @@ impl Bench {
         let capacity = Capacity {
             services: (count * 2 + 1024).max(forwarder_common::SERVICES_MAX),
             backends: (count + 1024).max(forwarder_common::BACKENDS_MAX),
-            // Room for every flow the rounds open: eviction would be measured too.
-            conntrack: 1 << 20,
+            // Room for every flow the rounds open in the one CPU's share of
+            // the per-CPU LRU lists: eviction would be measured too.
+            conntrack: (1 << 20) * aya::util::nr_cpus().expect("possible CPUs") as u32,
         };
         let mut ebpf = load_object(capacity, 0, None).expect("load forwarder programs");
         let mut maps = Maps::take(&mut ebpf).expect("maps");

@@ -64,6 +64,22 @@ fn flows_whose_entries_were_evicted_keep_their_backend() {
     assert!(backends.iter().any(|b| b != &backends[0]), "both backends used: {backends:?}");
 }
 
+/// The kernel sizes a map with an LRU list per CPU in multiples of the
+/// possible CPUs; the agent must expect that size, or it warns on every
+/// start that the pinned maps kept another one.
+#[test]
+fn conntrack_is_created_with_the_size_the_agent_expects() {
+    let wanted = Capacity { conntrack: 262_145, ..Capacity::default() };
+    let ebpf = load_object(wanted, 0, None).expect("eBPF object loads (are you root?)");
+    let Some(aya::maps::Map::LruHashMap(map)) = ebpf.map(forwarder_common::map_names::CONNTRACK)
+    else {
+        panic!("conntrack is an LRU hash map");
+    };
+    let info = map.info().expect("map info");
+    assert_ne!(info.map_flags() & 2, 0, "BPF_F_NO_COMMON_LRU: a list per CPU");
+    assert_eq!(info.max_entries(), wanted.as_created().conntrack);
+}
+
 /// One client port to two frontends that share a backend: after DNAT both
 /// flows would be the same tuple.
 #[test]
