@@ -49,6 +49,9 @@ pub const CLUSTER_IPS_MAX: u32 = 65_536;
 pub const SOURCE_RANGES_MAX: u32 = 65_536;
 pub const SOCKET_NAT_MAX: u32 = 65_536;
 
+/// The conntrack map's flags: `BPF_F_NO_COMMON_LRU`, an LRU list per CPU.
+pub const CONNTRACK_FLAGS: u32 = 2;
+
 /// Global set at load time: the network namespace (cookie) whose sockets
 /// the socket-level programs translate, the node's own.
 pub const NODE_NETNS_COOKIE: &str = "NODE_NETNS_COOKIE";

@@ -1,13 +1,12 @@
 //! Map definitions. Names must match `forwarder_common::map_names`.
 use aya_ebpf::{
-    bindings::BPF_F_NO_COMMON_LRU,
     macros::map,
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use forwarder_common::{
     AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, CLUSTER_IPS_MAX,
-    CONNTRACK_MAX, CtKey, CtValue, NODE_IPS_MAX, SERVICES_MAX, SNAT_ADDRS_MAX, SOCKET_NAT_MAX,
-    SOURCE_RANGES_MAX, SockNat, SourceRangeKey, SvcKey, SvcValue, stat,
+    CONNTRACK_FLAGS, CONNTRACK_MAX, CtKey, CtValue, NODE_IPS_MAX, SERVICES_MAX, SNAT_ADDRS_MAX,
+    SOCKET_NAT_MAX, SOURCE_RANGES_MAX, SockNat, SourceRangeKey, SvcKey, SvcValue, stat,
 };
 
 #[map(name = "SVC4_V1")]
@@ -22,7 +21,7 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(BACKENDS_
 /// map's size lost live flows (0.5% of new connections in the benchmark).
 #[map(name = "CT4_V1")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
-    LruHashMap::with_max_entries(CONNTRACK_MAX, BPF_F_NO_COMMON_LRU);
+    LruHashMap::with_max_entries(CONNTRACK_MAX, CONNTRACK_FLAGS);
 
 /// Local node addresses that serve NodePorts (value unused).
 #[map(name = "NODE_IP4_V1")]

@@ -311,9 +311,6 @@ fn layout(name: &str) -> (usize, usize) {
     }
 }
 
-/// `BPF_F_NO_COMMON_LRU`, as the eBPF object declares the conntrack map.
-const BPF_F_NO_COMMON_LRU: u32 = 2;
-
 /// Checks the maps pinned in `pins` (if any) against this build's layouts,
 /// and returns the capacity they really have: a pinned map keeps its size.
 pub fn pinned_capacity(pins: &PinDir, wanted: Capacity) -> Result<Capacity, DataplaneError> {
@@ -329,7 +326,8 @@ pub fn pinned_capacity(pins: &PinDir, wanted: Capacity) -> Result<Capacity, Data
         if found != layout(name) {
             return Err(DataplaneError::PinnedLayout { name, found, wanted: layout(name) });
         }
-        if name == map_names::CONNTRACK && info.map_flags() & BPF_F_NO_COMMON_LRU == 0 {
+        let ct_flags = forwarder_common::CONNTRACK_FLAGS;
+        if name == map_names::CONNTRACK && info.map_flags() & ct_flags != ct_flags {
             // Reused all the same: its flows outlive the upgrade.
             tracing::warn!(
                 map = name,

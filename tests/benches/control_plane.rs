@@ -288,7 +288,7 @@ impl Run<'_> {
             "flags": running.flags(&map_max),
             "start_to_programmed_s": synced - started,
             "changes_planned": changes,
-        "changes": latencies.len(),
+            "changes": latencies.len(),
             "programming_p50_ms": percentile(&latencies, 0.50) * 1e3,
             "programming_p99_ms": percentile(&latencies, 0.99) * 1e3,
             "programming_max_ms": latencies.last().copied().unwrap_or(f64::NAN) * 1e3,

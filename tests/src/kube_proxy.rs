@@ -198,13 +198,13 @@ impl KubeProxy {
         );
         let left = leftovers_in(&self.node_ns);
         if left.iter().any(|l| l.contains("KUBE-FIREWALL")) {
+            let iptables = format!("iptables-{}", self.mode.iptables_backend());
             for args in [
                 &["-D", "INPUT", "-j", "KUBE-FIREWALL"][..],
                 &["-D", "OUTPUT", "-j", "KUBE-FIREWALL"],
                 &["-F", "KUBE-FIREWALL"],
                 &["-X", "KUBE-FIREWALL"],
             ] {
-                let iptables = format!("iptables-{}", self.mode.iptables_backend());
                 let _ = Command::new("ip")
                     .args(["netns", "exec", &self.node_ns, &iptables])
                     .args(args)

@@ -24,9 +24,7 @@ fn established_flow_keeps_its_backend_when_backends_change() {
 #[test]
 fn new_flows_spread_over_all_ready_backends() {
     let mut harness = Harness::new();
-    let mut services = default_services();
-    services[0].1 = vec!["10.244.1.2:8080", "10.244.1.3:8080"];
-    harness.set_services(&services);
+    harness.set_services(&two_node_port_backends());
     let mut hits = [0u32; 2];
     for sport in 0..200u16 {
         let flow = Packet::tcp(&format!("192.168.10.2:{}", 20000 + sport), "192.168.10.1:30080");
@@ -43,9 +41,7 @@ fn new_flows_spread_over_all_ready_backends() {
 #[test]
 fn flows_whose_entries_were_evicted_keep_their_backend() {
     let mut harness = Harness::new();
-    let mut services = default_services();
-    services[0].1 = vec!["10.244.1.2:8080", "10.244.1.3:8080"];
-    harness.set_services(&services);
+    harness.set_services(&two_node_port_backends());
     let flows: Vec<Packet> = (0..32u16)
         .map(|i| Packet::tcp(&format!("192.168.10.2:{}", 40000 + i), "192.168.10.1:30080"))
         .collect();
@@ -76,8 +72,16 @@ fn conntrack_is_created_with_the_size_the_agent_expects() {
         panic!("conntrack is an LRU hash map");
     };
     let info = map.info().expect("map info");
-    assert_ne!(info.map_flags() & 2, 0, "BPF_F_NO_COMMON_LRU: a list per CPU");
+    let flags = forwarder_common::CONNTRACK_FLAGS;
+    assert_eq!(info.map_flags() & flags, flags, "BPF_F_NO_COMMON_LRU: a list per CPU");
     assert_eq!(info.max_entries(), wanted.as_created().conntrack);
+}
+
+/// The default Services, the TCP NodePort with two backends.
+fn two_node_port_backends() -> Vec<(Frontend, Vec<&'static str>)> {
+    let mut services = default_services();
+    services[0].1 = vec!["10.244.1.2:8080", "10.244.1.3:8080"];
+    services
 }
 
 /// One client port to two frontends that share a backend: after DNAT both
@@ -98,9 +102,7 @@ fn same_client_port_to_two_frontends_of_one_backend() {
     assert_eq!(out, via_cluster_ip.reversed().bytes(), "first flow's reply hijacked");
 
     // With a second backend the new flow goes there instead.
-    let mut services = default_services();
-    services[0].1 = vec!["10.244.1.2:8080", "10.244.1.3:8080"];
-    harness.set_services(&services);
+    harness.set_services(&two_node_port_backends());
     let (verdict, out) = harness.run(Prog::Tc, &via_node_port.bytes());
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out, via_node_port.with_dst("10.244.1.3:8080").bytes());
