@@ -35,6 +35,7 @@ pub mod program_names {
     pub const SOCK_RECVMSG: &str = "fwd_sock_recvmsg4";
     pub const SOCK_PEERNAME: &str = "fwd_sock_peername4";
     pub const TC_POD: &str = "fwd_tc_pod";
+    pub const TC_NODE: &str = "fwd_tc_node";
     pub const TC_REVERSE_NAT: &str = "fwd_tc_rnat";
 }
 
@@ -262,6 +263,12 @@ impl CtValue {
         Self { nat_addr, nat_port, flags: 0, backend_id, last_seen: 0 }
     }
 }
+
+/// XDP metadata by which `fwd_xdp_node` asks `fwd_tc_node` to answer a
+/// packet with a reject: this marker in the high half, the `stat` counter
+/// of the reason in the low one.
+pub const DEFERRED_REJECT: u32 = 0x4657_0000;
+pub const DEFERRED_REJECT_MASK: u32 = 0xffff_0000;
 
 /// Per-CPU counters (`STATS_V1` index). Drops are counted by reason; a few
 /// non-drop events are counted too, so tests and metrics can tell the

@@ -12,11 +12,11 @@ use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action},
     helpers::{
         bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_tail, bpf_xdp_adjust_head,
-        bpf_xdp_adjust_tail,
+        bpf_xdp_adjust_meta, bpf_xdp_adjust_tail,
     },
     programs::{TcContext, XdpContext},
 };
-use forwarder_common::{PROTO_SCTP, PROTO_TCP, stat};
+use forwarder_common::{DEFERRED_REJECT, DEFERRED_REJECT_MASK, PROTO_SCTP, PROTO_TCP, stat};
 
 use crate::parse::{Flow, L3_OFF};
 
@@ -129,6 +129,46 @@ fn answer_len(flow: &Flow) -> usize {
     ETH_LEN + ROOM + IP_LEN + quoted
 }
 
+/// Hands a reject from XDP to TC ingress on the same interface, through the
+/// packet's metadata; the caller then passes the packet. XDP_TX over veth
+/// reaches the peer only when the peer runs XDP itself, which a container
+/// used as a node does not; a TC redirect works on every interface. False
+/// where the driver keeps no metadata: answer with `reject_xdp` then.
+/// A packet no answer can quote (IP options) is an error here already.
+#[inline(always)]
+pub fn defer_reject(ctx: &XdpContext, flow: &Flow, reason: u32) -> Result<bool, u32> {
+    if flow.l4_off != L3_OFF + IP_LEN {
+        return Err(stat::DROP_REJECT_FAILED);
+    }
+    // SAFETY: the context pointer is the program's own.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {
+        return Ok(false);
+    }
+    // SAFETY: as above; the verifier checks the range below.
+    let meta = unsafe { (*ctx.ctx).data_meta } as usize;
+    if meta + 4 > ctx.data() {
+        return Ok(false);
+    }
+    // SAFETY: four bytes of metadata, checked just above.
+    unsafe { (meta as *mut u32).write_unaligned(DEFERRED_REJECT | reason) };
+    Ok(true)
+}
+
+/// The reason of a reject `defer_reject` handed over, if this packet
+/// carries one.
+#[inline(always)]
+pub fn deferred_reject(ctx: &TcContext) -> Option<u32> {
+    // SAFETY: the context's skb pointer is valid for the program's run.
+    let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
+    if meta + 4 > ctx.data() {
+        return None;
+    }
+    // SAFETY: four bytes of metadata, checked just above.
+    let word = unsafe { (meta as *const u32).read_unaligned() };
+    let reason = word & !DEFERRED_REJECT_MASK;
+    (word & DEFERRED_REJECT_MASK == DEFERRED_REJECT && stat::is_reject(reason)).then_some(reason)
+}
+
 /// Answers from XDP: shrink to the quote, grow room in front, send back out
 /// the interface the packet came in on.
 #[inline(always)]
@@ -149,7 +189,8 @@ pub fn reject_xdp(ctx: &XdpContext, flow: &Flow) -> Result<u32, u32> {
     Ok(xdp_action::XDP_TX)
 }
 
-/// Answers from TC ingress: insert room after the Ethernet header, trim to
+/// Answers from TC ingress (pod-facing interfaces, and node interfaces for
+/// rejects XDP handed over): insert room after the Ethernet header, trim to
 /// the quote, redirect out the interface the packet came from.
 ///
 /// The skb may stay CHECKSUM_PARTIAL (adjusting room does not reset it; the

@@ -4,6 +4,7 @@
 //!   frontend to a backend.
 //! - `fwd_tc_pod` (TC ingress, pod-facing interfaces): the same DNAT for pod
 //!   clients.
+//! - `fwd_tc_node` (TC ingress, node interfaces): the rejects XDP hands over.
 //! - `fwd_tc_rnat` (TC egress, node and pod-facing interfaces): reverse NAT
 //!   of backend replies, and masquerading.
 //! - `fwd_sock_connect4`, `fwd_sock_peername4` (cgroup): socket-level

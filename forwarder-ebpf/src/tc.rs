@@ -1,6 +1,9 @@
 //! TC programs:
 //! - `fwd_tc_pod`, ingress of pod-facing interfaces: DNAT for pod clients,
 //!   and the reversal of masquerading (hairpin replies).
+//! - `fwd_tc_node`, ingress of node interfaces: sends the rejects that
+//!   `fwd_xdp_node` handed over (XDP cannot send them over every kind of
+//!   interface); every other packet passes at once.
 //! - `fwd_tc_rnat`, egress of node and pod-facing interfaces: reverse NAT of
 //!   backend replies, and masquerading. Like netfilter's postrouting it runs
 //!   after routing: a packet whose new source is a node address would
@@ -58,6 +61,28 @@ fn try_tc_pod(ctx: &TcContext) -> Result<i32, u32> {
         count(stat::REVERSE_SNAT);
     }
     Ok(TC_ACT_OK as i32)
+}
+
+#[classifier]
+pub fn fwd_tc_node(ctx: TcContext) -> i32 {
+    let Some(reason) = icmp::deferred_reject(&ctx) else {
+        return TC_ACT_OK as i32;
+    };
+    // XDP parsed it a moment ago; a packet that no longer parses is still
+    // addressed to a frontend, so it must not pass.
+    let sent = parse_linear(&ctx)
+        .ok_or(stat::DROP_REJECT_FAILED)
+        .and_then(|flow| icmp::reject_tc(&ctx, &flow));
+    match sent {
+        Ok(action) => {
+            count(reason);
+            action
+        }
+        Err(failed) => {
+            count(failed);
+            TC_ACT_SHOT as i32
+        }
+    }
 }
 
 #[classifier]

@@ -35,6 +35,9 @@ fn try_xdp_node(ctx: &XdpContext) -> Result<u32, u32> {
     };
     let dnat = match lb::service_dnat(&flow, Origin::Outside) {
         Err(reason) if stat::is_reject(reason) => {
+            if icmp::defer_reject(ctx, &flow, reason)? {
+                return Ok(xdp_action::XDP_PASS);
+            }
             let action = icmp::reject_xdp(ctx, &flow)?;
             count(reason);
             return Ok(action);

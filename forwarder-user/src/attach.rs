@@ -228,7 +228,8 @@ impl Dataplane {
     }
 
     /// XDP (driver mode, falling back to generic) for DNAT of arriving
-    /// packets, TC egress for reverse NAT of replies leaving the node.
+    /// packets, TC ingress to send the rejects XDP hands over, TC egress
+    /// for reverse NAT of replies leaving the node.
     pub fn attach_node_iface(&mut self, iface: &str) -> Result<XdpAttachMode, DataplaneError> {
         let attach_err = |source| DataplaneError::Attach { iface: iface.to_owned(), source };
         let pin = self.pins.link(&format!("xdp-{iface}"));
@@ -256,6 +257,7 @@ impl Dataplane {
                  disable TX checksum offload on its peer"
             );
         }
+        self.attach_tc(iface, program_names::TC_NODE, TcAttachType::Ingress)?;
         self.attach_tc(iface, program_names::TC_REVERSE_NAT, TcAttachType::Egress)?;
         Ok(mode)
     }
@@ -303,6 +305,7 @@ pub fn cleanup(pins: &PinDir) -> std::io::Result<usize> {
         for iface in links.flatten().map(|e| e.file_name().to_string_lossy().into_owned()) {
             for (hook, program) in [
                 (TcAttachType::Ingress, program_names::TC_POD),
+                (TcAttachType::Ingress, program_names::TC_NODE),
                 (TcAttachType::Egress, program_names::TC_REVERSE_NAT),
             ] {
                 let _ = tc::qdisc_detach_program(&iface, hook, program);

@@ -383,6 +383,7 @@ pub fn load_object(
     for name in [
         program_names::XDP_NODE,
         program_names::TC_POD,
+        program_names::TC_NODE,
         program_names::TC_REVERSE_NAT,
         program_names::SOCK_CONNECT,
         program_names::SOCK_SENDMSG,

@@ -26,6 +26,10 @@ enum Command {
     /// Keep the node's own sockets out of the masquerade source ports
     /// (a host sysctl; the DaemonSet's privileged init container runs it).
     ReservePorts,
+    /// Mount a bpffs where `--bpffs-root` needs one, if the host has none
+    /// (the agent does it too, but without CAP_SYS_ADMIN it cannot: the
+    /// DaemonSet's privileged init container runs this).
+    MountBpffs(MountBpffsArgs),
     /// Remove every attachment, pin and map forwarder made for a node, in
     /// this network namespace (kube-proxy's --cleanup).
     Cleanup(CleanupArgs),
@@ -35,6 +39,12 @@ enum Command {
 struct CleanupArgs {
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
+    #[arg(long, env = "FORWARDER_BPFFS_ROOT", default_value = pins::DEFAULT_ROOT)]
+    bpffs_root: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct MountBpffsArgs {
     #[arg(long, env = "FORWARDER_BPFFS_ROOT", default_value = pins::DEFAULT_ROOT)]
     bpffs_root: PathBuf,
 }
@@ -153,6 +163,10 @@ async fn run() -> anyhow::Result<()> {
     let args = match Cli::parse().command {
         Command::Run(args) => *args,
         Command::ReservePorts => return agent::reserve_masquerade_ports(),
+        Command::MountBpffs(args) => {
+            return pins::ensure_bpffs(&args.bpffs_root)
+                .with_context(|| format!("preparing {}", args.bpffs_root.display()));
+        }
         Command::Cleanup(args) => {
             let pins = PinDir::new(&args.bpffs_root, &args.node_name);
             let removed = attach::cleanup(&pins)

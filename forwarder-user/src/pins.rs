@@ -97,22 +97,47 @@ fn is_bpffs(path: &Path) -> io::Result<bool> {
     Ok(stat.f_type as i64 == BPF_FS_MAGIC)
 }
 
-/// Mounts bpffs at `dir` unless `dir` is on one already.
+/// Where a bpffs belongs by convention, and where Cilium's agent and
+/// bpftool mount one when the host has none.
+const CONVENTIONAL_MOUNT: &str = "/sys/fs/bpf";
+
+/// Makes `dir` a directory on a bpffs, mounting one where none holds it:
+/// at /sys/fs/bpf when `dir` lies under it (a directory of sysfs, where
+/// nothing else can be created), else at `dir` itself.
 pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    if is_bpffs(dir)? {
-        return Ok(());
+    let nearest = dir.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
+    if !is_bpffs(nearest)? {
+        let conventional = Path::new(CONVENTIONAL_MOUNT);
+        let target = if dir.starts_with(conventional) && nearest.starts_with(conventional) {
+            conventional
+        } else {
+            std::fs::create_dir_all(dir)?;
+            dir
+        };
+        mount_bpffs(target)?;
     }
+    std::fs::create_dir_all(dir)
+}
+
+fn mount_bpffs(target: &Path) -> io::Result<()> {
     // The mount lives as long as this mount namespace: a private one (as
-    // `ip netns exec` makes) takes the pins with it when it goes.
-    tracing::warn!(dir = %dir.display(), "no bpffs here: mounting one");
-    let target = CString::new(dir.as_os_str().as_bytes())?;
+    // `ip netns exec` makes) takes the pins with it when it goes, so
+    // state then survives a restart only if the namespace does.
+    tracing::warn!(
+        dir = %target.display(),
+        "no bpffs here: mounting one; pins outlive the agent only as long as this mount namespace"
+    );
+    let c_target = CString::new(target.as_os_str().as_bytes())?;
     // SAFETY: valid C strings; no mount data.
     let rc = unsafe {
-        libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+        libc::mount(c"bpf".as_ptr(), c_target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
     };
     if rc != 0 {
-        return Err(io::Error::last_os_error());
+        let error = io::Error::last_os_error();
+        return Err(io::Error::new(
+            error.kind(),
+            format!("mounting a bpffs at {}: {error}", target.display()),
+        ));
     }
     Ok(())
 }

@@ -14,7 +14,6 @@
 use crate::{
     netns::{NetNs, unique_prefix},
     topology::{Pod, add_pod, configure_node},
-    xdp_pass::XdpPass,
 };
 
 pub const CLIENT_IP: &str = "192.168.20.100";
@@ -28,7 +27,6 @@ pub struct Node {
 
 /// Field order is drop order: pods and hosts before the switch.
 pub struct Cluster {
-    _switch_xdp: Vec<XdpPass>,
     pub pods: Vec<Pod>,
     pub client: NetNs,
     pub nodes: Vec<Node>,
@@ -60,14 +58,12 @@ const NODES: [NodeSpec; 2] = [
 
 /// Plugs `host`'s `iface` into the switch with `addr/24`; the wire carries
 /// complete checksums (TX offload off), as XDP on a real NIC sees them.
-fn wire(switch: &NetNs, host: &NetNs, port: &str, iface: &str, addr: &str) -> XdpPass {
+fn wire(switch: &NetNs, host: &NetNs, port: &str, iface: &str, addr: &str) {
     switch.veth(port, host, iface);
     switch.ip(&["link", "set", port, "master", "br0", "up"]);
     host.ip(&["addr", "add", &format!("{addr}/24"), "dev", iface]);
     host.ip(&["link", "set", iface, "up"]);
     host.exec(&["ethtool", "-K", iface, "tx", "off"]);
-    // Lets forwarder's XDP_TX answers reach the switch over veth.
-    XdpPass::attach(switch, port)
 }
 
 impl Cluster {
@@ -78,7 +74,9 @@ impl Cluster {
         switch.ip(&["link", "set", "br0", "up"]);
 
         let client = NetNs::new(format!("{prefix}-client"));
-        let mut switch_xdp = vec![wire(&switch, &client, "p-client", "eth0", CLIENT_IP)];
+        // As in `topology`, the switch runs no XDP on its ports: rejects
+        // must reach the client without it.
+        wire(&switch, &client, "p-client", "eth0", CLIENT_IP);
         client.ip(&["route", "add", "default", "via", NODES[0].ip]);
 
         let mut nodes = Vec::new();
@@ -86,7 +84,7 @@ impl Cluster {
         for (i, spec) in NODES.iter().enumerate() {
             let ns = NetNs::new(format!("{prefix}-{}", spec.name));
             configure_node(&ns);
-            switch_xdp.push(wire(&switch, &ns, &format!("p-{}", spec.name), NODE_IFACE, spec.ip));
+            wire(&switch, &ns, &format!("p-{}", spec.name), NODE_IFACE, spec.ip);
             let peer = &NODES[1 - i];
             ns.ip(&["route", "add", peer.pod_cidr, "via", peer.ip]);
             for (pod, pod_ip) in spec.pods {
@@ -94,7 +92,7 @@ impl Cluster {
             }
             nodes.push(Node { name: spec.name, ip: spec.ip, ns });
         }
-        Self { _switch_xdp: switch_xdp, pods, client, nodes, switch }
+        Self { pods, client, nodes, switch }
     }
 
     pub fn node(&self, name: &str) -> &Node {

@@ -79,8 +79,9 @@ pub struct Forwarder {
     pub log: PathBuf,
     node_ns: String,
     node_name: String,
-    /// The `--bpffs-root` of this node's agent.
-    pub bpffs_root: PathBuf,
+    /// The `--bpffs-root` of this node's agent; `None` for the default,
+    /// which the agent mounts in its own mount namespace.
+    pub bpffs_root: Option<PathBuf>,
     args: Vec<OsString>,
 }
 
@@ -109,6 +110,17 @@ impl Forwarder {
         Self::start_with(node, &source, node_name, iface)
     }
 
+    /// Exactly as the README tells a user: `forwarder run --manifests DIR
+    /// --node-name N --iface IF` under `ip netns exec`, every other flag at
+    /// its default (no bpffs prepared, healthz on 0.0.0.0:10256).
+    pub fn start_as_readme(node: &NetNs, manifests: &Path, node_name: &str, iface: &str) -> Self {
+        let mut args: Vec<OsString> = vec!["run".into(), "--manifests".into(), manifests.into()];
+        for arg in ["--node-name", node_name, "--iface", iface] {
+            args.push(arg.into());
+        }
+        Self::spawn_healthy(node, node_name, None, args)
+    }
+
     fn start_with(node: &NetNs, source: &[&OsStr], node_name: &str, iface: &str) -> Self {
         let bpffs_root = bpffs_root(node);
         let mut args: Vec<OsString> = vec!["run".into()];
@@ -118,6 +130,15 @@ impl Forwarder {
         }
         args.extend(["--healthz-bind-address".into(), "127.0.0.1:10256".into()]);
         args.extend(["--bpffs-root".into(), bpffs_root.clone().into_os_string()]);
+        Self::spawn_healthy(node, node_name, Some(bpffs_root), args)
+    }
+
+    fn spawn_healthy(
+        node: &NetNs,
+        node_name: &str,
+        bpffs_root: Option<PathBuf>,
+        args: Vec<OsString>,
+    ) -> Self {
         let log = std::env::temp_dir().join(format!("{}-forwarder.log", node.name));
         let _ = std::fs::remove_file(&log);
         let mut forwarder = Self {
@@ -184,12 +205,15 @@ impl Forwarder {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn wait_healthy(&self, node: &NetNs) {
+    fn wait_healthy(&mut self, node: &NetNs) {
         // Generous: a large cluster's first lists take a while to arrive.
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if healthz(node) == Some(200) {
                 return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("forwarder exited ({status}) before it was healthy:\n{}", self.log_text());
             }
             assert!(
                 Instant::now() < deadline,
@@ -218,10 +242,14 @@ impl Forwarder {
 
     fn cleanup_command(&self) -> Command {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.node_ns])
-            .arg(binary())
-            .args(["cleanup", "--node-name", &self.node_name, "--bpffs-root"])
-            .arg(&self.bpffs_root);
+        cmd.args(["netns", "exec", &self.node_ns]).arg(binary()).args([
+            "cleanup",
+            "--node-name",
+            &self.node_name,
+        ]);
+        if let Some(root) = &self.bpffs_root {
+            cmd.arg("--bpffs-root").arg(root);
+        }
         cmd
     }
 
@@ -265,7 +293,9 @@ impl Drop for Forwarder {
         }
         // Leave nothing behind: pins would keep links and maps alive.
         let _ = self.cleanup_command().output();
-        let _ = std::fs::remove_dir(&self.bpffs_root);
+        if let Some(root) = &self.bpffs_root {
+            let _ = std::fs::remove_dir(root);
+        }
     }
 }
 

@@ -1,8 +1,7 @@
-//! A do-nothing XDP program for the far end of a test veth. veth delivers
-//! XDP_TX frames (forwarder's ICMP rejects) promptly only to a peer that
-//! runs XDP itself; a NIC needs nothing. Loaded from two raw instructions,
-//! so the test library needs no eBPF build; detached when dropped. Also a
-//! do-nothing TC program, for the benchmark.
+//! Do-nothing XDP and TC programs, with which the benchmark prices
+//! forwarder's hooks apart from the work in them. Loaded from two raw
+//! instructions, so the test library needs no eBPF build; detached when
+//! dropped.
 use std::os::fd::{FromRawFd, OwnedFd};
 
 use crate::netns::NetNs;

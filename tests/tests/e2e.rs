@@ -318,6 +318,7 @@ fn sigterm_leaves_the_datapath_forwarding_and_cleanup_removes_it() {
     let attached = attachments(&s.topology.node);
     for expected in [
         "xdp eth-ext fwd_xdp_node",
+        "ingress eth-ext fwd_tc_node",
         "egress eth-ext fwd_tc_rnat",
         "ingress veth-a fwd_tc_pod",
         "egress veth-a fwd_tc_rnat",
@@ -326,8 +327,8 @@ fn sigterm_leaves_the_datapath_forwarding_and_cleanup_removes_it() {
         assert!(attached.iter().any(|a| a == expected), "{expected} missing: {attached:?}");
     }
     assert!(
-        !attached.iter().any(|a| a.contains("ingress eth-ext")),
-        "TC ingress on the node iface: {attached:?}"
+        !attached.iter().any(|a| a.contains("ingress eth-ext fwd_tc_pod")),
+        "the pods' program on the node iface: {attached:?}"
     );
     let Setup { mut forwarder, topology, _servers, .. } = s;
     let status = forwarder.stop();
@@ -345,7 +346,7 @@ fn sigterm_leaves_the_datapath_forwarding_and_cleanup_removes_it() {
         attached = attachments(&topology.node);
     }
     assert!(attached.is_empty(), "programs left attached: {attached:?}");
-    let pins: Vec<_> = std::fs::read_dir(&forwarder.bpffs_root)
+    let pins: Vec<_> = std::fs::read_dir(forwarder.bpffs_root.as_ref().expect("the tests' bpffs"))
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(pins.is_empty(), "pins left: {pins:?}");
@@ -478,4 +479,42 @@ fn sctp_reaches_both_pods_through_nodeport_and_cluster_ip() {
     // cgroup connect hook for SCTP (see the README's known limits).
     // The TCP port with the same number still goes to the TCP targets.
     tcp_reaches_both(&s.topology.client, &format!("{NODE_IP}:30080"), &s.forwarder);
+}
+
+/// Started exactly as the README tells a user (every flag but the three
+/// it names at its default), under `ip netns exec`, which leaves no bpffs
+/// at /sys/fs/bpf, on a node interface whose veth peer runs no XDP
+/// program (a container used as a node): NodePort, ClusterIP and rejects
+/// all work.
+#[test]
+fn runs_with_the_readmes_flags_on_a_bare_node() {
+    let topology = Topology::new("readme");
+    let _servers: Vec<_> =
+        ["pod-a", "pod-b"].iter().map(|n| EchoServer::start(&topology.pod(n).ns, n)).collect();
+    let demo = std::fs::read_to_string(demo_manifest()).expect("demo manifest");
+    let manifest = ManifestCopy::with_text(&topology, &format!("{demo}\n---\n{NO_ENDPOINTS}"));
+    let forwarder = Forwarder::start_as_readme(&topology.node, &manifest.0, NODE_NAME, NODE_IFACE);
+    let pod = &topology.pod("pod-c").ns;
+    tcp_reaches_both(&topology.client, &format!("{NODE_IP}:30080"), &forwarder);
+    udp_reaches_both(&topology.client, &format!("{NODE_IP}:30053"), &forwarder);
+    tcp_reaches_both(pod, &format!("{CLUSTER_IP}:80"), &forwarder);
+    udp_reaches_both(pod, &format!("{CLUSTER_IP}:53"), &forwarder);
+    for (from, frontend) in [
+        (&topology.client, format!("{NODE_IP}:30099")),
+        (&topology.client, "10.96.0.30:81".to_owned()),
+        (pod, "10.96.0.30:80".to_owned()),
+    ] {
+        let (kind, took) = tcp_connect_error(from, &frontend);
+        assert_eq!(
+            kind,
+            ErrorKind::ConnectionRefused,
+            "TCP to {frontend}:\n{}",
+            forwarder.log_text()
+        );
+        assert!(took < Duration::from_secs(1), "TCP to {frontend} took {took:?}");
+    }
+    assert_eq!(
+        udp_connected_error(&topology.client, &format!("{NODE_IP}:30098")),
+        Some(ErrorKind::ConnectionRefused)
+    );
 }

@@ -128,7 +128,12 @@ fn changes_made_while_no_agent_ran_apply_on_start() {
 
 /// Backend id -> `address:port` in the agent's pinned backends map.
 fn pinned_backends(forwarder: &Forwarder) -> BTreeMap<u32, String> {
-    let path = forwarder.bpffs_root.join(NODE_NAME).join(map_names::BACKENDS);
+    let path = forwarder
+        .bpffs_root
+        .as_ref()
+        .expect("the tests' bpffs")
+        .join(NODE_NAME)
+        .join(map_names::BACKENDS);
     let map = MapData::from_pin(&path).expect("pinned backends map");
     let backends: HashMap<_, u32, Backend> = HashMap::try_from(Map::HashMap(map)).expect("hash");
     backends

@@ -26,8 +26,6 @@ pub(crate) const XDP_DROP: u32 = 1;
 
 pub(crate) const XDP_PASS: u32 = 2;
 
-pub(crate) const XDP_TX: u32 = 3;
-
 pub(crate) const TC_ACT_OK: u32 = 0;
 
 pub(crate) const TC_ACT_SHOT: u32 = 2;
@@ -43,6 +41,8 @@ pub(crate) enum Prog {
     Xdp,
     /// Ingress of a pod-facing interface.
     Tc,
+    /// Ingress of a node interface.
+    TcNode,
     /// Egress of any interface.
     TcEgress,
 }
@@ -189,9 +189,10 @@ impl Harness {
                     self.ebpf.program(program_names::XDP_NODE).unwrap().try_into().unwrap();
                 p.test_run(opts)
             }
-            Prog::Tc | Prog::TcEgress => {
+            Prog::Tc | Prog::TcNode | Prog::TcEgress => {
                 let name = match prog {
                     Prog::Tc => program_names::TC_POD,
+                    Prog::TcNode => program_names::TC_NODE,
                     _ => program_names::TC_REVERSE_NAT,
                 };
                 let p: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
@@ -221,6 +222,15 @@ impl Harness {
             },
         )
     }
+}
+
+/// What XDP passes up for a reject it hands to TC ingress: the frame
+/// unchanged behind four bytes of metadata naming the reason (test runs
+/// return the metadata with the frame).
+pub(crate) fn deferred_reject(input: &[u8], reason: u32) -> Vec<u8> {
+    let mut out = (forwarder_common::DEFERRED_REJECT | reason).to_ne_bytes().to_vec();
+    out.extend_from_slice(input);
+    out
 }
 
 /// The source port the egress program masqueraded with, checked in range.

@@ -83,7 +83,8 @@ fn an_init_to_an_undeclared_cluster_ip_port_is_rejected() {
     assert_eq!(&out[14 + 20 + 8 + 20 + 12..][..8], &init.bytes()[14 + 20 + 12..][..8]);
     verify_checksums(&out).unwrap();
     let (verdict, out) = harness.run(Prog::Xdp, &init.bytes());
-    assert_eq!((verdict, out), (XDP_TX, port_unreachable(&init.bytes())));
+    let handed = deferred_reject(&init.bytes(), stat::REJECT_UNKNOWN_PORT);
+    assert_eq!((verdict, out), (XDP_PASS, handed));
 }
 
 /// To an endpoint on another node: DNAT, masquerade with a new source

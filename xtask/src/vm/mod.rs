@@ -29,8 +29,10 @@ const TCG_START_DEADLINE: Duration = Duration::from_secs(120);
 const KERNEL_DEADLINE: Duration = Duration::from_secs(20 * 60);
 
 /// The in-VM set: every BPF fixture, one NodePort and one ClusterIP
-/// end-to-end test (each sends TCP and UDP), and the detach-on-SIGTERM test,
-/// which matters most where TC filters are netlink objects (kernel < 6.6).
+/// end-to-end test (each sends TCP and UDP), the rejects (XDP hands them to
+/// TC through metadata, which each kernel's veth must carry), and the
+/// detach-on-SIGTERM test, which matters most where TC filters are netlink
+/// objects (kernel < 6.6).
 fn test_runs(binaries: &[(String, PathBuf)]) -> anyhow::Result<Vec<TestRun>> {
     let find = |name: &str| {
         binaries
@@ -47,6 +49,7 @@ fn test_runs(binaries: &[(String, PathBuf)]) -> anyhow::Result<Vec<TestRun>> {
             args: [
                 "nodeport_from_external_client_reaches_both_pods",
                 "cluster_ip_from_a_pod_reaches_both_pods",
+                "no_endpoints_and_unknown_ports_refuse_at_once",
                 "sigterm_leaves_the_datapath_forwarding_and_cleanup_removes_it",
                 "sctp_reaches_both_pods_through_nodeport_and_cluster_ip",
                 "--exact",
