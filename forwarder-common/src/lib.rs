@@ -17,7 +17,7 @@ pub mod flow_hash;
 pub mod map_names {
     pub const SERVICES: &str = "SVC4_V1";
     pub const BACKENDS: &str = "BACKEND4_V1";
-    pub const CONNTRACK: &str = "CT4_V1";
+    pub const CONNTRACK: &str = "CT4_V2";
     pub const NODE_IPS: &str = "NODE_IP4_V1";
     pub const SNAT_ADDRS: &str = "SNAT_ADDR4_V1";
     pub const AFFINITY: &str = "AFFINITY4_V1";
@@ -230,17 +230,75 @@ pub struct CtKey {
 
 /// `CtValue::flags`: the flow is masqueraded (forward entries).
 pub const CT_MASQUERADE: u16 = 1;
-/// `CtValue::flags`: a FIN or RST was seen (masquerade reply entries).
-pub const CT_CLOSING: u16 = 2;
+/// `CtValue::flags`: a FIN from the client's side was seen (forward and
+/// masquerade entries).
+pub const CT_CLIENT_CLOSING: u16 = 2;
+/// `CtValue::flags`: a FIN from the backend's side was seen (reply and
+/// masquerade reply entries).
+pub const CT_BACKEND_CLOSING: u16 = 4;
+/// `CtValue::flags`: an RST (SCTP: ABORT, SHUTDOWN COMPLETE) was seen: the
+/// connection is gone.
+pub const CT_RESET: u16 = 8;
+/// `CtValue::flags`: a packet past the handshake was seen in the entry's
+/// direction (TCP without SYN, SCTP without INIT): established.
+pub const CT_ESTABLISHED: u16 = 16;
 
-/// A masquerade port whose flow closed may be reused this many seconds
-/// after its last packet...
-pub const SNAT_CLOSED_TIMEOUT: u32 = 10;
-/// ...and one whose flow went idle, after these (Cilium's defaults).
-pub const SNAT_TCP_IDLE_TIMEOUT: u32 = 21_600;
-pub const SNAT_UDP_IDLE_TIMEOUT: u32 = 60;
+/// How long an entry lives after its last packet, by state, in seconds
+/// (a load-time global of the programs; the agent's flags set it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtTimeouts {
+    /// TCP before the handshake completed (SCTP alike).
+    pub tcp_syn: u32,
+    pub tcp_established: u32,
+    /// One side sent its FIN, the other may still send.
+    pub tcp_close_wait: u32,
+    /// Both sides closed, or a reset.
+    pub tcp_close: u32,
+    pub udp: u32,
+}
 
-/// Value of the conntrack map: the address to write into the packet.
+impl CtTimeouts {
+    /// kube-proxy's conntrack settings where it has them (established 24 h,
+    /// close-wait 1 h), netfilter's and Cilium's otherwise.
+    pub const DEFAULT: Self = Self {
+        tcp_syn: 60,
+        tcp_established: 86_400,
+        tcp_close_wait: 3_600,
+        tcp_close: 10,
+        udp: 60,
+    };
+
+    /// Seconds an entry with `flags` lives after its last packet, judged by
+    /// its own direction alone.
+    pub const fn lifetime(&self, proto: u8, flags: u16) -> u32 {
+        let both_closed = CT_CLIENT_CLOSING | CT_BACKEND_CLOSING;
+        if proto == PROTO_UDP {
+            self.udp
+        } else if flags & CT_RESET != 0 || flags & both_closed == both_closed {
+            self.tcp_close
+        } else if flags & (CT_CLIENT_CLOSING | CT_BACKEND_CLOSING) != 0 {
+            self.tcp_close_wait
+        } else if flags & CT_ESTABLISHED == 0 {
+            self.tcp_syn
+        } else {
+            self.tcp_established
+        }
+    }
+
+    /// Seconds a flow whose forward and reply entries carry these flags
+    /// lives after its last packet: both sides' FINs (or a reset on either)
+    /// end it sooner than either entry knows alone.
+    pub const fn flow_lifetime(&self, proto: u8, forward: u16, reply: u16) -> u32 {
+        self.lifetime(proto, forward | reply)
+    }
+}
+
+/// Global holding the `CtTimeouts` the programs use.
+pub const CT_TIMEOUTS: &str = "CT_TIMEOUTS";
+
+/// Value of the conntrack map: what to write into the packet, and the
+/// flow's state.
 ///
 /// Keeping the backend's address in the forward entry, not only its id,
 /// keeps an established flow on its backend when the service's backends
@@ -253,14 +311,37 @@ pub struct CtValue {
     /// `CT_*` flags.
     pub flags: u16,
     pub backend_id: u32,
-    /// Seconds (monotonic, coarse) of the last packet, kept up to date on
-    /// the masquerade entries, whose ports are reclaimed by age.
+    /// Seconds (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC_COARSE) of the
+    /// last packet in the entry's direction.
     pub last_seen: u32,
+    /// Forward entries: the source port the flow has after DNAT, the
+    /// client's own unless its tuple was taken by another flow to the same
+    /// backend (netfilter's clash resolution). Reply entries: the client's
+    /// own port, restored as the destination.
+    pub client_port: u16,
+    pub _pad: [u8; 6],
 }
 
 impl CtValue {
+    /// Seconds since the entry's last packet at `now`. The clock is read
+    /// on every CPU and may lag by a tick where another wrote: a time a
+    /// little ahead is no age. Wrapping, so ages are right across the
+    /// clock's start (test clocks set entries back before it).
+    pub const fn idle(&self, now: u32) -> u32 {
+        let age = now.wrapping_sub(self.last_seen) as i32;
+        if age < 0 { 0 } else { age as u32 }
+    }
+
     pub const fn new(nat_addr: u32, nat_port: u16, backend_id: u32) -> Self {
-        Self { nat_addr, nat_port, flags: 0, backend_id, last_seen: 0 }
+        Self {
+            nat_addr,
+            nat_port,
+            flags: 0,
+            backend_id,
+            last_seen: 0,
+            client_port: 0,
+            _pad: [0; 6],
+        }
     }
 }
 
@@ -287,7 +368,8 @@ pub mod stat {
     /// moved out of reach).
     pub const DROP_REWRITE: u32 = 4;
     /// A new flow would become, after DNAT, the same tuple as a live flow
-    /// from the same client address and port to another frontend.
+    /// from the same client address and port to another frontend, and no
+    /// other source port was free for it.
     pub const DROP_CT_COLLISION: u32 = 5;
     /// No free source port to masquerade with (every port to that backend
     /// is held by a live flow), or no address to use.
@@ -350,7 +432,8 @@ const _: () = assert!(size_of::<SockNat>() == 12);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<Backend>() == 8);
 const _: () = assert!(size_of::<CtKey>() == 16);
-const _: () = assert!(size_of::<CtValue>() == 16);
+const _: () = assert!(size_of::<CtValue>() == 24);
+const _: () = assert!(size_of::<CtTimeouts>() == 20);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -360,6 +443,7 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::CtTimeouts {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::SourceRangeKey {}
     unsafe impl aya::Pod for super::SockNat {}

@@ -12,11 +12,14 @@
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod icmp;
 mod lb;
 mod maps;
+mod nat;
 mod parse;
 mod sctp;
+mod service;
 mod sock;
 mod tc;
 mod xdp;

@@ -19,7 +19,7 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(BACKENDS_
 /// A list per CPU: with the shared one, a CPU short of free entries takes
 /// the freshest from the others' lists, and a connection storm past the
 /// map's size lost live flows (0.5% of new connections in the benchmark).
-#[map(name = "CT4_V1")]
+#[map(name = "CT4_V2")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(CONNTRACK_MAX, CONNTRACK_FLAGS);
 

@@ -19,15 +19,31 @@ pub struct Flow {
     pub proto: u8,
     /// First fragment of a fragmented datagram (MF set, offset 0).
     pub first_fragment: bool,
-    /// TCP FIN or RST, SCTP ABORT or SHUTDOWN COMPLETE: the flow is
-    /// closing (false for UDP).
-    pub closing: bool,
     /// TCP SYN without ACK, SCTP INIT: a client opening a connection.
     pub opening: bool,
+    /// A handshake packet: TCP SYN (with or without ACK), SCTP INIT or
+    /// INIT ACK. Anything else of TCP or SCTP means the flow is established.
+    pub handshake: bool,
+    /// TCP FIN: this side is done sending.
+    pub fin: bool,
+    /// TCP RST, SCTP ABORT or SHUTDOWN COMPLETE: the connection is gone.
+    pub reset: bool,
     /// Offset of the L4 header (from IHL, so IP options are skipped).
     pub l4_off: usize,
     /// Length of the L4 packet (IP total length less the IP header).
     pub l4_len: u16,
+}
+
+/// What a TCP or SCTP packet says of its connection's state.
+struct State {
+    opening: bool,
+    handshake: bool,
+    fin: bool,
+    reset: bool,
+}
+
+impl State {
+    const NONE: Self = Self { opening: false, handshake: false, fin: false, reset: false };
 }
 
 pub enum Parsed {
@@ -49,6 +65,7 @@ pub const UDP_CHECK_OFF: usize = 6;
 pub const SCTP_CHECK_OFF: usize = 8;
 /// Chunk types that open and end an SCTP association (RFC 9260, 3.2).
 const SCTP_INIT: u8 = 1;
+const SCTP_INIT_ACK: u8 = 2;
 const SCTP_ABORT: u8 = 6;
 const SCTP_SHUTDOWN_COMPLETE: u8 = 14;
 /// Largest header span parsing needs: Ethernet, IPv4 with options, TCP.
@@ -108,16 +125,20 @@ pub fn parse(start: usize, end: usize) -> Parsed {
     if tot_len < ihl + l4_len {
         return Parsed::Malformed;
     }
-    let (sport, dport, closing, opening) = match proto {
+    let (sport, dport, state) = match proto {
         PROTO_TCP => {
             let Some(tcp) = ptr_at::<TcpHdr>(start, end, l4_off) else {
                 return Parsed::Truncated;
             };
             // SAFETY: bounds checked above.
             let tcp = unsafe { &*tcp };
-            let closing = tcp.fin() != 0 || tcp.rst() != 0;
-            let opening = tcp.syn() != 0 && tcp.ack() == 0;
-            (u16::from_ne_bytes(tcp.source), u16::from_ne_bytes(tcp.dest), closing, opening)
+            let state = State {
+                opening: tcp.syn() != 0 && tcp.ack() == 0,
+                handshake: tcp.syn() != 0,
+                fin: tcp.fin() != 0,
+                reset: tcp.rst() != 0,
+            };
+            (u16::from_ne_bytes(tcp.source), u16::from_ne_bytes(tcp.dest), state)
         }
         PROTO_UDP => {
             let Some(udp) = ptr_at::<UdpHdr>(start, end, l4_off) else {
@@ -125,7 +146,7 @@ pub fn parse(start: usize, end: usize) -> Parsed {
             };
             // SAFETY: bounds checked above.
             let udp = unsafe { &*udp };
-            (u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst), false, false)
+            (u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst), State::NONE)
         }
         PROTO_SCTP => {
             let Some(sctp) = ptr_at::<SctpHdr>(start, end, l4_off) else {
@@ -141,9 +162,13 @@ pub fn parse(start: usize, end: usize) -> Parsed {
             } else {
                 None
             };
-            let closing = matches!(chunk, Some(SCTP_ABORT | SCTP_SHUTDOWN_COMPLETE));
-            let opening = chunk == Some(SCTP_INIT);
-            (u16::from_ne_bytes(sctp.src), u16::from_ne_bytes(sctp.dst), closing, opening)
+            let state = State {
+                opening: chunk == Some(SCTP_INIT),
+                handshake: matches!(chunk, Some(SCTP_INIT | SCTP_INIT_ACK)),
+                fin: false,
+                reset: matches!(chunk, Some(SCTP_ABORT | SCTP_SHUTDOWN_COMPLETE)),
+            };
+            (u16::from_ne_bytes(sctp.src), u16::from_ne_bytes(sctp.dst), state)
         }
         _ => return Parsed::Other,
     };
@@ -154,8 +179,10 @@ pub fn parse(start: usize, end: usize) -> Parsed {
         dport,
         proto,
         first_fragment: frags & IP_MF != 0,
-        closing,
-        opening,
+        opening: state.opening,
+        handshake: state.handshake,
+        fin: state.fin,
+        reset: state.reset,
         l4_off,
         l4_len: (tot_len - ihl) as u16,
     })

@@ -13,8 +13,8 @@ use aya_ebpf::{
 use forwarder_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, SockNat, stat};
 
 use crate::{
-    lb,
     maps::{SOCKET_NAT, count},
+    service,
 };
 
 /// The node's network namespace cookie, set at load time.
@@ -58,7 +58,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
         _ => return ALLOW,
     };
     let (daddr, dport) = (addr.user_ip4, addr.user_port as u16);
-    match lb::socket_backend(daddr, dport, proto) {
+    match service::socket_backend(daddr, dport, proto) {
         Ok(Some(backend)) => {
             let nat = SockNat {
                 frontend_addr: daddr,

@@ -25,6 +25,7 @@ use crate::{
     icmp,
     lb::{self, Nat, Origin},
     maps::count,
+    nat,
     parse::{self, Flow, Parsed},
     sctp,
 };
@@ -56,7 +57,7 @@ fn try_tc_pod(ctx: &TcContext) -> Result<i32, u32> {
     if let Some(nat) = dnat {
         rewrite(ctx, &flow, &nat, Side::Destination)?;
         count(stat::DNAT);
-    } else if let Some(nat) = lb::reverse_snat(&flow)? {
+    } else if let Some(nat) = nat::reverse_snat(&flow)? {
         rewrite(ctx, &flow, &nat, Side::Destination)?;
         count(stat::REVERSE_SNAT);
     }
@@ -108,7 +109,7 @@ fn try_tc_rnat(ctx: &TcContext) -> Result<i32, u32> {
     } else {
         // SAFETY: the context's skb pointer is valid for the program's run.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        if let Some(nat) = lb::snat(&flow, ifindex)? {
+        if let Some(nat) = nat::snat(&flow, ifindex)? {
             rewrite(ctx, &flow, &nat, Side::Source)?;
             count(stat::SNAT);
         }
@@ -145,18 +146,24 @@ enum Side {
 
 #[inline(always)]
 fn rewrite(ctx: &TcContext, flow: &Flow, nat: &Nat, side: Side) -> Result<(), u32> {
-    let (addr_off, port_off, old_addr, old_port) = match side {
-        Side::Source => (parse::IP_SADDR_OFF, flow.l4_off, flow.saddr, flow.sport),
-        Side::Destination => (parse::IP_DADDR_OFF, flow.l4_off + 2, flow.daddr, flow.dport),
+    // The side rewritten, and the other side's port (moved by a clash).
+    let (addr_off, port_off, old_addr, old_port, other_off, old_other) = match side {
+        Side::Source => {
+            (parse::IP_SADDR_OFF, flow.l4_off, flow.saddr, flow.sport, flow.l4_off + 2, flow.dport)
+        }
+        Side::Destination => {
+            (parse::IP_DADDR_OFF, flow.l4_off + 2, flow.daddr, flow.dport, flow.l4_off, flow.sport)
+        }
     };
+    let new_other = if nat.other_port != 0 { nat.other_port } else { old_other };
     let err = |_| stat::DROP_REWRITE;
     // SCTP's bytes change without a compensating Internet checksum, so a
     // CHECKSUM_COMPLETE skb's sum must follow its writes.
     let mut port_flags = 0;
     if flow.proto == PROTO_SCTP {
         let (sport, dport) = match side {
-            Side::Source => (nat.port, flow.dport),
-            Side::Destination => (flow.sport, nat.port),
+            Side::Source => (nat.port, new_other),
+            Side::Destination => (new_other, nat.port),
         };
         let crc_off = flow.l4_off + parse::SCTP_CHECK_OFF;
         let crc = sctp::crc_after_port_change(
@@ -176,9 +183,16 @@ fn rewrite(ctx: &TcContext, flow: &Flow, nat: &Nat, side: Side) -> Result<(), u3
             .map_err(err)?;
         ctx.l4_csum_replace(check_off, old_port.into(), nat.port.into(), udp_zero | 2)
             .map_err(err)?;
+        if new_other != old_other {
+            ctx.l4_csum_replace(check_off, old_other.into(), new_other.into(), udp_zero | 2)
+                .map_err(err)?;
+        }
     }
     ctx.l3_csum_replace(parse::IP_CHECK_OFF, old_addr.into(), nat.addr.into(), 4).map_err(err)?;
     ctx.store(addr_off, &nat.addr, 0).map_err(err)?;
     ctx.store(port_off, &nat.port, port_flags).map_err(err)?;
+    if new_other != old_other {
+        ctx.store(other_off, &new_other, port_flags).map_err(err)?;
+    }
     Ok(())
 }

@@ -7,6 +7,7 @@ use crate::{
     icmp,
     lb::{self, Nat, Origin},
     maps::count,
+    nat,
     parse::{self, Flow, Parsed},
     sctp,
 };
@@ -47,22 +48,25 @@ fn try_xdp_node(ctx: &XdpContext) -> Result<u32, u32> {
     if let Some(nat) = dnat {
         rewrite_destination(ctx, &flow, &nat).ok_or(stat::DROP_REWRITE)?;
         count(stat::DNAT);
-    } else if let Some(nat) = lb::reverse_snat(&flow)? {
+    } else if let Some(nat) = nat::reverse_snat(&flow)? {
         rewrite_destination(ctx, &flow, &nat).ok_or(stat::DROP_REWRITE)?;
         count(stat::REVERSE_SNAT);
     }
     Ok(xdp_action::XDP_PASS)
 }
 
-/// Rewrites destination address and port, updating the checksums
-/// incrementally. XDP sees frames as they came off the wire, so the L4
-/// checksum is complete (not a CHECKSUM_PARTIAL pseudo-header sum).
+/// Rewrites destination address and port (and the source port, when a
+/// clash moved the client's), updating the checksums incrementally. XDP
+/// sees frames as they came off the wire, so the L4 checksum is complete
+/// (not a CHECKSUM_PARTIAL pseudo-header sum).
 #[inline(always)]
 fn rewrite_destination(ctx: &XdpContext, flow: &Flow, nat: &Nat) -> Option<()> {
     let (start, end) = (ctx.data(), ctx.data_end());
     let ip_check = parse::ptr_at::<u16>(start, end, parse::IP_CHECK_OFF)?;
     let daddr = parse::ptr_at::<u32>(start, end, parse::IP_DADDR_OFF)?;
+    let sport = parse::ptr_at::<u16>(start, end, flow.l4_off)?;
     let dport = parse::ptr_at::<u16>(start, end, flow.l4_off + 2)?;
+    let new_sport = if nat.other_port != 0 { nat.other_port } else { flow.sport };
     // SAFETY: every pointer was bounds checked; packet fields may be unaligned.
     unsafe {
         let old = ip_check.read_unaligned();
@@ -72,7 +76,7 @@ fn rewrite_destination(ctx: &XdpContext, flow: &Flow, nat: &Nat) -> Option<()> {
             let updated = sctp::crc_after_port_change(
                 u32::from_le_bytes(crc.read_unaligned()),
                 sctp::ports(flow.sport, flow.dport),
-                sctp::ports(flow.sport, nat.port),
+                sctp::ports(new_sport, nat.port),
                 u32::from(flow.l4_len),
             );
             crc.write_unaligned(updated.to_le_bytes());
@@ -82,11 +86,13 @@ fn rewrite_destination(ctx: &XdpContext, flow: &Flow, nat: &Nat) -> Option<()> {
             let old = l4_check.read_unaligned();
             let new =
                 csum::replace2(csum::replace4(old, flow.daddr, nat.addr), flow.dport, nat.port);
+            let new = csum::replace2(new, flow.sport, new_sport);
             let new = if flow.proto == PROTO_UDP { csum::udp_fixup(old, new) } else { new };
             l4_check.write_unaligned(new);
         }
         daddr.write_unaligned(nat.addr);
         dport.write_unaligned(nat.port);
+        sport.write_unaligned(new_sport);
     }
     Some(())
 }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use forwarder_common::map_names;
+use forwarder_common::{CtTimeouts, map_names};
 use futures::StreamExt;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -55,6 +55,10 @@ pub struct Config {
     pub metrics_bind_address: SocketAddr,
     /// Map sizes; a pinned map keeps the size it was created with.
     pub capacity: Capacity,
+    /// Conntrack lifetimes by state.
+    pub timeouts: CtTimeouts,
+    /// How often expired conntrack entries are removed.
+    pub conntrack_gc_interval: Duration,
     /// Every this often the whole state is synced even without a change;
     /// /healthz fails when no sync succeeded for twice as long.
     pub sync_period: Duration,
@@ -88,8 +92,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("metrics address {}", config.metrics_bind_address))?;
     let capacity = config.capacity;
     let pins = PinDir::new(&config.bpffs_root, &config.node_name);
-    let mut dataplane =
-        Dataplane::load(capacity, pins.clone()).context("loading the eBPF programs")?;
+    let mut dataplane = Dataplane::load(capacity, config.timeouts, pins.clone())
+        .context("loading the eBPF programs")?;
+    crate::conntrack::spawn_collector(
+        pins.map(map_names::CONNTRACK),
+        config.timeouts,
+        config.conntrack_gc_interval,
+    );
     let capacity = dataplane.capacity();
     let wanted = config.capacity.as_created();
     if (capacity.services, capacity.conntrack) != (wanted.services, wanted.conntrack) {

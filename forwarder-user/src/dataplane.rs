@@ -7,7 +7,7 @@ use aya::{
     programs::ProgramError,
 };
 use forwarder_common::{
-    Backend, CT_FORWARD, CT_REPLY, CT_SNAT, CT_SNAT_REPLY, CtKey, CtValue, PROTO_UDP,
+    Backend, CT_FORWARD, CT_REPLY, CT_SNAT, CT_SNAT_REPLY, CtKey, CtTimeouts, CtValue, PROTO_UDP,
     SOURCE_RANGE_FRONTEND_BITS, SourceRangeKey, SvcKey, SvcValue, map_names, program_names, stat,
 };
 
@@ -151,11 +151,17 @@ impl Maps {
                 saddr: value.nat_addr,
                 daddr: key.saddr,
                 sport: value.nat_port,
-                dport: key.sport,
+                dport: value.client_port,
                 dir: CT_REPLY,
                 ..*key
             };
-            let snat = CtKey { daddr: value.nat_addr, dport: value.nat_port, dir: CT_SNAT, ..*key };
+            let snat = CtKey {
+                daddr: value.nat_addr,
+                dport: value.nat_port,
+                sport: value.client_port,
+                dir: CT_SNAT,
+                ..*key
+            };
             if let Ok(masquerade) = self.conntrack.get(&snat, 0) {
                 let snat_reply = CtKey {
                     saddr: value.nat_addr,
@@ -365,6 +371,7 @@ pub const MAPS: [&str; 10] = [
 /// from its pin when one exists, and pinned there when not.
 pub fn load_object(
     capacity: Capacity,
+    timeouts: CtTimeouts,
     node_netns: u64,
     pins: Option<&PinDir>,
 ) -> Result<Ebpf, DataplaneError> {
@@ -375,7 +382,8 @@ pub fn load_object(
         .map_max_entries(map_names::SERVICES, capacity.services)
         .map_max_entries(map_names::BACKENDS, capacity.backends)
         .map_max_entries(map_names::CONNTRACK, capacity.conntrack)
-        .override_global(forwarder_common::NODE_NETNS_COOKIE, &node_netns, true);
+        .override_global(forwarder_common::NODE_NETNS_COOKIE, &node_netns, true)
+        .override_global(forwarder_common::CT_TIMEOUTS, &timeouts, true);
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }

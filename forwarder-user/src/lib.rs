@@ -5,6 +5,7 @@ pub mod agent;
 pub mod attach;
 pub mod cidr;
 pub mod cluster;
+pub mod conntrack;
 pub mod dataplane;
 pub mod healthz;
 pub mod manifests;

@@ -107,6 +107,28 @@ struct RunArgs {
     /// (`<root>/<node name>/`), so they outlive the agent.
     #[arg(long, env = "FORWARDER_BPFFS_ROOT", default_value = pins::DEFAULT_ROOT)]
     bpffs_root: PathBuf,
+    /// Idle timeout of an established TCP connection (kube-proxy's flag
+    /// and default).
+    #[arg(long, env = "FORWARDER_CONNTRACK_TCP_TIMEOUT_ESTABLISHED", default_value = "24h", value_parser = seconds)]
+    conntrack_tcp_timeout_established: u32,
+    /// Idle timeout of a TCP connection one side of which sent its FIN
+    /// (kube-proxy's flag and default).
+    #[arg(long, env = "FORWARDER_CONNTRACK_TCP_TIMEOUT_CLOSE_WAIT", default_value = "1h", value_parser = seconds)]
+    conntrack_tcp_timeout_close_wait: u32,
+    /// Timeout of a TCP connection whose handshake did not complete.
+    #[arg(long, env = "FORWARDER_CONNTRACK_TCP_TIMEOUT_SYN", default_value = "60s", value_parser = seconds)]
+    conntrack_tcp_timeout_syn: u32,
+    /// How long a TCP connection closed on both sides (or reset) keeps its
+    /// entries: stray packets still find them, a masquerade port is free after.
+    #[arg(long, env = "FORWARDER_CONNTRACK_TCP_TIMEOUT_CLOSE", default_value = "10s", value_parser = seconds)]
+    conntrack_tcp_timeout_close: u32,
+    /// Idle timeout of a UDP flow (kube-proxy's flag; its default leaves
+    /// the kernel's 30 s, or 120 s once replied; Cilium's is 60 s).
+    #[arg(long, env = "FORWARDER_CONNTRACK_UDP_TIMEOUT", default_value = "60s", value_parser = seconds)]
+    conntrack_udp_timeout: u32,
+    /// How often expired conntrack entries are removed.
+    #[arg(long, env = "FORWARDER_CONNTRACK_GC_INTERVAL", default_value = "10s", value_parser = duration)]
+    conntrack_gc_interval: std::time::Duration,
 }
 
 /// `30s`, `500ms`, `1m` (kube-proxy's duration flags); positive.
@@ -119,11 +141,22 @@ fn duration(text: &str) -> Result<std::time::Duration, String> {
         "ms" => number,
         "s" | "" => number * 1000,
         "m" => number * 60_000,
-        _ => return Err(format!("{text:?}: the unit is ms, s or m")),
+        "h" => number * 3_600_000,
+        _ => return Err(format!("{text:?}: the unit is ms, s, m or h")),
     };
     match millis {
-        0 => Err("the sync period must be positive".into()),
+        0 => Err("the duration must be positive".into()),
         ms => Ok(std::time::Duration::from_millis(ms)),
+    }
+}
+
+/// A duration flag in whole seconds, as the datapath keeps them.
+fn seconds(text: &str) -> Result<u32, String> {
+    let duration = duration(text)?;
+    match u32::try_from(duration.as_secs()) {
+        Ok(0) => Err(format!("{text:?}: at least 1s")),
+        Ok(secs) => Ok(secs),
+        Err(_) => Err(format!("{text:?}: too long")),
     }
 }
 
@@ -195,6 +228,14 @@ async fn run() -> anyhow::Result<()> {
             backends: args.bpf_lb_map_max,
             conntrack: args.bpf_ct_map_max,
         },
+        timeouts: forwarder_common::CtTimeouts {
+            tcp_syn: args.conntrack_tcp_timeout_syn,
+            tcp_established: args.conntrack_tcp_timeout_established,
+            tcp_close_wait: args.conntrack_tcp_timeout_close_wait,
+            tcp_close: args.conntrack_tcp_timeout_close,
+            udp: args.conntrack_udp_timeout,
+        },
+        conntrack_gc_interval: args.conntrack_gc_interval,
     })
     .await
 }

@@ -258,18 +258,18 @@ mod tests {
         metrics.synced(Duration::from_millis(3), 0);
         metrics.synced(Duration::from_millis(3), 2);
         metrics.set_map("SVC4_V1", Some(12), 65_536);
-        metrics.set_map("CT4_V1", None, 262_144);
+        metrics.set_map("CT4_V2", None, 262_144);
         metrics.set_packets(vec![("dnat", 7)]);
         let text = metrics.render();
         for line in [
             "forwarder_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 2",
             "forwarder_sync_write_errors_total 2",
             "forwarder_map_entries{map=\"SVC4_V1\"} 12",
-            "forwarder_map_capacity{map=\"CT4_V1\"} 262144",
+            "forwarder_map_capacity{map=\"CT4_V2\"} 262144",
             "forwarder_packets_total{reason=\"dnat\"} 7",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }
-        assert!(!text.contains("forwarder_map_entries{map=\"CT4_V1\"}"));
+        assert!(!text.contains("forwarder_map_entries{map=\"CT4_V2\"}"));
     }
 }

@@ -72,7 +72,8 @@ impl Bench {
             // the per-CPU LRU lists: eviction would be measured too.
             conntrack: (1 << 20) * aya::util::nr_cpus().expect("possible CPUs") as u32,
         };
-        let mut ebpf = load_object(capacity, 0, None).expect("load forwarder programs");
+        let mut ebpf = load_object(capacity, forwarder_common::CtTimeouts::DEFAULT, 0, None)
+            .expect("load forwarder programs");
         let mut maps = Maps::take(&mut ebpf).expect("maps");
         let mut syncer = Syncer::new(capacity.services as usize, capacity.backends as usize);
         let report = syncer.apply(&services(count), &mut maps);

@@ -114,6 +114,29 @@ impl EchoConn {
         Ok(Self { reader: BufReader::new(stream) })
     }
 
+    /// As `connect`, from the fixed local `port` (SO_REUSEADDR, so several
+    /// connections to different peers may share it, as clients behind a
+    /// NAT or with a small port range do).
+    pub fn connect_from(ns: &NetNs, port: u16, addr: &str) -> std::io::Result<Self> {
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket,
+            sockopt::ReuseAddr,
+        };
+        let peer: std::net::SocketAddrV4 = addr.parse().expect("IPv4 socket address");
+        let fd =
+            ns.run(|| socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None))?;
+        setsockopt(&fd, ReuseAddr, &true)?;
+        let local = std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port);
+        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(local))?;
+        let stream = TcpStream::from(fd);
+        stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+        // Blocking connect: a SYN that gets no answer fails after the
+        // kernel's retries; the tests want an answer well before.
+        connect(std::os::fd::AsRawFd::as_raw_fd(&stream), &SockaddrIn::from(peer))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(Self { reader: BufReader::new(stream) })
+    }
+
     /// The peer address the socket reports (getpeername).
     pub fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         self.reader.get_ref().peer_addr()

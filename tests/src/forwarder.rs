@@ -35,6 +35,16 @@ fn bpffs_root(node: &NetNs) -> PathBuf {
     mount.join(&node.name)
 }
 
+/// A fresh directory on the tests' bpffs, for pins a test makes itself.
+pub fn bpffs_dir(name: &str) -> PathBuf {
+    let mount = Path::new("/run/forwarder-tests/bpffs");
+    mount_bpffs_once(mount);
+    let dir = mount.join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("bpffs directory");
+    dir
+}
+
 /// Mounts a bpffs at `dir` unless one is there; once per test process, so
 /// parallel tests never stack two mounts.
 fn mount_bpffs_once(dir: &Path) {

@@ -26,7 +26,10 @@ pub struct Packet {
     pub no_sctp_crc: bool,
 }
 
+pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const ACK: u8 = 0x10;
 
 pub const SCTP_INIT: u8 = 1;
 pub const SCTP_ABORT: u8 = 6;

@@ -518,3 +518,62 @@ fn runs_with_the_readmes_flags_on_a_bare_node() {
         Some(ErrorKind::ConnectionRefused)
     );
 }
+
+/// Two Services whose only endpoint is pod-a.
+const SHARED_BACKEND: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: one, namespace: demo}
+spec: {type: NodePort, clusterIP: 10.96.0.40, ports: [{name: tcp, port: 80, nodePort: 30400}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: two, namespace: demo}
+spec: {type: NodePort, clusterIP: 10.96.0.41, ports: [{name: tcp, port: 80, nodePort: 30401}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: one-a, namespace: demo, labels: {kubernetes.io/service-name: one}}
+addressType: IPv4
+ports: [{name: tcp, protocol: TCP, port: 8080}]
+endpoints: [{addresses: [10.244.1.2], conditions: {ready: true}, nodeName: node-a}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: two-a, namespace: demo, labels: {kubernetes.io/service-name: two}}
+addressType: IPv4
+ports: [{name: tcp, protocol: TCP, port: 8080}]
+endpoints: [{addresses: [10.244.1.2], conditions: {ready: true}, nodeName: node-a}]
+";
+
+/// One client port used towards two Services that share their only
+/// backend, at the same time: after DNAT both connections would be one, so
+/// the second one's source port is moved (netfilter's clash resolution)
+/// and both work, from a pod and from outside.
+#[test]
+fn one_client_port_reaches_two_services_sharing_their_backend() {
+    let demo = std::fs::read_to_string(demo_manifest()).expect("demo manifest");
+    let s = setup_with("clash", Some(&format!("{demo}\n---\n{SHARED_BACKEND}")));
+    let pod = &s.topology.pod("pod-c").ns;
+    let node_port = |port: u16| format!("{NODE_IP}:{port}");
+    for (from, frontends) in [
+        (pod, ["10.96.0.40:80".to_owned(), "10.96.0.41:80".to_owned()]),
+        (&s.topology.client, [node_port(30400), node_port(30401)]),
+    ] {
+        let mut connections: Vec<EchoConn> = frontends
+            .iter()
+            .map(|frontend| {
+                EchoConn::connect_from(from, 45000, frontend).unwrap_or_else(|e| {
+                    panic!("from port 45000 to {frontend}: {e}\n{}", s.forwarder.log_text())
+                })
+            })
+            .collect();
+        for _ in 0..3 {
+            for (conn, frontend) in connections.iter_mut().zip(&frontends) {
+                let who = conn.ask().unwrap_or_else(|e| panic!("asking {frontend}: {e}"));
+                assert_eq!(who, "pod-a", "{frontend}");
+                assert_eq!(conn.peer_addr().unwrap().to_string(), *frontend);
+            }
+        }
+    }
+}

@@ -66,7 +66,8 @@ fn flows_whose_entries_were_evicted_keep_their_backend() {
 #[test]
 fn conntrack_is_created_with_the_size_the_agent_expects() {
     let wanted = Capacity { conntrack: 262_145, ..Capacity::default() };
-    let ebpf = load_object(wanted, 0, None).expect("eBPF object loads (are you root?)");
+    let ebpf = load_object(wanted, forwarder_common::CtTimeouts::DEFAULT, 0, None)
+        .expect("eBPF object loads (are you root?)");
     let Some(aya::maps::Map::LruHashMap(map)) = ebpf.map(forwarder_common::map_names::CONNTRACK)
     else {
         panic!("conntrack is an LRU hash map");
@@ -78,34 +79,10 @@ fn conntrack_is_created_with_the_size_the_agent_expects() {
 }
 
 /// The default Services, the TCP NodePort with two backends.
-fn two_node_port_backends() -> Vec<(Frontend, Vec<&'static str>)> {
+pub(crate) fn two_node_port_backends() -> Vec<(Frontend, Vec<&'static str>)> {
     let mut services = default_services();
     services[0].1 = vec!["10.244.1.2:8080", "10.244.1.3:8080"];
     services
-}
-
-/// One client port to two frontends that share a backend: after DNAT both
-/// flows would be the same tuple.
-#[test]
-fn same_client_port_to_two_frontends_of_one_backend() {
-    let mut harness = Harness::new();
-    let via_cluster_ip = Packet::tcp("10.244.1.9:41000", "10.96.0.10:80");
-    let via_node_port = Packet::tcp("10.244.1.9:41000", "192.168.10.1:30080");
-    let to_backend = via_cluster_ip.with_dst("10.244.1.2:8080");
-    harness.run(Prog::Tc, &via_cluster_ip.bytes());
-
-    // One backend only: the second flow is refused, the first keeps its reply.
-    let (verdict, _) = harness.run(Prog::Tc, &via_node_port.bytes());
-    assert_eq!(verdict, TC_ACT_SHOT);
-    assert_eq!(harness.stats(), [("drop_ct_collision", 1), ("dnat", 1)]);
-    let (_, out) = harness.run(Prog::TcEgress, &to_backend.reversed().bytes());
-    assert_eq!(out, via_cluster_ip.reversed().bytes(), "first flow's reply hijacked");
-
-    // With a second backend the new flow goes there instead.
-    harness.set_services(&two_node_port_backends());
-    let (verdict, out) = harness.run(Prog::Tc, &via_node_port.bytes());
-    assert_eq!(verdict, TC_ACT_OK);
-    assert_eq!(out, via_node_port.with_dst("10.244.1.3:8080").bytes());
 }
 
 #[test]

@@ -11,10 +11,10 @@ pub(crate) use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 pub(crate) use forwarder_common::{
-    AffinityKey, AffinityValue, CtKey, map_names, program_names, stat,
+    AffinityKey, AffinityValue, CtKey, CtTimeouts, CtValue, map_names, program_names, stat,
 };
 pub(crate) use forwarder_tests::packet::{
-    MF, Packet, SYN, ethernet, port_unreachable, verify_checksums,
+    ACK, FIN, MF, Packet, RST, SYN, ethernet, port_unreachable, verify_checksums,
 };
 pub(crate) use forwarder_user::{
     dataplane::{Capacity, Maps, load_object},
@@ -77,8 +77,8 @@ pub(crate) fn default_services() -> Vec<(Frontend, Vec<&'static str>)> {
 
 impl Harness {
     pub(crate) fn new() -> Self {
-        let mut ebpf =
-            load_object(Capacity::default(), 0, None).expect("eBPF object loads (are you root?)");
+        let mut ebpf = load_object(Capacity::default(), CtTimeouts::DEFAULT, 0, None)
+            .expect("eBPF object loads (are you root?)");
         let maps = Maps::take(&mut ebpf).expect("maps present");
         let mut harness = Self { ebpf, maps, syncer: Syncer::new(usize::MAX, usize::MAX) };
         let report =
@@ -212,15 +212,27 @@ impl Harness {
         self.maps.conntrack().keys().count()
     }
 
-    /// Whether the entry holding masquerade port `port` is marked closing.
-    pub(crate) fn snat_closing(&mut self, port: u16) -> bool {
+    /// Whether the entry holding masquerade port `port` says the
+    /// connection is gone (reset: SCTP ABORT or SHUTDOWN COMPLETE).
+    pub(crate) fn snat_reset(&mut self, port: u16) -> bool {
         self.maps.conntrack().iter().map(|entry| entry.expect("conntrack readable")).any(
             |(key, value)| {
                 key.dir == forwarder_common::CT_SNAT_REPLY
                     && key.dport == port.to_be()
-                    && value.flags & forwarder_common::CT_CLOSING != 0
+                    && value.flags & forwarder_common::CT_RESET != 0
             },
         )
+    }
+
+    /// The clock the tests control: every conntrack entry's last packet
+    /// moves `seconds` into the past, as if that much time went by.
+    pub(crate) fn advance(&mut self, seconds: u32) {
+        let entries: Vec<(CtKey, CtValue)> =
+            self.maps.conntrack().iter().map(|e| e.expect("conntrack readable")).collect();
+        for (key, value) in entries {
+            let older = CtValue { last_seen: value.last_seen.wrapping_sub(seconds), ..value };
+            self.maps.conntrack().insert(key, older, 0).expect("conntrack writable");
+        }
     }
 }
 

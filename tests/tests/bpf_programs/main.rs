@@ -1,5 +1,6 @@
 //! Kernel decisions as fixture tables run through BPF_PROG_TEST_RUN: input
 //! frame, seeded maps, expected verdict and expected output bytes.
+mod conntrack;
 mod fixtures;
 mod flows;
 mod harness;

@@ -122,20 +122,6 @@ fn masquerade_survives_eviction_without_misdirecting_replies() {
 /// flows that have closed long ago, new flows still get a port.
 #[test]
 fn masquerade_ports_of_finished_flows_are_reused() {
-    // "Long ago" is measured from boot: right after a VM boots there is no
-    // long ago yet.
-    let uptime = |_| {
-        std::fs::read_to_string("/proc/uptime")
-            .unwrap()
-            .split('.')
-            .next()
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-    };
-    while uptime(()) <= u64::from(forwarder_common::SNAT_CLOSED_TIMEOUT) + 1 {
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
     let mut harness = masquerade_harness();
     for i in 0..4000u32 {
         let client = format!("172.16.{}.{}:40000", i / 250, i % 250 + 1);
@@ -143,14 +129,15 @@ fn masquerade_ports_of_finished_flows_are_reused() {
     }
     let held = snat_reply_entries(&mut harness);
     assert!(held.len() > 3000, "only {} ports allocated", held.len());
+    use forwarder_common::{CT_BACKEND_CLOSING, CT_CLIENT_CLOSING};
     for (key, value) in held {
         let closed = forwarder_common::CtValue {
-            flags: value.flags | forwarder_common::CT_CLOSING,
-            last_seen: 0,
+            flags: value.flags | CT_CLIENT_CLOSING | CT_BACKEND_CLOSING,
             ..value
         };
         harness.maps.conntrack().insert(key, closed, 0).unwrap();
     }
+    harness.advance(CtTimeouts::DEFAULT.tcp_close + 1);
     let before = harness.stats().iter().find(|(n, _)| *n == "drop_snat").map_or(0, |(_, v)| *v);
     let failed = (0..500u32)
         .filter(|i| {

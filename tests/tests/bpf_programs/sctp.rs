@@ -111,5 +111,5 @@ fn remote_endpoint_is_masqueraded_with_the_crc_updated() {
     let abort = Packet { sctp_chunk: SCTP_ABORT, ..request.with_dst(remote) };
     let (_, out) = harness.run(Prog::TcEgress, &abort.bytes());
     assert_eq!(masquerade_port(&out), port, "same association, same port");
-    assert!(harness.snat_closing(port), "ABORT marks the port's entry closing");
+    assert!(harness.snat_reset(port), "ABORT marks the port's entry reset");
 }

@@ -1,0 +1,215 @@
+//! Connection tracking: an entry per flow and direction, each with the
+//! time of its last packet and what the packets said of the connection
+//! (handshake done, FIN from either side, reset), so that entries expire as
+//! netfilter's and Cilium's do instead of living until the LRU evicts them.
+//!
+//! Each program refreshes only the entry of the direction it sees (ingress
+//! the forward entry, egress the reply entry): no packet writes both. What
+//! needs the whole flow — is a tuple still taken, may an entry go — reads
+//! both entries.
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_coarse_ns,
+};
+use forwarder_common::{
+    CT_ESTABLISHED, CT_FORWARD, CT_REPLY, CT_RESET, CtKey, CtTimeouts, CtValue, PROTO_UDP,
+    flow_hash::flow_hash, stat,
+};
+
+use crate::{
+    maps::{BACKENDS, CONNTRACK},
+    parse::Flow,
+};
+
+/// Set at load time from the agent's flags.
+#[unsafe(no_mangle)]
+static CT_TIMEOUTS: CtTimeouts = CtTimeouts::DEFAULT;
+
+#[inline(always)]
+pub fn timeouts() -> CtTimeouts {
+    // SAFETY: a volatile read of a load-time constant.
+    unsafe { core::ptr::read_volatile(&CT_TIMEOUTS) }
+}
+
+/// Coarse monotonic seconds, the clock of `CtValue::last_seen`.
+#[inline(always)]
+pub fn now_seconds() -> u32 {
+    // SAFETY: helper without arguments.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+#[inline(always)]
+pub fn key_of(flow: &Flow, dir: u8) -> CtKey {
+    CtKey {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        sport: flow.sport,
+        dport: flow.dport,
+        proto: flow.proto,
+        dir,
+        _pad: [0; 2],
+    }
+}
+
+/// The flags a packet adds to its direction's entry; `closing` is the
+/// flag of a FIN from that direction's sender.
+#[inline(always)]
+pub fn observed(flow: &Flow, closing: u16) -> u16 {
+    let mut flags = 0;
+    if flow.proto != PROTO_UDP && !flow.handshake {
+        flags |= CT_ESTABLISHED;
+    }
+    if flow.fin {
+        flags |= closing;
+    }
+    if flow.reset {
+        flags |= CT_RESET;
+    }
+    flags
+}
+
+/// Records a packet on an entry: its time and what it says of the state.
+/// Writes only what changed (the time at most once a second), so a busy
+/// flow does not bounce its entry's cache line between CPUs per packet.
+#[inline(always)]
+pub fn touch(entry: *mut CtValue, flow: &Flow, closing: u16, now: u32) {
+    let add = observed(flow, closing);
+    // SAFETY: a live map value; racing writers only store a time or a flag.
+    unsafe {
+        if (*entry).flags & add != add {
+            (*entry).flags |= add;
+        }
+        if (*entry).last_seen != now {
+            (*entry).last_seen = now;
+        }
+    }
+}
+
+/// Whether an entry outlived its state's timeout, judged by its own
+/// direction.
+#[inline(always)]
+pub fn expired(entry: &CtValue, proto: u8, now: u32) -> bool {
+    entry.idle(now) > timeouts().lifetime(proto, entry.flags)
+}
+
+/// Whether the backend a flow was sent to is still in the backends map.
+#[inline(always)]
+pub fn backend_present(fwd: &CtValue) -> bool {
+    // SAFETY: compared in place.
+    unsafe { BACKENDS.get(&fwd.backend_id) }
+        .is_some_and(|b| b.addr == fwd.nat_addr && b.port == fwd.nat_port)
+}
+
+/// Whether the forward entry `fwd` no longer describes the connection this
+/// packet belongs to: it expired, or the packet opens a new connection on
+/// a port whose previous one closed or whose backend is gone (netfilter
+/// starts a new connection for a SYN in TIME_WAIT too). Established
+/// packets keep their backend whatever happens.
+#[inline(always)]
+pub fn stale(fwd: &CtValue, flow: &Flow, now: u32) -> bool {
+    use forwarder_common::CT_CLIENT_CLOSING;
+    expired(fwd, flow.proto, now)
+        || (flow.opening
+            && (fwd.flags & (CT_CLIENT_CLOSING | CT_RESET) != 0 || !backend_present(fwd)))
+}
+
+/// The reply entry of a flow whose forward entry is `fwd`: keyed by the
+/// tuple after DNAT, seen backwards; restores the frontend the client used
+/// (not the wildcard of a NodePort entry) and the client's own port.
+#[inline(always)]
+pub fn reply_entry(flow: &Flow, fwd: &CtValue, now: u32) -> (CtKey, CtValue) {
+    let key = CtKey {
+        saddr: fwd.nat_addr,
+        daddr: flow.saddr,
+        sport: fwd.nat_port,
+        dport: fwd.client_port,
+        proto: flow.proto,
+        dir: CT_REPLY,
+        _pad: [0; 2],
+    };
+    let value = CtValue {
+        last_seen: now,
+        client_port: flow.sport,
+        ..CtValue::new(flow.daddr, flow.dport, fwd.backend_id)
+    };
+    (key, value)
+}
+
+/// Recreates a flow's reply entry if the LRU took it.
+#[inline(always)]
+pub fn ensure_reply(flow: &Flow, fwd: &CtValue, now: u32) -> Result<(), u32> {
+    let (key, value) = reply_entry(flow, fwd, now);
+    // SAFETY: presence check only.
+    if unsafe { CONNTRACK.get(&key) }.is_some() {
+        return Ok(());
+    }
+    CONNTRACK.insert(&key, &value, u64::from(BPF_ANY)).map_err(|_| stat::DROP_CT_INSERT)
+}
+
+/// Whether the reply tuple `key` belongs to a live flow other than this
+/// packet's: after DNAT both would be the same connection, which neither
+/// the backend nor the reply entry could tell apart. A flow whose entries
+/// expired, or that closed on both sides (or reset) more than the close
+/// timeout ago, no longer holds it.
+#[inline(always)]
+fn held_by_another(flow: &Flow, key: &CtKey, now: u32) -> bool {
+    // SAFETY: copied out immediately.
+    let Some(reply) = (unsafe { CONNTRACK.get(key) }).copied() else {
+        return false;
+    };
+    let ours = reply.nat_addr == flow.daddr
+        && reply.nat_port == flow.dport
+        && reply.client_port == flow.sport;
+    if ours {
+        return false;
+    }
+    let forward = CtKey {
+        saddr: key.daddr,
+        daddr: reply.nat_addr,
+        sport: reply.client_port,
+        dport: reply.nat_port,
+        proto: key.proto,
+        dir: CT_FORWARD,
+        _pad: [0; 2],
+    };
+    // SAFETY: copied out immediately.
+    let Some(fwd) = (unsafe { CONNTRACK.get(&forward) }).copied() else {
+        return false;
+    };
+    if fwd.nat_addr != key.saddr || fwd.nat_port != key.sport || fwd.client_port != key.dport {
+        return false;
+    }
+    let idle = if fwd.idle(now) < reply.idle(now) { fwd.idle(now) } else { reply.idle(now) };
+    idle <= timeouts().flow_lifetime(key.proto, fwd.flags, reply.flags)
+}
+
+/// Source ports a colliding flow may be moved to (netfilter's range for
+/// ports above 1023), and how many hashed probes it gets.
+const REMAP_PORT_MIN: u32 = 1024;
+const REMAP_PORT_COUNT: u32 = 65_536 - REMAP_PORT_MIN;
+const REMAP_PROBES: u32 = 16;
+
+/// Claims the reply entry for a new flow to `fwd` (`fwd.client_port` is
+/// the client's own port): the tuple after DNAT is the client's unless a
+/// live flow to another frontend holds it, in which case the client's port
+/// is rewritten to a free one, as netfilter resolves such a clash. Returns
+/// the source port the flow has after DNAT.
+#[inline(always)]
+pub fn claim_reply(flow: &Flow, fwd: &CtValue, now: u32) -> Result<u16, u32> {
+    let (key, value) = reply_entry(flow, fwd, now);
+    if !held_by_another(flow, &key, now) {
+        CONNTRACK.insert(&key, &value, u64::from(BPF_ANY)).map_err(|_| stat::DROP_CT_INSERT)?;
+        return Ok(flow.sport);
+    }
+    let start = flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    for probe in 0..REMAP_PROBES {
+        // Hashed probes, scattered by a large odd stride.
+        let offset = start.wrapping_add(probe.wrapping_mul(0x9e37_79b1)) % REMAP_PORT_COUNT;
+        let port = ((REMAP_PORT_MIN + offset) as u16).to_be();
+        let moved = CtKey { dport: port, ..key };
+        if CONNTRACK.insert(&moved, &value, u64::from(BPF_NOEXIST)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(stat::DROP_CT_COLLISION)
+}
