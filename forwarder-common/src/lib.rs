@@ -18,12 +18,13 @@ pub mod map_names {
     pub const SERVICES: &str = "SVC4_V1";
     pub const BACKENDS: &str = "BACKEND4_V1";
     pub const CONNTRACK: &str = "CT4_V2";
+    pub const NAT: &str = "NAT4_V1";
     pub const NODE_IPS: &str = "NODE_IP4_V1";
     pub const SNAT_ADDRS: &str = "SNAT_ADDR4_V1";
     pub const AFFINITY: &str = "AFFINITY4_V1";
     pub const CLUSTER_IPS: &str = "CLUSTER_IP4_V1";
     pub const SOURCE_RANGES: &str = "SRC_RANGE4_V1";
-    pub const SOCKET_NAT: &str = "SOCK_NAT4_V1";
+    pub const SOCKET_NAT: &str = "SOCK_NAT4_V2";
     pub const STATS: &str = "STATS_V1";
 }
 
@@ -43,6 +44,7 @@ pub mod program_names {
 pub const SERVICES_MAX: u32 = 65_536;
 pub const BACKENDS_MAX: u32 = 65_536;
 pub const CONNTRACK_MAX: u32 = 262_144;
+pub const NAT_MAX: u32 = 262_144;
 pub const NODE_IPS_MAX: u32 = 256;
 pub const SNAT_ADDRS_MAX: u32 = 4096;
 pub const AFFINITY_MAX: u32 = 65_536;
@@ -57,11 +59,76 @@ pub const CONNTRACK_FLAGS: u32 = 2;
 /// the socket-level programs translate, the node's own.
 pub const NODE_NETNS_COOKIE: &str = "NODE_NETNS_COOKIE";
 
-/// Masquerading picks source ports here: above Linux's default ephemeral
-/// range (32768-60999) and the NodePort range, so the node's own sockets and
-/// NodePorts are never taken.
-pub const SNAT_PORT_MIN: u16 = 61_000;
-pub const SNAT_PORT_COUNT: u16 = 4_536;
+/// The top of the port space, which masquerading always has: kept from
+/// the node's own sockets in `ip_local_reserved_ports` by the agent.
+pub const SNAT_RESERVED_MIN: u16 = 61_000;
+/// Kubernetes' default NodePort range: never a masquerade port, or the
+/// reply to one would be taken for a new NodePort flow. (Ports of other
+/// frontends are checked when a port is picked.)
+pub const NODE_PORT_MIN: u16 = 30_000;
+pub const NODE_PORT_MAX: u16 = 32_767;
+/// Below this, ports are privileged; masquerading leaves them alone, as
+/// netfilter does for a source port above 1023.
+pub const SNAT_PORT_FLOOR: u16 = 1_024;
+
+/// The source ports masquerading picks from: every port above 1023 outside
+/// the node's ephemeral range (where the node's own connections take
+/// theirs, which a picked port would clash with) and the NodePort range, as
+/// two intervals. Ports the node binds on purpose are checked when picked.
+/// A load-time global of the programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnatPorts {
+    pub low_min: u16,
+    pub low_count: u16,
+    pub high_min: u16,
+    pub high_count: u16,
+}
+
+impl Default for SnatPorts {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Global holding the `SnatPorts` the programs use.
+pub const SNAT_PORTS: &str = "SNAT_PORTS";
+
+impl SnatPorts {
+    /// Around Linux's default ephemeral range, 32768-60999:
+    /// 1024-29999 and 61000-65535.
+    pub const DEFAULT: Self = Self::around(32_768, 60_999);
+
+    /// Around the node's ephemeral range (`ip_local_port_range`).
+    pub const fn around(ephemeral_min: u16, ephemeral_max: u16) -> Self {
+        let low_end = if ephemeral_min < NODE_PORT_MIN { ephemeral_min } else { NODE_PORT_MIN };
+        let low_count = low_end.saturating_sub(SNAT_PORT_FLOOR);
+        let above = if ephemeral_max > NODE_PORT_MAX { ephemeral_max } else { NODE_PORT_MAX };
+        let high_min = if above < SNAT_RESERVED_MIN { above + 1 } else { SNAT_RESERVED_MIN };
+        let high_count = (65_536 - high_min as u32) as u16;
+        Self { low_min: SNAT_PORT_FLOOR, low_count, high_min, high_count }
+    }
+
+    pub const fn count(&self) -> u32 {
+        self.low_count as u32 + self.high_count as u32
+    }
+
+    /// The `index`-th port (`index < count()`), host order.
+    pub const fn port(&self, index: u32) -> u16 {
+        if index < self.low_count as u32 {
+            self.low_min + index as u16
+        } else {
+            self.high_min + (index - self.low_count as u32) as u16
+        }
+    }
+
+    /// Whether `port` (host order) is one of them.
+    pub const fn contains(&self, port: u16) -> bool {
+        (port >= self.low_min && ((port - self.low_min) as u32) < self.low_count as u32)
+            || (port >= self.high_min && ((port - self.high_min) as u32) < self.high_count as u32)
+    }
+}
+
 /// `SNAT_ADDR4_V1` key of the address used when the egress interface has
 /// none of its own (ifindexes start at 1).
 pub const SNAT_ADDR_DEFAULT: u32 = 0;
@@ -145,6 +212,19 @@ pub struct SourceRangeKey {
     pub proto: u8,
     pub scope: u8,
     pub src: u32,
+}
+
+/// Key of the socket reverse map: a node socket (by cookie) and a backend
+/// it was sent to. Per backend, not per socket: an unconnected UDP socket
+/// may send to one frontend twice and reach two backends (musl's resolver
+/// sends A and AAAA queries so), and each reply must show the frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub cookie: u64,
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub _pad: [u8; 2],
 }
 
 /// What a node socket (by cookie) was sent to instead of the frontend the
@@ -294,6 +374,12 @@ impl CtTimeouts {
     }
 }
 
+impl Default for CtTimeouts {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
 /// Global holding the `CtTimeouts` the programs use.
 pub const CT_TIMEOUTS: &str = "CT_TIMEOUTS";
 
@@ -371,8 +457,9 @@ pub mod stat {
     /// from the same client address and port to another frontend, and no
     /// other source port was free for it.
     pub const DROP_CT_COLLISION: u32 = 5;
-    /// No free source port to masquerade with (every port to that backend
-    /// is held by a live flow), or no address to use.
+    /// No free source port to masquerade with (the client's own was taken
+    /// and every hashed probe hit a port held by a live flow), or no
+    /// address to use.
     pub const DROP_SNAT: u32 = 6;
     /// A reject could not be answered (IP options, a GSO packet, a helper
     /// failure): dropped instead.
@@ -429,11 +516,13 @@ const _: () = assert!(size_of::<SvcValue>() == 12);
 const _: () = assert!(size_of::<AffinityKey>() == 12);
 const _: () = assert!(size_of::<SourceRangeKey>() == 12);
 const _: () = assert!(size_of::<SockNat>() == 12);
+const _: () = assert!(size_of::<SockKey>() == 16);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<Backend>() == 8);
 const _: () = assert!(size_of::<CtKey>() == 16);
 const _: () = assert!(size_of::<CtValue>() == 24);
 const _: () = assert!(size_of::<CtTimeouts>() == 20);
+const _: () = assert!(size_of::<SnatPorts>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -444,8 +533,46 @@ mod pod {
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::CtTimeouts {}
+    unsafe impl aya::Pod for super::SnatPorts {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::SourceRangeKey {}
     unsafe impl aya::Pod for super::SockNat {}
+    unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
+}
+
+#[cfg(test)]
+mod snat_ports_tests {
+    use super::SnatPorts;
+
+    fn ports(p: &SnatPorts) -> Vec<u16> {
+        (0..p.count()).map(|i| p.port(i)).collect()
+    }
+
+    #[test]
+    fn the_default_skips_the_ephemeral_and_node_port_ranges() {
+        let p = SnatPorts::DEFAULT;
+        assert_eq!(
+            (p.low_min, p.low_count, p.high_min, p.high_count),
+            (1024, 28_976, 61_000, 4_536)
+        );
+        let all = ports(&p);
+        assert_eq!(all.len(), 33_512);
+        assert_eq!((all[0], all[28_975], all[28_976], all[33_511]), (1024, 29_999, 61_000, 65_535));
+        for port in [0, 1023, 30_000, 32_767, 32_768, 60_999] {
+            assert!(!p.contains(port), "{port}");
+        }
+        assert!(all.iter().all(|&port| p.contains(port)));
+    }
+
+    #[test]
+    fn other_ephemeral_ranges() {
+        // Widened to everything: only the reserved tail is left.
+        let p = SnatPorts::around(1024, 65_535);
+        assert_eq!((p.low_count, p.high_min, p.high_count), (0, 61_000, 4_536));
+        // Low: the ports below it, and above the NodePorts to the top.
+        let p = SnatPorts::around(10_000, 20_000);
+        assert_eq!((p.low_count, p.high_min), (8_976, 32_768));
+        assert!(!p.contains(15_000) && p.contains(9_999) && p.contains(40_000));
+    }
 }

@@ -5,8 +5,9 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, CLUSTER_IPS_MAX,
-    CONNTRACK_FLAGS, CONNTRACK_MAX, CtKey, CtValue, NODE_IPS_MAX, SERVICES_MAX, SNAT_ADDRS_MAX,
-    SOCKET_NAT_MAX, SOURCE_RANGES_MAX, SockNat, SourceRangeKey, SvcKey, SvcValue, stat,
+    CONNTRACK_FLAGS, CONNTRACK_MAX, CtKey, CtValue, NAT_MAX, NODE_IPS_MAX, SERVICES_MAX,
+    SNAT_ADDRS_MAX, SOCKET_NAT_MAX, SOURCE_RANGES_MAX, SockKey, SockNat, SourceRangeKey, SvcKey,
+    SvcValue, stat,
 };
 
 #[map(name = "SVC4_V1")]
@@ -22,6 +23,13 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(BACKENDS_
 #[map(name = "CT4_V2")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(CONNTRACK_MAX, CONNTRACK_FLAGS);
+
+/// Masquerade state: `CT_SNAT` and `CT_SNAT_REPLY` entries. Apart from
+/// conntrack, so Service flows cannot evict the entries holding ports;
+/// one LRU list, as both directions of a flow touch its entries on
+/// whichever CPUs they arrive.
+#[map(name = "NAT4_V1")]
+pub static NAT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(NAT_MAX, 0);
 
 /// Local node addresses that serve NodePorts (value unused).
 #[map(name = "NODE_IP4_V1")]
@@ -47,10 +55,11 @@ pub static CLUSTER_IPS: HashMap<u32, u32> = HashMap::with_max_entries(CLUSTER_IP
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
     LpmTrie::with_max_entries(SOURCE_RANGES_MAX, 0);
 
-/// Socket cookie -> the frontend a node socket named and the backend it was
-/// sent to, so replies and `getpeername` show the frontend.
+/// (Socket cookie, backend) -> the frontend a node socket named and the
+/// backend it was sent to, so replies and `getpeername` show the frontend.
 #[map(name = "SOCK_NAT4_V1")]
-pub static SOCKET_NAT: LruHashMap<u64, SockNat> = LruHashMap::with_max_entries(SOCKET_NAT_MAX, 0);
+pub static SOCKET_NAT: LruHashMap<SockKey, SockNat> =
+    LruHashMap::with_max_entries(SOCKET_NAT_MAX, 0);
 
 #[map(name = "STATS_V1")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);

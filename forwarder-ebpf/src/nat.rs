@@ -1,23 +1,43 @@
 //! Masquerading (source NAT to a node address) of flows marked at DNAT
-//! time, and its reversal for replies. The entry that restores the client,
-//! keyed by the reply tuple, is what holds a node port: it is touched by
-//! both directions, and the port is free again once that entry expired by
-//! its state (see `CtTimeouts`): both sides closed, a reset, or idle.
+//! time, and its reversal for replies, in a map of its own (`NAT4_V1`, so
+//! a storm of Service flows cannot evict the entries that hold ports).
+//!
+//! The entry that restores the client, keyed by the reply tuple, is what
+//! holds a node port: both directions refresh it, and the port is free
+//! again once that entry expired by its state (see `CtTimeouts`): both
+//! sides closed, a reset, or idle. A new flow keeps the client's own port
+//! when it is a masquerade port and free, as netfilter does; otherwise it
+//! gets one by hashed probes over every masquerade port (`SnatPorts`).
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_get_prandom_u32,
+    bindings::{BPF_ANY, BPF_F_CURRENT_NETNS, BPF_NOEXIST, bpf_sock_tuple},
+    helpers::{bpf_get_prandom_u32, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+    programs::TcContext,
 };
 use forwarder_common::{
-    CT_BACKEND_CLOSING, CT_CLIENT_CLOSING, CT_SNAT, CT_SNAT_REPLY, CtKey, CtValue,
-    SNAT_ADDR_DEFAULT, SNAT_PORT_COUNT, SNAT_PORT_MIN, stat,
+    CT_BACKEND_CLOSING, CT_CLIENT_CLOSING, CT_SNAT, CT_SNAT_REPLY, CtKey, CtValue, PROTO_TCP,
+    PROTO_UDP, SCOPE_EXTERNAL, SNAT_ADDR_DEFAULT, SnatPorts, SvcKey, stat,
 };
 
 use crate::{
     conntrack::{expired, key_of, now_seconds, observed, touch},
     lb::{Decision, Nat},
-    maps::{CONNTRACK, SNAT_ADDRS},
+    maps::{NAT, SERVICES, SNAT_ADDRS},
     parse::Flow,
 };
+
+/// Set at load time from the node's ephemeral port range.
+#[unsafe(no_mangle)]
+static SNAT_PORTS: SnatPorts = SnatPorts::DEFAULT;
+
+#[inline(always)]
+fn ports() -> SnatPorts {
+    // SAFETY: a volatile read of a load-time constant.
+    unsafe { core::ptr::read_volatile(&SNAT_PORTS) }
+}
+
+/// Hashed probes a new flow gets after its own port: with a tenth of the
+/// ports held, all 32 miss once in 10^32.
+const PROBES: u32 = 32;
 
 /// Makes sure a masqueraded flow has its SNAT entry, also after LRU
 /// eviction took it: the egress program fills in the address and port (it
@@ -32,9 +52,9 @@ pub fn ensure_snat(forward: &CtKey, fwd: &CtValue, now: u32) {
         ..*forward
     };
     // SAFETY: presence check only.
-    if unsafe { CONNTRACK.get(&snat) }.is_none() {
+    if unsafe { NAT.get(&snat) }.is_none() {
         let pending = CtValue { last_seen: now, ..CtValue::new(0, 0, fwd.backend_id) };
-        let _ = CONNTRACK.insert(&snat, &pending, u64::from(BPF_NOEXIST));
+        let _ = NAT.insert(&snat, &pending, u64::from(BPF_NOEXIST));
     }
 }
 
@@ -43,10 +63,10 @@ pub fn ensure_snat(forward: &CtKey, fwd: &CtValue, now: u32) {
 #[inline(always)]
 pub fn reverse_snat(flow: &Flow) -> Decision {
     // Only masquerade ports can match: spare other packets the lookup.
-    if u16::from_be(flow.dport) < SNAT_PORT_MIN {
+    if !ports().contains(u16::from_be(flow.dport)) {
         return Ok(None);
     }
-    let Some(entry) = CONNTRACK.get_ptr_mut(&key_of(flow, CT_SNAT_REPLY)) else {
+    let Some(entry) = NAT.get_ptr_mut(&key_of(flow, CT_SNAT_REPLY)) else {
         return Ok(None);
     };
     if flow.first_fragment {
@@ -61,10 +81,10 @@ pub fn reverse_snat(flow: &Flow) -> Decision {
 /// Masquerading of a flow marked at DNAT time, on the interface it leaves
 /// by: the first packet picks the interface's address and a free port.
 #[inline(always)]
-pub fn snat(flow: &Flow, ifindex: u32) -> Decision {
+pub fn snat(ctx: &TcContext, flow: &Flow, ifindex: u32) -> Decision {
     let key = key_of(flow, CT_SNAT);
     // SAFETY: copied out immediately.
-    let Some(entry) = (unsafe { CONNTRACK.get(&key) }).copied() else {
+    let Some(entry) = (unsafe { NAT.get(&key) }).copied() else {
         return Ok(None);
     };
     if flow.first_fragment {
@@ -80,7 +100,7 @@ pub fn snat(flow: &Flow, ifindex: u32) -> Decision {
         // The port is ours as long as its reply entry restores this client;
         // LRU eviction may have taken it, and another flow the port.
         let reply = snat_reply_key(flow, entry.nat_addr, entry.nat_port);
-        match CONNTRACK.get_ptr_mut(&reply) {
+        match NAT.get_ptr_mut(&reply) {
             // SAFETY: a live map value; racing writers only store a time or a flag.
             Some(held)
                 if unsafe { (*held).nat_addr == flow.saddr && (*held).nat_port == flow.sport } =>
@@ -96,7 +116,7 @@ pub fn snat(flow: &Flow, ifindex: u32) -> Decision {
             }
             Some(_) => {}
             None => {
-                if CONNTRACK.insert(&reply, &restore, u64::from(BPF_NOEXIST)).is_ok() {
+                if NAT.insert(&reply, &restore, u64::from(BPF_NOEXIST)).is_ok() {
                     return Ok(Some(Nat::new(entry.nat_addr, entry.nat_port)));
                 }
             }
@@ -106,26 +126,81 @@ pub fn snat(flow: &Flow, ifindex: u32) -> Decision {
     let addr = unsafe { SNAT_ADDRS.get(&ifindex).or_else(|| SNAT_ADDRS.get(&SNAT_ADDR_DEFAULT)) }
         .copied()
         .ok_or(stat::DROP_SNAT)?;
-    // SAFETY: helper without arguments.
-    let start = unsafe { bpf_get_prandom_u32() };
-    for attempt in 0..8u32 {
-        let port =
-            SNAT_PORT_MIN + (start.wrapping_add(attempt) % u32::from(SNAT_PORT_COUNT)) as u16;
-        let port = port.to_be();
-        let reply = snat_reply_key(flow, addr, port);
-        let free = CONNTRACK.insert(&reply, &restore, u64::from(BPF_NOEXIST)).is_ok()
-            // SAFETY: copied out immediately.
-            || (unsafe { CONNTRACK.get(&reply) }.is_some_and(|held| expired(held, flow.proto, now))
-                && CONNTRACK.insert(&reply, &restore, u64::from(BPF_ANY)).is_ok());
-        if free {
-            let mapped = CtValue { nat_addr: addr, nat_port: port, ..entry };
-            CONNTRACK
-                .insert(&key, &mapped, u64::from(BPF_ANY))
-                .map_err(|_| stat::DROP_CT_INSERT)?;
-            return Ok(Some(Nat::new(addr, port)));
+    let ports = ports();
+    let own = u16::from_be(flow.sport);
+    let mut port = if ports.contains(own) && claim(ctx, flow, addr, flow.sport, &restore, now) {
+        Some(flow.sport)
+    } else {
+        None
+    };
+    if port.is_none() && ports.count() != 0 {
+        // SAFETY: helper without arguments.
+        let start = unsafe { bpf_get_prandom_u32() };
+        for probe in 0..PROBES {
+            // Hashed probes, scattered by a large odd stride.
+            let index = start.wrapping_add(probe.wrapping_mul(0x9e37_79b1)) % ports.count();
+            let candidate = ports.port(index).to_be();
+            if claim(ctx, flow, addr, candidate, &restore, now) {
+                port = Some(candidate);
+                break;
+            }
         }
     }
-    Err(stat::DROP_SNAT)
+    let port = port.ok_or(stat::DROP_SNAT)?;
+    let mapped = CtValue { nat_addr: addr, nat_port: port, ..entry };
+    NAT.insert(&key, &mapped, u64::from(BPF_ANY)).map_err(|_| stat::DROP_CT_INSERT)?;
+    Ok(Some(Nat::new(addr, port)))
+}
+
+/// Takes `addr:port` for this flow if nothing else has it: no live flow
+/// masqueraded to the same backend (an expired holder gives it up), no
+/// frontend on that port (its replies would be taken for new flows to it),
+/// and no socket of the node that the replies would reach.
+#[inline(always)]
+fn claim(ctx: &TcContext, flow: &Flow, addr: u32, port: u16, restore: &CtValue, now: u32) -> bool {
+    let frontend = |a| SvcKey::new(a, port, flow.proto, SCOPE_EXTERNAL, 0);
+    // SAFETY: presence checks only.
+    if unsafe { SERVICES.get(&frontend(addr)).is_some() || SERVICES.get(&frontend(0)).is_some() } {
+        return false;
+    }
+    if node_socket(ctx, flow, addr, port) {
+        return false;
+    }
+    let reply = snat_reply_key(flow, addr, port);
+    NAT.insert(&reply, restore, u64::from(BPF_NOEXIST)).is_ok()
+        // SAFETY: copied out immediately.
+        || (unsafe { NAT.get(&reply) }.is_some_and(|held| expired(held, flow.proto, now))
+            && NAT.insert(&reply, restore, u64::from(BPF_ANY)).is_ok())
+}
+
+/// Whether a socket of the node would receive the replies to `addr:port`
+/// (a connection of its own, a listener, a bound UDP socket). SCTP has no
+/// lookup helper: its ports are taken on the map's word alone.
+#[inline(always)]
+fn node_socket(ctx: &TcContext, flow: &Flow, addr: u32, port: u16) -> bool {
+    // SAFETY: a zeroed tuple is valid; its IPv4 member is filled below.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4.saddr = flow.daddr;
+    tuple.__bindgen_anon_1.ipv4.daddr = addr;
+    tuple.__bindgen_anon_1.ipv4.sport = flow.dport;
+    tuple.__bindgen_anon_1.ipv4.dport = port;
+    let size = core::mem::size_of::<u32>() as u32 * 3;
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    let skb = ctx.skb.skb.cast();
+    // SAFETY: helpers on our own context with a tuple on the stack; a
+    // socket found is released at once.
+    unsafe {
+        let sock = match flow.proto {
+            PROTO_TCP => bpf_sk_lookup_tcp(skb, &mut tuple, size, netns, 0),
+            PROTO_UDP => bpf_sk_lookup_udp(skb, &mut tuple, size, netns, 0),
+            _ => return false,
+        };
+        if sock.is_null() {
+            return false;
+        }
+        bpf_sk_release(sock.cast());
+    }
+    true
 }
 
 /// Key of the entry that restores a masqueraded flow's client: the reply

@@ -10,7 +10,7 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use forwarder_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, SockNat, stat};
+use forwarder_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, SockKey, SockNat, stat};
 
 use crate::{
     maps::{SOCKET_NAT, count},
@@ -40,6 +40,11 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
 }
 
+#[inline(always)]
+fn sock_key(ctx: &SockAddrContext, backend_addr: u32, backend_port: u16) -> SockKey {
+    SockKey { cookie: cookie(ctx), backend_addr, backend_port, _pad: [0; 2] }
+}
+
 /// Sends a socket that names a frontend to a backend. A drop decision
 /// (a `Local` policy without endpoint here) denies the call rather than
 /// let the frontend address leak onto the wire; a reject also reports
@@ -67,17 +72,15 @@ fn translate(ctx: &SockAddrContext) -> i32 {
                 backend_port: backend.port,
             };
             // Best effort: without it replies show the backend.
-            let _ = SOCKET_NAT.insert(&cookie(ctx), &nat, u64::from(BPF_ANY));
+            let key = sock_key(ctx, backend.addr, backend.port);
+            let _ = SOCKET_NAT.insert(&key, &nat, u64::from(BPF_ANY));
             addr.user_ip4 = backend.addr;
             addr.user_port = u32::from(backend.port);
             count(stat::SOCKET_CONNECT);
             ALLOW
         }
-        Ok(None) => {
-            // Not (or no longer) talking to a frontend.
-            let _ = SOCKET_NAT.remove(&cookie(ctx));
-            ALLOW
-        }
+        // Not talking to a frontend.
+        Ok(None) => ALLOW,
         Err(reason) => {
             count(reason);
             if stat::is_reject(reason) {
@@ -108,11 +111,9 @@ fn restore(ctx: &SockAddrContext) -> i32 {
     }
     // SAFETY: the context's pointer is valid for the program's run.
     let addr: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    let key = sock_key(ctx, addr.user_ip4, addr.user_port as u16);
     // SAFETY: copied out immediately.
-    if let Some(nat) = unsafe { SOCKET_NAT.get(&cookie(ctx)) }.copied()
-        && addr.user_ip4 == nat.backend_addr
-        && addr.user_port as u16 == nat.backend_port
-    {
+    if let Some(nat) = unsafe { SOCKET_NAT.get(&key) }.copied() {
         addr.user_ip4 = nat.frontend_addr;
         addr.user_port = u32::from(nat.frontend_port);
     }

@@ -109,7 +109,7 @@ fn try_tc_rnat(ctx: &TcContext) -> Result<i32, u32> {
     } else {
         // SAFETY: the context's skb pointer is valid for the program's run.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        if let Some(nat) = nat::snat(&flow, ifindex)? {
+        if let Some(nat) = nat::snat(ctx, &flow, ifindex)? {
             rewrite(ctx, &flow, &nat, Side::Source)?;
             count(stat::SNAT);
         }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use forwarder_common::{CtTimeouts, map_names};
+use forwarder_common::{CtTimeouts, SnatPorts, map_names};
 use futures::StreamExt;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -18,7 +18,7 @@ use crate::{
     addresses::{node_ips, nodeport_addresses, snat_addresses},
     cidr::Cidr,
     cluster::ClusterSource,
-    dataplane::{Capacity, Dataplane, XdpAttachMode},
+    dataplane::{Capacity, Dataplane, Tuning, XdpAttachMode},
     healthz::{self, Health, ServiceHealth},
     manifests::Objects,
     metrics::Metrics,
@@ -92,10 +92,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("metrics address {}", config.metrics_bind_address))?;
     let capacity = config.capacity;
     let pins = PinDir::new(&config.bpffs_root, &config.node_name);
-    let mut dataplane = Dataplane::load(capacity, config.timeouts, pins.clone())
-        .context("loading the eBPF programs")?;
+    let snat_ports = masquerade_ports();
+    tracing::info!(
+        low = format!(
+            "{}-{}",
+            snat_ports.low_min,
+            u32::from(snat_ports.low_min) + u32::from(snat_ports.low_count) - 1
+        ),
+        high = format!("{}-65535", snat_ports.high_min),
+        "masquerade source ports"
+    );
+    let tuning = Tuning { timeouts: config.timeouts, snat_ports };
+    let mut dataplane =
+        Dataplane::load(capacity, tuning, pins.clone()).context("loading the eBPF programs")?;
     crate::conntrack::spawn_collector(
-        pins.map(map_names::CONNTRACK),
+        [pins.map(map_names::CONNTRACK), pins.map(map_names::NAT)],
         config.timeouts,
         config.conntrack_gc_interval,
     );
@@ -249,8 +260,15 @@ impl Agent {
         for error in &report.errors {
             tracing::error!(%error, "map write failed; the previous entry stays in force");
         }
-        let stale = removed_udp_endpoints(&self.applied, &translation.state);
-        match self.dataplane.maps.purge_udp_flows(&stale) {
+        let purged = if self.synced_once {
+            let stale = removed_udp_endpoints(&self.applied, &translation.state);
+            self.dataplane.maps.purge_udp_flows(&stale)
+        } else {
+            // What left while no agent ran is not in `applied`: judge every
+            // UDP flow the maps hold against the new state.
+            self.dataplane.maps.purge_udp_flows_outside(&translation.state)
+        };
+        match purged {
             Ok(0) => {}
             Ok(flows) => tracing::info!(flows, "removed UDP flows to endpoints that left"),
             Err(error) => tracing::warn!(%error, "removing stale UDP flows failed"),
@@ -295,6 +313,7 @@ impl Agent {
         }
         // LRU maps fill by themselves; counting them would walk every entry.
         self.metrics.set_map(map_names::CONNTRACK, None, capacity.conntrack);
+        self.metrics.set_map(map_names::NAT, None, capacity.nat);
         self.metrics.set_map(map_names::AFFINITY, None, forwarder_common::AFFINITY_MAX);
         self.metrics.set_map(map_names::SOCKET_NAT, None, forwarder_common::SOCKET_NAT_MAX);
     }
@@ -409,13 +428,14 @@ impl Agent {
     }
 }
 
-/// Adds the masquerade ports to `net.ipv4.ip_local_reserved_ports`, so the
-/// node's own sockets never take one (the datapath would take its replies).
+/// Adds the top of the port space, which masquerading always has, to
+/// `net.ipv4.ip_local_reserved_ports`, so the node's own sockets never take
+/// one there even with a widened ephemeral range (the datapath would take
+/// their replies). The rest of the masquerade ports lie outside the
+/// ephemeral range anyway (`SnatPorts`).
 pub fn reserve_masquerade_ports() -> anyhow::Result<()> {
-    use forwarder_common::{SNAT_PORT_COUNT, SNAT_PORT_MIN};
     let path = "/proc/sys/net/ipv4/ip_local_reserved_ports";
-    let range =
-        format!("{}-{}", SNAT_PORT_MIN, u32::from(SNAT_PORT_MIN) + u32::from(SNAT_PORT_COUNT) - 1);
+    let range = format!("{}-65535", forwarder_common::SNAT_RESERVED_MIN);
     let current = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     if current.split(',').any(|r| r.trim() == range) {
         return Ok(());
@@ -428,6 +448,23 @@ pub fn reserve_masquerade_ports() -> anyhow::Result<()> {
     std::fs::write(path, value).with_context(|| format!("writing {range} to {path}"))?;
     tracing::info!(%range, "reserved the masquerade ports from local sockets");
     Ok(())
+}
+
+/// The masquerade ports around this network namespace's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), or around Linux's default.
+pub fn masquerade_ports() -> SnatPorts {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let range = std::fs::read_to_string(path).ok().and_then(|text| {
+        let mut bounds = text.split_whitespace().map(|n| n.parse::<u16>().ok());
+        Some((bounds.next()??, bounds.next()??))
+    });
+    match range {
+        Some((min, max)) if min <= max => SnatPorts::around(min, max),
+        _ => {
+            tracing::warn!(path, "unreadable: masquerading assumes 32768-60999 ephemeral");
+            SnatPorts::DEFAULT
+        }
+    }
 }
 
 /// Where the cgroup v2 hierarchy is mounted, per /proc/self/mountinfo.

@@ -20,12 +20,12 @@ use aya::{
     },
     util::KernelVersion,
 };
-use forwarder_common::{CtTimeouts, program_names};
+use forwarder_common::program_names;
 
 use crate::{
     conntrack::now_seconds,
     dataplane::{
-        Capacity, DataplaneError, Maps, current_netns_cookie, load_object, pinned_capacity,
+        Capacity, DataplaneError, Maps, Tuning, current_netns_cookie, load_object, pinned_capacity,
     },
     pins::{self, PinDir},
 };
@@ -88,20 +88,16 @@ impl Dataplane {
     /// Loads for the node whose network namespace is the current one,
     /// reusing the maps pinned in `pins` (creating and pinning them when
     /// there are none).
-    pub fn load(
-        capacity: Capacity,
-        timeouts: CtTimeouts,
-        pins: PinDir,
-    ) -> Result<Self, DataplaneError> {
+    pub fn load(capacity: Capacity, tuning: Tuning, pins: PinDir) -> Result<Self, DataplaneError> {
         let pin_err =
             |source| DataplaneError::Pin { path: pins.path().display().to_string(), source };
         pins.create().map_err(pin_err)?;
         let capacity = pinned_capacity(&pins, capacity.as_created())?;
         let node_netns = current_netns_cookie().map_err(DataplaneError::NetnsCookie)?;
-        let mut ebpf = load_object(capacity, timeouts, node_netns, Some(&pins))?;
+        let mut ebpf = load_object(capacity, tuning, node_netns, Some(&pins))?;
         let mut maps = Maps::take(&mut ebpf)?;
         let old_conntrack = pins.map(crate::conntrack::V1_NAME);
-        match crate::conntrack::migrate_v1(&old_conntrack, maps.conntrack(), now_seconds()) {
+        match crate::conntrack::migrate_v1(&old_conntrack, &mut maps, now_seconds()) {
             Ok(0) => {}
             Ok(moved) => tracing::info!(entries = moved, "conntrack of an earlier build migrated"),
             Err(error) => tracing::warn!(%error, "an earlier build's conntrack was not migrated"),

@@ -181,7 +181,7 @@ unsafe impl aya::Pod for CtValueV1 {}
 /// starts now. Returns how many entries moved.
 pub fn migrate_v1(
     pin: &std::path::Path,
-    map: &mut HashMap<MapData, CtKey, CtValue>,
+    maps: &mut crate::dataplane::Maps,
     now: u32,
 ) -> Result<usize, MapError> {
     use forwarder_common::{CT_CLIENT_CLOSING, CT_ESTABLISHED, CT_MASQUERADE, PROTO_UDP};
@@ -212,6 +212,11 @@ pub fn migrate_v1(
             client_port,
             ..CtValue::new(value.nat_addr, value.nat_port, value.backend_id)
         };
+        // Masquerade entries have a map of their own now.
+        let map = match key.dir {
+            CT_SNAT | CT_SNAT_REPLY => maps.nat(),
+            _ => maps.conntrack(),
+        };
         if map.insert(key, migrated, 0).is_ok() {
             moved += 1;
         }
@@ -222,36 +227,43 @@ pub fn migrate_v1(
     Ok(moved)
 }
 
-/// Collects the conntrack map pinned at `pin` every `interval`, on a
-/// thread of its own (a walk of a full map takes a while and must not hold
-/// up a sync), for as long as the process runs.
+/// Collects the conntrack and masquerade maps pinned at `pins` every
+/// `interval`, on a thread of its own (a walk of a full map takes a while
+/// and must not hold up a sync), for as long as the process runs.
 pub fn spawn_collector(
-    pin: std::path::PathBuf,
+    pins: [std::path::PathBuf; 2],
     timeouts: CtTimeouts,
     interval: std::time::Duration,
 ) {
-    let open = || -> Result<HashMap<MapData, CtKey, CtValue>, MapError> {
-        HashMap::try_from(aya::maps::Map::LruHashMap(MapData::from_pin(&pin)?))
+    let open = |pin: &std::path::Path| -> Result<HashMap<MapData, CtKey, CtValue>, MapError> {
+        HashMap::try_from(aya::maps::Map::LruHashMap(MapData::from_pin(pin)?))
     };
-    let mut map = match open() {
-        Ok(map) => map,
-        Err(error) => {
-            tracing::warn!(%error, "conntrack garbage collection off: expired entries wait for the LRU");
-            return;
+    let mut maps = Vec::new();
+    for pin in &pins {
+        match open(pin) {
+            Ok(map) => maps.push((pin.display().to_string(), map)),
+            Err(error) => tracing::warn!(
+                map = %pin.display(),
+                %error,
+                "garbage collection off: expired entries wait for the LRU"
+            ),
         }
-    };
+    }
     std::thread::spawn(move || {
         loop {
             std::thread::sleep(interval);
-            let started = std::time::Instant::now();
-            match collect(&mut map, &timeouts, now_seconds()) {
-                Ok(report) => tracing::debug!(
-                    examined = report.examined,
-                    removed = report.removed,
-                    took = ?started.elapsed(),
-                    "conntrack collected"
-                ),
-                Err(error) => tracing::warn!(%error, "conntrack collection failed"),
+            for (name, map) in &mut maps {
+                let started = std::time::Instant::now();
+                match collect(map, &timeouts, now_seconds()) {
+                    Ok(report) => tracing::debug!(
+                        map = %name,
+                        examined = report.examined,
+                        removed = report.removed,
+                        took = ?started.elapsed(),
+                        "expired entries collected"
+                    ),
+                    Err(error) => tracing::warn!(map = %name, %error, "collection failed"),
+                }
             }
         }
     });

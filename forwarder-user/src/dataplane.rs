@@ -8,13 +8,14 @@ use aya::{
 };
 use forwarder_common::{
     Backend, CT_FORWARD, CT_REPLY, CT_SNAT, CT_SNAT_REPLY, CtKey, CtTimeouts, CtValue, PROTO_UDP,
-    SOURCE_RANGE_FRONTEND_BITS, SourceRangeKey, SvcKey, SvcValue, map_names, program_names, stat,
+    SOURCE_RANGE_FRONTEND_BITS, SnatPorts, SourceRangeKey, SvcKey, SvcValue, map_names,
+    program_names, stat,
 };
 
 pub use crate::attach::{Dataplane, XdpAttachMode};
 use crate::{
     cidr::Cidr,
-    model::{Endpoint, Frontend},
+    model::{DesiredState, Endpoint, Frontend, Proto},
     pins::PinDir,
     sync::{Datapath, MapContents, MapWriteError, frontend_of, svc_key},
 };
@@ -25,6 +26,13 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub static CALIBRATION_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/calibrate"));
 
+/// Behaviour chosen at load time, as the programs' global constants.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tuning {
+    pub timeouts: CtTimeouts,
+    pub snat_ports: SnatPorts,
+}
+
 /// Map sizes chosen at load time.
 #[derive(Clone, Copy, Debug)]
 pub struct Capacity {
@@ -32,6 +40,8 @@ pub struct Capacity {
     pub services: u32,
     pub backends: u32,
     pub conntrack: u32,
+    /// Masquerade entries: two per masqueraded flow.
+    pub nat: u32,
 }
 
 impl Default for Capacity {
@@ -40,6 +50,7 @@ impl Default for Capacity {
             services: forwarder_common::SERVICES_MAX,
             backends: forwarder_common::BACKENDS_MAX,
             conntrack: forwarder_common::CONNTRACK_MAX,
+            nat: forwarder_common::NAT_MAX,
         }
     }
 }
@@ -85,6 +96,7 @@ pub struct Maps {
     snat_addrs: HashMap<MapData, u32, u32>,
     cluster_ips: HashMap<MapData, u32, u32>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    nat: HashMap<MapData, CtKey, CtValue>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
     stats: PerCpuArray<MapData, u64>,
 }
@@ -106,6 +118,7 @@ impl Maps {
             snat_addrs: take(ebpf, map_names::SNAT_ADDRS)?,
             cluster_ips: take(ebpf, map_names::CLUSTER_IPS)?,
             conntrack: take(ebpf, map_names::CONNTRACK)?,
+            nat: take(ebpf, map_names::NAT)?,
             source_ranges: take(ebpf, map_names::SOURCE_RANGES)?,
             stats: take(ebpf, map_names::STATS)?,
         })
@@ -116,36 +129,57 @@ impl Maps {
         &mut self.conntrack
     }
 
+    /// The masquerade map, for inspection.
+    pub fn nat(&mut self) -> &mut HashMap<MapData, CtKey, CtValue> {
+        &mut self.nat
+    }
+
     /// Removes every conntrack entry of the UDP flows from a frontend to an
     /// endpoint in `pairs`; returns how many flows went.
     pub fn purge_udp_flows(&mut self, pairs: &[(Frontend, Endpoint)]) -> Result<usize, MapError> {
         if pairs.is_empty() {
             return Ok(0);
         }
-        let wanted: Vec<(Option<u32>, u16, u32, u16)> = pairs
+        let wanted: Vec<(Option<u32>, u16, u32, u16)> = pairs.iter().map(flow_pair).collect();
+        self.purge_udp_flows_where(|key, value| {
+            wanted.iter().any(|pair| pair_matches(pair, key, value))
+        })
+    }
+
+    /// Removes the UDP flows whose backend is not an endpoint of their
+    /// frontend in `state`: after a restart, the endpoints that left while
+    /// no agent ran (the running agent purges by difference).
+    pub fn purge_udp_flows_outside(&mut self, state: &DesiredState) -> Result<usize, MapError> {
+        let kept: Vec<(Option<u32>, u16, u32, u16)> = state
+            .services
             .iter()
-            .map(|(f, e)| {
-                let addr = f.addr.map(|a| u32::from_ne_bytes(a.octets()));
-                (addr, f.port.to_be(), u32::from_ne_bytes(e.addr.octets()), e.port.to_be())
-            })
+            .filter(|(f, _)| f.proto == Proto::Udp)
+            .flat_map(|(f, endpoints)| endpoints.iter().map(move |e| flow_pair(&(*f, *e))))
             .collect();
-        let mut doomed = Vec::new();
+        self.purge_udp_flows_where(|key, value| {
+            !kept.iter().any(|pair| pair_matches(pair, key, value))
+        })
+    }
+
+    /// Removes the entries of every UDP flow whose forward entry `doomed`
+    /// picks; returns how many flows went.
+    fn purge_udp_flows_where(
+        &mut self,
+        doomed: impl Fn(&CtKey, &CtValue) -> bool,
+    ) -> Result<usize, MapError> {
+        let mut flows = Vec::new();
         for entry in self.conntrack.iter() {
-            let (key, value) = entry?;
-            if key.dir != CT_FORWARD || key.proto != PROTO_UDP {
-                continue;
-            }
-            // A NodePort frontend (no address) matches on any node address.
-            let stale = wanted.iter().any(|(addr, port, backend, backend_port)| {
-                addr.is_none_or(|a| a == key.daddr)
-                    && *port == key.dport
-                    && *backend == value.nat_addr
-                    && *backend_port == value.nat_port
-            });
-            if stale {
-                doomed.push((key, value));
+            let (key, value) = match entry {
+                Ok(entry) => entry,
+                // Evicted while we walked.
+                Err(MapError::KeyNotFound) => continue,
+                Err(error) => return Err(error),
+            };
+            if key.dir == CT_FORWARD && key.proto == PROTO_UDP && doomed(&key, &value) {
+                flows.push((key, value));
             }
         }
+        let doomed = flows;
         for (key, value) in &doomed {
             let reply = CtKey {
                 saddr: value.nat_addr,
@@ -162,7 +196,7 @@ impl Maps {
                 dir: CT_SNAT,
                 ..*key
             };
-            if let Ok(masquerade) = self.conntrack.get(&snat, 0) {
+            if let Ok(masquerade) = self.nat.get(&snat, 0) {
                 let snat_reply = CtKey {
                     saddr: value.nat_addr,
                     daddr: masquerade.nat_addr,
@@ -171,8 +205,8 @@ impl Maps {
                     dir: CT_SNAT_REPLY,
                     ..*key
                 };
-                let _ = self.conntrack.remove(&snat_reply);
-                let _ = self.conntrack.remove(&snat);
+                let _ = self.nat.remove(&snat_reply);
+                let _ = self.nat.remove(&snat);
             }
             // Already gone (evicted) is fine.
             let _ = self.conntrack.remove(&reply);
@@ -219,6 +253,26 @@ impl Maps {
             })
             .collect()
     }
+}
+
+/// A (frontend, endpoint) pair as conntrack holds it: frontend address
+/// (none for a NodePort) and port, backend address and port.
+fn flow_pair((frontend, endpoint): &(Frontend, Endpoint)) -> (Option<u32>, u16, u32, u16) {
+    let addr = frontend.addr.map(|a| u32::from_ne_bytes(a.octets()));
+    (addr, frontend.port.to_be(), u32::from_ne_bytes(endpoint.addr.octets()), endpoint.port.to_be())
+}
+
+/// Whether a flow's forward entry goes from the pair's frontend (a NodePort
+/// on any node address) to its endpoint.
+fn pair_matches(
+    (addr, port, backend, backend_port): &(Option<u32>, u16, u32, u16),
+    key: &CtKey,
+    value: &CtValue,
+) -> bool {
+    addr.is_none_or(|a| a == key.daddr)
+        && *port == key.dport
+        && *backend == value.nat_addr
+        && *backend_port == value.nat_port
 }
 
 fn source_range_key(frontend: &Frontend, range: Cidr) -> lpm_trie::Key<SourceRangeKey> {
@@ -303,15 +357,15 @@ impl Datapath for Maps {
 /// Key and value sizes of every map: a pinned map with others is from an
 /// incompatible build and must not be reused.
 fn layout(name: &str) -> (usize, usize) {
-    use forwarder_common::{AffinityKey, AffinityValue, SockNat};
+    use forwarder_common::{AffinityKey, AffinityValue, SockKey, SockNat};
     use std::mem::size_of;
     match name {
         map_names::SERVICES => (size_of::<SvcKey>(), size_of::<SvcValue>()),
         map_names::BACKENDS => (4, size_of::<Backend>()),
-        map_names::CONNTRACK => (size_of::<CtKey>(), size_of::<CtValue>()),
+        map_names::CONNTRACK | map_names::NAT => (size_of::<CtKey>(), size_of::<CtValue>()),
         map_names::AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>()),
         map_names::SOURCE_RANGES => (4 + size_of::<SourceRangeKey>(), 4),
-        map_names::SOCKET_NAT => (8, size_of::<SockNat>()),
+        map_names::SOCKET_NAT => (size_of::<SockKey>(), size_of::<SockNat>()),
         map_names::STATS => (4, 8),
         _ => (4, 4),
     }
@@ -345,6 +399,7 @@ pub fn pinned_capacity(pins: &PinDir, wanted: Capacity) -> Result<Capacity, Data
             map_names::SERVICES => capacity.services = info.max_entries(),
             map_names::BACKENDS => capacity.backends = info.max_entries(),
             map_names::CONNTRACK => capacity.conntrack = info.max_entries(),
+            map_names::NAT => capacity.nat = info.max_entries(),
             _ => {}
         }
     }
@@ -352,10 +407,11 @@ pub fn pinned_capacity(pins: &PinDir, wanted: Capacity) -> Result<Capacity, Data
 }
 
 /// Every map, pinned by the agent so its state outlives the process.
-pub const MAPS: [&str; 10] = [
+pub const MAPS: [&str; 11] = [
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::CONNTRACK,
+    map_names::NAT,
     map_names::NODE_IPS,
     map_names::SNAT_ADDRS,
     map_names::AFFINITY,
@@ -371,7 +427,7 @@ pub const MAPS: [&str; 10] = [
 /// from its pin when one exists, and pinned there when not.
 pub fn load_object(
     capacity: Capacity,
-    timeouts: CtTimeouts,
+    tuning: Tuning,
     node_netns: u64,
     pins: Option<&PinDir>,
 ) -> Result<Ebpf, DataplaneError> {
@@ -382,8 +438,10 @@ pub fn load_object(
         .map_max_entries(map_names::SERVICES, capacity.services)
         .map_max_entries(map_names::BACKENDS, capacity.backends)
         .map_max_entries(map_names::CONNTRACK, capacity.conntrack)
+        .map_max_entries(map_names::NAT, capacity.nat)
         .override_global(forwarder_common::NODE_NETNS_COOKIE, &node_netns, true)
-        .override_global(forwarder_common::CT_TIMEOUTS, &timeouts, true);
+        .override_global(forwarder_common::CT_TIMEOUTS, &tuning.timeouts, true)
+        .override_global(forwarder_common::SNAT_PORTS, &tuning.snat_ports, true);
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }

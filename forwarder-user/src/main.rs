@@ -103,6 +103,10 @@ struct RunArgs {
     /// Conntrack entries (an LRU: the coldest flow makes room).
     #[arg(long, env = "FORWARDER_BPF_CT_MAP_MAX", default_value_t = forwarder_common::CONNTRACK_MAX)]
     bpf_ct_map_max: u32,
+    /// Masquerade entries, two per masqueraded flow (Cilium's
+    /// --bpf-nat-global-max; an LRU).
+    #[arg(long, env = "FORWARDER_BPF_NAT_MAP_MAX", default_value_t = forwarder_common::NAT_MAX)]
+    bpf_nat_map_max: u32,
     /// bpffs directory under which each node's maps and links are pinned
     /// (`<root>/<node name>/`), so they outlive the agent.
     #[arg(long, env = "FORWARDER_BPFFS_ROOT", default_value = pins::DEFAULT_ROOT)]
@@ -227,6 +231,7 @@ async fn run() -> anyhow::Result<()> {
             services: args.bpf_lb_map_max,
             backends: args.bpf_lb_map_max,
             conntrack: args.bpf_ct_map_max,
+            nat: args.bpf_nat_map_max,
         },
         timeouts: forwarder_common::CtTimeouts {
             tcp_syn: args.conntrack_tcp_timeout_syn,

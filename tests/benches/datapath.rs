@@ -71,8 +71,9 @@ impl Bench {
             // Room for every flow the rounds open in the one CPU's share of
             // the per-CPU LRU lists: eviction would be measured too.
             conntrack: (1 << 20) * aya::util::nr_cpus().expect("possible CPUs") as u32,
+            nat: forwarder_common::NAT_MAX,
         };
-        let mut ebpf = load_object(capacity, forwarder_common::CtTimeouts::DEFAULT, 0, None)
+        let mut ebpf = load_object(capacity, forwarder_user::dataplane::Tuning::default(), 0, None)
             .expect("load forwarder programs");
         let mut maps = Maps::take(&mut ebpf).expect("maps");
         let mut syncer = Syncer::new(capacity.services as usize, capacity.backends as usize);

@@ -266,6 +266,25 @@ fn the_node_itself_reaches_cluster_ips_and_node_ports() {
             udp.ask(&frontend).unwrap_or_else(|e| panic!("UDP: {e}\n{}", s.forwarder.log_text()));
         assert_eq!(from.to_string(), frontend, "recvfrom must show the frontend");
     }
+    // Several queries in flight on one unconnected socket, as musl's
+    // resolver sends A and AAAA: each may reach another backend, and every
+    // answer must still show the frontend (or the resolver drops it).
+    let socket = node.run(|| std::net::UdpSocket::bind("0.0.0.0:0")).expect("UDP socket");
+    socket.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    // 24 random picks all alike: 2^-23.
+    for _ in 0..24 {
+        socket.send_to(b"who", &frontend).expect("sendto");
+    }
+    let mut pods = BTreeSet::new();
+    for _ in 0..24 {
+        let mut buf = [0u8; 256];
+        let (n, from) = socket.recv_from(&mut buf).expect("every answer arrives");
+        assert_eq!(from.to_string(), frontend, "recvfrom must show the frontend");
+        pods.insert(
+            String::from_utf8_lossy(&buf[..n]).split_whitespace().next().map(str::to_owned),
+        );
+    }
+    assert_eq!(pods.len(), 2, "both backends answered the burst: {pods:?}");
     // A connected UDP socket gets the same.
     let (_, from) = udp_once_connected(node, &frontend).expect("connected UDP");
     assert_eq!(from.to_string(), frontend);

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use forwarder_tests::{
     cluster::{CLIENT_IP, Cluster, NODE_IFACE},
-    echo::{EchoServer, tcp_connect_error, tcp_once_seen},
+    echo::{EchoServer, tcp_connect_error, tcp_once, tcp_once_seen},
     forwarder::{Forwarder, http_get},
     netns::NetNs,
 };
@@ -78,6 +78,18 @@ metadata: {name: itp-1, namespace: demo, labels: {kubernetes.io/service-name: it
 addressType: IPv4
 ports: [{port: 8080}]
 endpoints: [{addresses: [10.244.1.2], nodeName: node-a}, {addresses: [10.244.2.2], nodeName: node-b}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: remote, namespace: demo}
+spec: {type: NodePort, clusterIP: 10.96.0.16, ports: [{port: 80, targetPort: 8080, nodePort: 30086}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: remote-1, namespace: demo, labels: {kubernetes.io/service-name: remote}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.2.2], nodeName: node-b}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -232,4 +244,41 @@ fn health_check_node_ports() {
     assert_eq!(get("192.168.20.1:32001").0, 503);
     assert_eq!(get("192.168.20.2:32001").0, 200);
     assert!(get("192.168.20.2:32001").1.contains(r#""name": "local-b-only""#));
+}
+
+/// A storm of short connections from one client to a NodePort whose only
+/// endpoint is on the other node: every one is masqueraded, and more of
+/// them close within the close timeout than the 4,536 ports masquerading
+/// used to have. None may fail.
+#[test]
+fn a_connection_storm_to_a_masqueraded_node_port_loses_nothing() {
+    const CONNECTIONS: usize = 8_000;
+    const THREADS: usize = 8;
+    let s = setup("mstorm");
+    let started = std::time::Instant::now();
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|_| {
+                scope.spawn(|| {
+                    (0..CONNECTIONS / THREADS)
+                        .filter_map(|_| match tcp_once(&s.cluster.client, "192.168.20.1:30086") {
+                            Ok(pod) if pod == "pod-b1" => None,
+                            Ok(pod) => Some(format!("answered by {pod}")),
+                            Err(error) => Some(error.to_string()),
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().expect("storm thread")).collect()
+    });
+    let took = started.elapsed();
+    assert!(
+        failures.is_empty(),
+        "{} of {CONNECTIONS} connections failed in {took:?} (first: {:?})\n{}",
+        failures.len(),
+        failures.first(),
+        s.logs()
+    );
+    eprintln!("{CONNECTIONS} masqueraded connections in {took:?}, none failed");
 }

@@ -126,6 +126,28 @@ fn changes_made_while_no_agent_ran_apply_on_start() {
     assert_eq!(backends_after, pod_a, "{}", forwarder.log_text());
 }
 
+/// A UDP client on one fixed port (a node-local DNS cache, statsd) whose
+/// endpoint was removed while no agent ran moves to another on restart,
+/// instead of staying on the removed one for as long as it keeps sending.
+#[test]
+fn a_udp_flow_whose_endpoint_left_while_no_agent_ran_moves_on_restart() {
+    let (topology, _servers, manifest, mut forwarder) = start("udpoffline");
+    let client = UdpClient::bind(&topology.client).expect("UDP socket");
+    let frontend = format!("{NODE_IP}:30053");
+    let (first, _) = client.ask(&frontend).expect("first answer");
+    forwarder.stop();
+    let ip = topology.pod(&first).ip;
+    manifest.edit(
+        &format!("- addresses: [{ip}]\n  conditions: {{ready: true}}"),
+        &format!("- addresses: [{ip}]\n  conditions: {{ready: false}}"),
+    );
+    // No agent: the pinned maps keep serving the flow where it was.
+    assert_eq!(client.ask(&frontend).expect("answer, no agent").0, first);
+    forwarder.restart(&topology.node);
+    let (moved, _) = client.ask(&frontend).expect("answer after restart");
+    assert_ne!(moved, first, "the flow stayed on the removed endpoint:\n{}", forwarder.log_text());
+}
+
 /// Backend id -> `address:port` in the agent's pinned backends map.
 fn pinned_backends(forwarder: &Forwarder) -> BTreeMap<u32, String> {
     let path = forwarder

@@ -242,7 +242,7 @@ fn an_earlier_builds_conntrack_is_migrated() {
     drop(v1);
 
     let mut harness = Harness::new();
-    let moved = migrate_v1(&path, harness.maps.conntrack(), now_seconds()).unwrap();
+    let moved = migrate_v1(&path, &mut harness.maps, now_seconds()).unwrap();
     assert_eq!(moved, 1);
     assert!(!path.exists(), "the old map is unpinned");
     let migrated = harness.maps.conntrack().get(&forward, 0).unwrap();

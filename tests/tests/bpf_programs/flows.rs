@@ -66,7 +66,7 @@ fn flows_whose_entries_were_evicted_keep_their_backend() {
 #[test]
 fn conntrack_is_created_with_the_size_the_agent_expects() {
     let wanted = Capacity { conntrack: 262_145, ..Capacity::default() };
-    let ebpf = load_object(wanted, forwarder_common::CtTimeouts::DEFAULT, 0, None)
+    let ebpf = load_object(wanted, forwarder_user::dataplane::Tuning::default(), 0, None)
         .expect("eBPF object loads (are you root?)");
     let Some(aya::maps::Map::LruHashMap(map)) = ebpf.map(forwarder_common::map_names::CONNTRACK)
     else {

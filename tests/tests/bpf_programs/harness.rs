@@ -11,7 +11,8 @@ pub(crate) use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 pub(crate) use forwarder_common::{
-    AffinityKey, AffinityValue, CtKey, CtTimeouts, CtValue, map_names, program_names, stat,
+    AffinityKey, AffinityValue, CtKey, CtTimeouts, CtValue, SnatPorts, map_names, program_names,
+    stat,
 };
 pub(crate) use forwarder_tests::packet::{
     ACK, FIN, MF, Packet, RST, SYN, ethernet, port_unreachable, verify_checksums,
@@ -77,8 +78,9 @@ pub(crate) fn default_services() -> Vec<(Frontend, Vec<&'static str>)> {
 
 impl Harness {
     pub(crate) fn new() -> Self {
-        let mut ebpf = load_object(Capacity::default(), CtTimeouts::DEFAULT, 0, None)
-            .expect("eBPF object loads (are you root?)");
+        let mut ebpf =
+            load_object(Capacity::default(), forwarder_user::dataplane::Tuning::default(), 0, None)
+                .expect("eBPF object loads (are you root?)");
         let maps = Maps::take(&mut ebpf).expect("maps present");
         let mut harness = Self { ebpf, maps, syncer: Syncer::new(usize::MAX, usize::MAX) };
         let report =
@@ -215,7 +217,7 @@ impl Harness {
     /// Whether the entry holding masquerade port `port` says the
     /// connection is gone (reset: SCTP ABORT or SHUTDOWN COMPLETE).
     pub(crate) fn snat_reset(&mut self, port: u16) -> bool {
-        self.maps.conntrack().iter().map(|entry| entry.expect("conntrack readable")).any(
+        self.maps.nat().iter().map(|entry| entry.expect("conntrack readable")).any(
             |(key, value)| {
                 key.dir == forwarder_common::CT_SNAT_REPLY
                     && key.dport == port.to_be()
@@ -224,14 +226,18 @@ impl Harness {
         )
     }
 
-    /// The clock the tests control: every conntrack entry's last packet
-    /// moves `seconds` into the past, as if that much time went by.
+    /// The clock the tests control: every conntrack and masquerade
+    /// entry's last packet moves `seconds` into the past, as if that much
+    /// time went by.
     pub(crate) fn advance(&mut self, seconds: u32) {
-        let entries: Vec<(CtKey, CtValue)> =
-            self.maps.conntrack().iter().map(|e| e.expect("conntrack readable")).collect();
-        for (key, value) in entries {
-            let older = CtValue { last_seen: value.last_seen.wrapping_sub(seconds), ..value };
-            self.maps.conntrack().insert(key, older, 0).expect("conntrack writable");
+        for nat in [false, true] {
+            let map = if nat { self.maps.nat() } else { self.maps.conntrack() };
+            let entries: Vec<(CtKey, CtValue)> =
+                map.iter().map(|e| e.expect("map readable")).collect();
+            for (key, value) in entries {
+                let older = CtValue { last_seen: value.last_seen.wrapping_sub(seconds), ..value };
+                map.insert(key, older, 0).expect("map writable");
+            }
         }
     }
 }
@@ -248,7 +254,7 @@ pub(crate) fn deferred_reject(input: &[u8], reason: u32) -> Vec<u8> {
 /// The source port the egress program masqueraded with, checked in range.
 pub(crate) fn masquerade_port(out: &[u8]) -> u16 {
     let port = u16::from_be_bytes([out[34], out[35]]);
-    assert!(port >= forwarder_common::SNAT_PORT_MIN, "masquerade port {port} out of range");
+    assert!(SnatPorts::DEFAULT.contains(port), "masquerade port {port} out of range");
     port
 }
 

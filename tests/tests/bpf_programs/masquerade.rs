@@ -82,14 +82,14 @@ fn masquerade_harness() -> Harness {
 /// Sends the first packet of a flow from `client` through XDP and egress;
 /// returns the masquerade port, or `None` if egress dropped it.
 fn masquerade(harness: &Harness, client: &str) -> Option<u16> {
-    let request = Packet::tcp(client, "192.168.10.1:30080");
+    let request = Packet { tcp_flags: SYN, ..Packet::tcp(client, "192.168.10.1:30080") };
     let (_, out) = harness.run(Prog::Xdp, &request.bytes());
     let (verdict, out) = harness.run(Prog::TcEgress, &out);
     (verdict == TC_ACT_OK).then(|| masquerade_port(&out))
 }
 
 fn snat_reply_entries(harness: &mut Harness) -> Vec<(CtKey, forwarder_common::CtValue)> {
-    let ct = harness.maps.conntrack();
+    let ct = harness.maps.nat();
     let all: Vec<_> = ct.iter().map(Result::unwrap).collect();
     all.into_iter().filter(|(k, _)| k.dir == forwarder_common::CT_SNAT_REPLY).collect()
 }
@@ -103,14 +103,14 @@ fn masquerade_survives_eviction_without_misdirecting_replies() {
 
     // The reply entry is evicted: the next packet puts it back, same port.
     let (key, value) = snat_reply_entries(&mut harness)[0];
-    harness.maps.conntrack().remove(&key).unwrap();
+    harness.maps.nat().remove(&key).unwrap();
     assert_eq!(masquerade(&harness, "192.168.10.2:40000"), Some(port));
     assert_eq!(snat_reply_entries(&mut harness).len(), 1);
 
     // Another client took the port meanwhile: the flow moves to another.
     let stolen =
         forwarder_common::CtValue { nat_addr: u32::from_ne_bytes([192, 168, 10, 77]), ..value };
-    harness.maps.conntrack().insert(key, stolen, 0).unwrap();
+    harness.maps.nat().insert(key, stolen, 0).unwrap();
     let moved = masquerade(&harness, "192.168.10.2:40000").expect("masqueraded");
     assert_ne!(moved, port);
     let reply = Packet::tcp("10.244.2.2:8080", &format!("192.168.10.1:{moved}"));
@@ -135,7 +135,7 @@ fn masquerade_ports_of_finished_flows_are_reused() {
             flags: value.flags | CT_CLIENT_CLOSING | CT_BACKEND_CLOSING,
             ..value
         };
-        harness.maps.conntrack().insert(key, closed, 0).unwrap();
+        harness.maps.nat().insert(key, closed, 0).unwrap();
     }
     harness.advance(CtTimeouts::DEFAULT.tcp_close + 1);
     let before = harness.stats().iter().find(|(n, _)| *n == "drop_snat").map_or(0, |(_, v)| *v);
@@ -145,4 +145,48 @@ fn masquerade_ports_of_finished_flows_are_reused() {
         })
         .count();
     assert_eq!(failed, 0, "{failed} new flows found no port ({before} drops while filling)");
+}
+
+/// A client port that is a masquerade port and free is kept, as netfilter
+/// keeps it; a second client with the same port to the same backend gets
+/// another one.
+#[test]
+fn masquerade_keeps_the_clients_port_when_it_can() {
+    let harness = masquerade_harness();
+    assert_eq!(masquerade(&harness, "192.168.10.2:5000"), Some(5000));
+    let other = masquerade(&harness, "192.168.10.3:5000").expect("masqueraded");
+    assert_ne!(other, 5000);
+    assert!(SnatPorts::DEFAULT.contains(other), "{other}");
+    // The node's own connections take ports from the ephemeral range: a
+    // client's port from there is never kept.
+    let moved = masquerade(&harness, "192.168.10.2:40000").expect("masqueraded");
+    assert_ne!(moved, 40000);
+}
+
+/// A port some frontend uses on the node address is never a masquerade
+/// port: the replies would be taken for new flows to that frontend.
+#[test]
+fn masquerade_never_picks_a_frontends_port() {
+    let mut harness = Harness::new();
+    let mut services = default_services();
+    services[0].1 = vec!["10.244.2.2:8080"];
+    services.push((frontend(Some(NODE_IP), 5000, Proto::Tcp), vec!["10.244.1.2:8080"]));
+    harness.set_services_remote(&services, &["10.244.2.2"]);
+    let port = masquerade(&harness, "192.168.10.2:5000").expect("masqueraded");
+    assert_ne!(port, 5000);
+}
+
+/// Every masquerade port to one backend can be in use at once: a storm of
+/// 20,000 concurrent flows from many clients on one port, all to the one
+/// remote endpoint, each gets a port (the range before held 4,536).
+#[test]
+fn masquerade_capacity_exceeds_a_storm_to_one_backend() {
+    let harness = masquerade_harness();
+    let failed = (0..20_000u32)
+        .filter(|i| {
+            let client = format!("172.16.{}.{}:40000", i / 250, i % 250 + 1);
+            masquerade(&harness, &client).is_none()
+        })
+        .count();
+    assert_eq!(failed, 0, "{:?}", harness.stats());
 }
