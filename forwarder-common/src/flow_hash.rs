@@ -16,11 +16,20 @@ const fn fmix(mut h: u32) -> u32 {
     h ^ (h >> 16)
 }
 
-/// Arguments as they sit in the packet (network order).
+/// Arguments as they sit in the packet (network order). `seed` is the
+/// node's own (`HASH_SEED_V1`): without it a client could compute which
+/// source ports reach which backend and aim all its flows at one.
 #[inline(always)]
-pub const fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+pub const fn flow_hash(
+    seed: u32,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) -> u32 {
     let ports = ((sport as u32) << 16) | dport as u32;
-    let h = fmix(saddr ^ 0x9e37_79b9);
+    let h = fmix(saddr ^ seed ^ 0x9e37_79b9);
     let h = fmix(h ^ daddr);
     let h = fmix(h ^ ports);
     fmix(h ^ proto as u32)
@@ -35,16 +44,30 @@ mod tests {
 
     #[test]
     fn every_field_changes_the_hash() {
-        let base = flow_hash(CLIENT, FRONTEND, 40000u16.to_be(), 80u16.to_be(), 6);
-        assert_eq!(base, flow_hash(CLIENT, FRONTEND, 40000u16.to_be(), 80u16.to_be(), 6));
+        let base = flow_hash(0, CLIENT, FRONTEND, 40000u16.to_be(), 80u16.to_be(), 6);
+        assert_eq!(base, flow_hash(0, CLIENT, FRONTEND, 40000u16.to_be(), 80u16.to_be(), 6));
         let others = [
-            flow_hash(CLIENT + 1, FRONTEND, 40000u16.to_be(), 80u16.to_be(), 6),
-            flow_hash(CLIENT, FRONTEND + 1, 40000u16.to_be(), 80u16.to_be(), 6),
-            flow_hash(CLIENT, FRONTEND, 40001u16.to_be(), 80u16.to_be(), 6),
-            flow_hash(CLIENT, FRONTEND, 40000u16.to_be(), 81u16.to_be(), 6),
-            flow_hash(CLIENT, FRONTEND, 40000u16.to_be(), 80u16.to_be(), 17),
+            flow_hash(0, CLIENT + 1, FRONTEND, 40000u16.to_be(), 80u16.to_be(), 6),
+            flow_hash(0, CLIENT, FRONTEND + 1, 40000u16.to_be(), 80u16.to_be(), 6),
+            flow_hash(0, CLIENT, FRONTEND, 40001u16.to_be(), 80u16.to_be(), 6),
+            flow_hash(0, CLIENT, FRONTEND, 40000u16.to_be(), 81u16.to_be(), 6),
+            flow_hash(0, CLIENT, FRONTEND, 40000u16.to_be(), 80u16.to_be(), 17),
         ];
         assert!(others.iter().all(|h| *h != base), "{base:#x} in {others:x?}");
+    }
+
+    /// Another node's seed sends the same flows elsewhere.
+    #[test]
+    fn the_seed_changes_every_pick() {
+        let picks = |seed| {
+            (0..64u16)
+                .map(|p| {
+                    flow_hash(seed, CLIENT, FRONTEND, (40000 + p).to_be(), 80u16.to_be(), 6) % 2
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(picks(7), picks(7));
+        assert_ne!(picks(7), picks(8));
     }
 
     /// Consecutive client ports, as an ephemeral range hands them out,
@@ -55,7 +78,7 @@ mod tests {
             let mut hits = vec![0u32; backends as usize];
             let flows = 10_000u32;
             for port in 32768..32768 + flows as u16 {
-                let h = flow_hash(CLIENT, FRONTEND, port.to_be(), 80u16.to_be(), 6);
+                let h = flow_hash(0, CLIENT, FRONTEND, port.to_be(), 80u16.to_be(), 6);
                 hits[(h % backends) as usize] += 1;
             }
             let fair = flows / backends;

@@ -19,13 +19,15 @@ pub mod map_names {
     pub const BACKENDS: &str = "BACKEND4_V1";
     pub const CONNTRACK: &str = "CT4_V2";
     pub const NAT: &str = "NAT4_V1";
+    pub const HASH_SEED: &str = "HASH_SEED_V1";
     pub const NODE_IPS: &str = "NODE_IP4_V1";
     pub const SNAT_ADDRS: &str = "SNAT_ADDR4_V1";
     pub const AFFINITY: &str = "AFFINITY4_V1";
     pub const CLUSTER_IPS: &str = "CLUSTER_IP4_V1";
     pub const SOURCE_RANGES: &str = "SRC_RANGE4_V1";
     pub const SOCKET_NAT: &str = "SOCK_NAT4_V2";
-    pub const STATS: &str = "STATS_V1";
+    pub const STATS: &str = "STATS_V2";
+    pub const REJECT_BUCKETS: &str = "REJECT_RATE_V1";
 }
 
 /// Program names, as seen by `bpftool prog` and `Ebpf::program_mut`.
@@ -437,7 +439,23 @@ impl CtValue {
 pub const DEFERRED_REJECT: u32 = 0x4657_0000;
 pub const DEFERRED_REJECT_MASK: u32 = 0xffff_0000;
 
-/// Per-CPU counters (`STATS_V1` index). Drops are counted by reason; a few
+/// Global set at load time: ICMP rejects each CPU may send per second
+/// (0: no limit), in bursts of a twentieth of that (Linux's own ICMP limit
+/// is 1,000 a second in bursts of 50).
+pub const REJECT_RATE: &str = "REJECT_RATE";
+pub const REJECT_RATE_DEFAULT: u32 = 1_000;
+
+/// A CPU's token bucket for ICMP rejects (`REJECT_RATE_V1`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RejectBucket {
+    /// `bpf_ktime_get_ns` of the last refill.
+    pub refilled_ns: u64,
+    pub tokens: u32,
+    pub _pad: u32,
+}
+
+/// Per-CPU counters (`STATS_V2` index). Drops are counted by reason; a few
 /// non-drop events are counted too, so tests and metrics can tell the
 /// datapath did the work.
 pub mod stat {
@@ -482,7 +500,9 @@ pub mod stat {
     pub const REJECT_UNKNOWN_PORT: u32 = 15;
     /// Sockets of the node itself connected straight to a backend.
     pub const SOCKET_CONNECT: u32 = 16;
-    pub const COUNT: u32 = 17;
+    /// A reject over `--icmp-reject-rate`: dropped without an answer.
+    pub const DROP_REJECT_RATE: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     /// Whether `reason` asks for an ICMP answer rather than a silent drop.
     pub const fn is_reject(reason: u32) -> bool {
@@ -508,6 +528,7 @@ pub mod stat {
         "reject_no_endpoints",
         "reject_unknown_port",
         "socket_connect",
+        "drop_reject_rate",
     ];
 }
 
@@ -523,6 +544,7 @@ const _: () = assert!(size_of::<CtKey>() == 16);
 const _: () = assert!(size_of::<CtValue>() == 24);
 const _: () = assert!(size_of::<CtTimeouts>() == 20);
 const _: () = assert!(size_of::<SnatPorts>() == 8);
+const _: () = assert!(size_of::<RejectBucket>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -534,6 +556,7 @@ mod pod {
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::CtTimeouts {}
     unsafe impl aya::Pod for super::SnatPorts {}
+    unsafe impl aya::Pod for super::RejectBucket {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::SourceRangeKey {}
     unsafe impl aya::Pod for super::SockNat {}

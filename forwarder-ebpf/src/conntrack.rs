@@ -12,12 +12,11 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_coarse_ns,
 };
 use forwarder_common::{
-    CT_ESTABLISHED, CT_FORWARD, CT_REPLY, CT_RESET, CtKey, CtTimeouts, CtValue, PROTO_UDP,
-    flow_hash::flow_hash, stat,
+    CT_ESTABLISHED, CT_FORWARD, CT_REPLY, CT_RESET, CtKey, CtTimeouts, CtValue, PROTO_UDP, stat,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK},
+    maps::{BACKENDS, CONNTRACK, flow_hash},
     parse::Flow,
 };
 

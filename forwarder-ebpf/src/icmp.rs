@@ -11,14 +11,17 @@
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action},
     helpers::{
-        bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_tail, bpf_xdp_adjust_head,
-        bpf_xdp_adjust_meta, bpf_xdp_adjust_tail,
+        bpf_ktime_get_ns, bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_tail,
+        bpf_xdp_adjust_head, bpf_xdp_adjust_meta, bpf_xdp_adjust_tail,
     },
     programs::{TcContext, XdpContext},
 };
 use forwarder_common::{DEFERRED_REJECT, DEFERRED_REJECT_MASK, PROTO_SCTP, PROTO_TCP, stat};
 
-use crate::parse::{Flow, L3_OFF};
+use crate::{
+    maps::REJECT_BUCKETS,
+    parse::{Flow, L3_OFF},
+};
 
 const ETH_LEN: usize = 14;
 const IP_LEN: usize = 20;
@@ -167,6 +170,41 @@ pub fn deferred_reject(ctx: &TcContext) -> Option<u32> {
     let word = unsafe { (meta as *const u32).read_unaligned() };
     let reason = word & !DEFERRED_REJECT_MASK;
     (word & DEFERRED_REJECT_MASK == DEFERRED_REJECT && stat::is_reject(reason)).then_some(reason)
+}
+
+/// Set at load time: rejects per second and CPU, 0 for no limit.
+#[unsafe(no_mangle)]
+static REJECT_RATE: u32 = forwarder_common::REJECT_RATE_DEFAULT;
+
+/// Whether this CPU may send one more reject now (a token bucket per CPU,
+/// refilled at the rate, holding a twentieth of a second's worth): a flood
+/// to a Service without endpoints must not turn into a flood of answers.
+#[inline(always)]
+pub fn within_rate() -> bool {
+    // SAFETY: a volatile read of a load-time constant.
+    let rate = unsafe { core::ptr::read_volatile(&REJECT_RATE) };
+    if rate == 0 {
+        return true;
+    }
+    let Some(bucket) = REJECT_BUCKETS.get_ptr_mut(0) else {
+        return true;
+    };
+    let burst = if rate / 20 > 1 { rate / 20 } else { 1 };
+    // SAFETY: helper without arguments; the bucket is this CPU's own.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        let earned = now.saturating_sub((*bucket).refilled_ns) * u64::from(rate) / 1_000_000_000;
+        if earned > 0 {
+            let tokens = u64::from((*bucket).tokens) + earned;
+            (*bucket).tokens = if tokens > u64::from(burst) { burst } else { tokens as u32 };
+            (*bucket).refilled_ns = now;
+        }
+        if (*bucket).tokens == 0 {
+            return false;
+        }
+        (*bucket).tokens -= 1;
+    }
+    true
 }
 
 /// Answers from XDP: shrink to the quote, grow room in front, send back out

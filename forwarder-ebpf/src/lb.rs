@@ -4,14 +4,14 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use forwarder_common::{
     CT_BACKEND_CLOSING, CT_CLIENT_CLOSING, CT_FORWARD, CT_MASQUERADE, CT_REPLY, CtKey, CtValue,
-    SVC_DROP_EMPTY, SVC_SOURCE_RANGES, SvcKey, SvcValue, flow_hash::flow_hash, stat,
+    SVC_DROP_EMPTY, SVC_SOURCE_RANGES, SvcKey, SvcValue, stat,
 };
 
 use crate::{
     conntrack::{
         claim_reply, ensure_reply, key_of, now_seconds, observed, reply_entry, stale, touch,
     },
-    maps::CONNTRACK,
+    maps::{CONNTRACK, flow_hash},
     nat::ensure_snat,
     parse::Flow,
     service::{self, affine_backend, bind_affinity, choose_backend, source_allowed},

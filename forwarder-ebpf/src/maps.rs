@@ -1,13 +1,13 @@
 //! Map definitions. Names must match `forwarder_common::map_names`.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use forwarder_common::{
     AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, CLUSTER_IPS_MAX,
-    CONNTRACK_FLAGS, CONNTRACK_MAX, CtKey, CtValue, NAT_MAX, NODE_IPS_MAX, SERVICES_MAX,
-    SNAT_ADDRS_MAX, SOCKET_NAT_MAX, SOURCE_RANGES_MAX, SockKey, SockNat, SourceRangeKey, SvcKey,
-    SvcValue, stat,
+    CONNTRACK_FLAGS, CONNTRACK_MAX, CtKey, CtValue, NAT_MAX, NODE_IPS_MAX, RejectBucket,
+    SERVICES_MAX, SNAT_ADDRS_MAX, SOCKET_NAT_MAX, SOURCE_RANGES_MAX, SockKey, SockNat,
+    SourceRangeKey, SvcKey, SvcValue, stat,
 };
 
 #[map(name = "SVC4_V1")]
@@ -61,7 +61,23 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
 pub static SOCKET_NAT: LruHashMap<SockKey, SockNat> =
     LruHashMap::with_max_entries(SOCKET_NAT_MAX, 0);
 
-#[map(name = "STATS_V1")]
+/// The node's seed of the flow hash (one `u32`, written once by the agent
+/// and pinned, so a restart keeps every flow's pick).
+#[map(name = "HASH_SEED_V1")]
+pub static HASH_SEED: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The flow hash with this node's seed.
+#[inline(always)]
+pub fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    let seed = HASH_SEED.get(0).copied().unwrap_or(0);
+    forwarder_common::flow_hash::flow_hash(seed, saddr, daddr, sport, dport, proto)
+}
+
+/// Per-CPU token buckets of the ICMP reject rate limit.
+#[map(name = "REJECT_RATE_V1")]
+pub static REJECT_BUCKETS: PerCpuArray<RejectBucket> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "STATS_V2")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
 #[inline(always)]

@@ -48,6 +48,9 @@ fn try_tc_pod(ctx: &TcContext) -> Result<i32, u32> {
     };
     let dnat = match lb::service_dnat(&flow, Origin::LocalPod) {
         Err(reason) if stat::is_reject(reason) => {
+            if !icmp::within_rate() {
+                return Err(stat::DROP_REJECT_RATE);
+            }
             let action = icmp::reject_tc(ctx, &flow)?;
             count(reason);
             return Ok(action);

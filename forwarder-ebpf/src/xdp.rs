@@ -36,6 +36,9 @@ fn try_xdp_node(ctx: &XdpContext) -> Result<u32, u32> {
     };
     let dnat = match lb::service_dnat(&flow, Origin::Outside) {
         Err(reason) if stat::is_reject(reason) => {
+            if !icmp::within_rate() {
+                return Err(stat::DROP_REJECT_RATE);
+            }
             if icmp::defer_reject(ctx, &flow, reason)? {
                 return Ok(xdp_action::XDP_PASS);
             }

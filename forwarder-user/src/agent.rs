@@ -59,6 +59,8 @@ pub struct Config {
     pub timeouts: CtTimeouts,
     /// How often expired conntrack entries are removed.
     pub conntrack_gc_interval: Duration,
+    /// ICMP rejects per second and CPU; 0: no limit.
+    pub icmp_reject_rate: u32,
     /// Every this often the whole state is synced even without a change;
     /// /healthz fails when no sync succeeded for twice as long.
     pub sync_period: Duration,
@@ -102,7 +104,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         high = format!("{}-65535", snat_ports.high_min),
         "masquerade source ports"
     );
-    let tuning = Tuning { timeouts: config.timeouts, snat_ports };
+    let tuning =
+        Tuning { timeouts: config.timeouts, snat_ports, reject_rate: config.icmp_reject_rate };
     let mut dataplane =
         Dataplane::load(capacity, tuning, pins.clone()).context("loading the eBPF programs")?;
     crate::conntrack::spawn_collector(

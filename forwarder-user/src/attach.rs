@@ -102,6 +102,15 @@ impl Dataplane {
             Ok(moved) => tracing::info!(entries = moved, "conntrack of an earlier build migrated"),
             Err(error) => tracing::warn!(%error, "an earlier build's conntrack was not migrated"),
         }
+        maps.ensure_hash_seed().map_err(|source| DataplaneError::Map {
+            name: forwarder_common::map_names::HASH_SEED,
+            source,
+        })?;
+        // Maps of earlier layouts no build reads any more.
+        for stale in pins.unknown_maps(&crate::dataplane::MAPS) {
+            tracing::info!(pin = %stale.display(), "removing a map an earlier build pinned");
+            let _ = std::fs::remove_file(&stale);
+        }
         Ok(Self { ebpf, maps, pins, pod_tc: BTreeMap::new(), claimed: BTreeSet::new(), capacity })
     }
 

@@ -3,7 +3,7 @@ use std::net::Ipv4Addr;
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie},
     programs::ProgramError,
 };
 use forwarder_common::{
@@ -27,10 +27,22 @@ pub static CALIBRATION_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/calibrate"));
 
 /// Behaviour chosen at load time, as the programs' global constants.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Tuning {
     pub timeouts: CtTimeouts,
     pub snat_ports: SnatPorts,
+    /// ICMP rejects per second and CPU; 0: no limit.
+    pub reject_rate: u32,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            timeouts: CtTimeouts::DEFAULT,
+            snat_ports: SnatPorts::DEFAULT,
+            reject_rate: forwarder_common::REJECT_RATE_DEFAULT,
+        }
+    }
 }
 
 /// Map sizes chosen at load time.
@@ -97,6 +109,7 @@ pub struct Maps {
     cluster_ips: HashMap<MapData, u32, u32>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
     nat: HashMap<MapData, CtKey, CtValue>,
+    hash_seed: Array<MapData, u32>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
     stats: PerCpuArray<MapData, u64>,
 }
@@ -119,6 +132,7 @@ impl Maps {
             cluster_ips: take(ebpf, map_names::CLUSTER_IPS)?,
             conntrack: take(ebpf, map_names::CONNTRACK)?,
             nat: take(ebpf, map_names::NAT)?,
+            hash_seed: take(ebpf, map_names::HASH_SEED)?,
             source_ranges: take(ebpf, map_names::SOURCE_RANGES)?,
             stats: take(ebpf, map_names::STATS)?,
         })
@@ -127,6 +141,32 @@ impl Maps {
     /// The conntrack map, for inspection.
     pub fn conntrack(&mut self) -> &mut HashMap<MapData, CtKey, CtValue> {
         &mut self.conntrack
+    }
+
+    /// The node's flow-hash seed: the pinned one, or a new random one the
+    /// first time (0 is never a seed, so it marks a map not yet seeded).
+    pub fn ensure_hash_seed(&mut self) -> Result<u32, MapError> {
+        match self.hash_seed.get(&0, 0)? {
+            0 => {
+                let mut seed = 0u32;
+                while seed == 0 {
+                    let mut bytes = [0u8; 4];
+                    // SAFETY: a valid buffer of the length given.
+                    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), 4, 0) };
+                    if n != 4 {
+                        let io_error = std::io::Error::last_os_error();
+                        return Err(MapError::SyscallError(aya::sys::SyscallError {
+                            call: "getrandom",
+                            io_error,
+                        }));
+                    }
+                    seed = u32::from_ne_bytes(bytes);
+                }
+                self.hash_seed.set(0, seed, 0)?;
+                Ok(seed)
+            }
+            seed => Ok(seed),
+        }
     }
 
     /// The masquerade map, for inspection.
@@ -367,6 +407,7 @@ fn layout(name: &str) -> (usize, usize) {
         map_names::SOURCE_RANGES => (4 + size_of::<SourceRangeKey>(), 4),
         map_names::SOCKET_NAT => (size_of::<SockKey>(), size_of::<SockNat>()),
         map_names::STATS => (4, 8),
+        map_names::REJECT_BUCKETS => (4, size_of::<forwarder_common::RejectBucket>()),
         _ => (4, 4),
     }
 }
@@ -407,11 +448,13 @@ pub fn pinned_capacity(pins: &PinDir, wanted: Capacity) -> Result<Capacity, Data
 }
 
 /// Every map, pinned by the agent so its state outlives the process.
-pub const MAPS: [&str; 11] = [
+pub const MAPS: [&str; 13] = [
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::CONNTRACK,
     map_names::NAT,
+    map_names::HASH_SEED,
+    map_names::REJECT_BUCKETS,
     map_names::NODE_IPS,
     map_names::SNAT_ADDRS,
     map_names::AFFINITY,
@@ -441,7 +484,8 @@ pub fn load_object(
         .map_max_entries(map_names::NAT, capacity.nat)
         .override_global(forwarder_common::NODE_NETNS_COOKIE, &node_netns, true)
         .override_global(forwarder_common::CT_TIMEOUTS, &tuning.timeouts, true)
-        .override_global(forwarder_common::SNAT_PORTS, &tuning.snat_ports, true);
+        .override_global(forwarder_common::SNAT_PORTS, &tuning.snat_ports, true)
+        .override_global(forwarder_common::REJECT_RATE, &tuning.reject_rate, true);
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }

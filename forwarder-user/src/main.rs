@@ -130,6 +130,11 @@ struct RunArgs {
     /// the kernel's 30 s, or 120 s once replied; Cilium's is 60 s).
     #[arg(long, env = "FORWARDER_CONNTRACK_UDP_TIMEOUT", default_value = "60s", value_parser = seconds)]
     conntrack_udp_timeout: u32,
+    /// ICMP port unreachable answers (rejects) each CPU may send per
+    /// second, in bursts of a twentieth of that; more are dropped and
+    /// counted (`drop_reject_rate`). 0: no limit.
+    #[arg(long, env = "FORWARDER_ICMP_REJECT_RATE", default_value_t = forwarder_common::REJECT_RATE_DEFAULT)]
+    icmp_reject_rate: u32,
     /// How often expired conntrack entries are removed.
     #[arg(long, env = "FORWARDER_CONNTRACK_GC_INTERVAL", default_value = "10s", value_parser = duration)]
     conntrack_gc_interval: std::time::Duration,
@@ -241,6 +246,7 @@ async fn run() -> anyhow::Result<()> {
             udp: args.conntrack_udp_timeout,
         },
         conntrack_gc_interval: args.conntrack_gc_interval,
+        icmp_reject_rate: args.icmp_reject_rate,
     })
     .await
 }

@@ -50,6 +50,20 @@ impl PinDir {
         std::fs::create_dir_all(self.dir.join("links"))
     }
 
+    /// Pinned maps whose names are not in `known`: left by builds with
+    /// other layouts.
+    pub fn unknown_maps(&self, known: &[&str]) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter(|e| !known.iter().any(|k| e.file_name() == *k))
+            .map(|e| e.path())
+            .collect()
+    }
+
     /// Pinned links, by file name.
     pub fn links(&self) -> Vec<(String, PathBuf)> {
         let Ok(entries) = std::fs::read_dir(self.dir.join("links")) else {

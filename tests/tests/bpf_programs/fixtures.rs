@@ -292,3 +292,25 @@ fn fixture_table() {
 fn counters_are_named_for_every_reason() {
     assert_eq!(stat::NAMES.len(), stat::COUNT as usize);
 }
+
+/// A flood to a Service without endpoints gets a burst of answers, then
+/// drops counted as `drop_reject_rate` (1,000 a second per CPU, in bursts
+/// of 50, by default), on every hook that rejects.
+#[test]
+fn rejects_are_rate_limited() {
+    // One CPU: the buckets are per CPU.
+    let mut cpus = nix::sched::CpuSet::new();
+    cpus.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).unwrap();
+    for (prog, answered) in [(Prog::Tc, TC_ACT_REDIRECT), (Prog::Xdp, XDP_PASS)] {
+        let harness = Harness::new();
+        let flood = Packet { tcp_flags: SYN, ..Packet::tcp("10.244.1.9:41000", "10.96.0.99:80") };
+        let answers = (0..200).filter(|_| harness.run(prog, &flood.bytes()).0 == answered).count();
+        // The burst, and what the bucket earned meanwhile (the loop takes
+        // milliseconds: a few tokens).
+        assert!((50..100).contains(&answers), "{prog:?}: {answers} answers");
+        let dropped =
+            harness.stats().iter().find(|(n, _)| *n == "drop_reject_rate").map(|(_, v)| *v);
+        assert_eq!(dropped, Some(200 - answers as u64), "{prog:?}");
+    }
+}

@@ -128,3 +128,36 @@ fn a_new_connection_does_not_follow_a_finished_flow_to_a_deleted_backend() {
     let (_, out) = harness.run(Prog::Xdp, &syn.bytes());
     assert_eq!(out, syn.with_dst("10.244.1.3:8080").bytes(), "the new connection is balanced anew");
 }
+
+/// Each node hashes flows with a seed of its own (a client cannot compute
+/// which ports reach which backend), kept across restarts (a restarted
+/// agent's flows hash as before); an earlier build's maps are unpinned.
+#[test]
+fn the_hash_seed_is_the_nodes_own_and_outlives_the_agent() {
+    use forwarder_user::{
+        dataplane::{Dataplane, Tuning},
+        pins::PinDir,
+    };
+    let root = forwarder_tests::forwarder::bpffs_dir("hash-seed");
+    let seed_of = |node: &str| {
+        let pins = PinDir::new(&root, node);
+        let mut dataplane =
+            Dataplane::load(Capacity::default(), Tuning::default(), pins).expect("loads");
+        dataplane.maps.ensure_hash_seed().expect("seed readable")
+    };
+    let first = seed_of("node-a");
+    assert_ne!(first, 0);
+    // A map under a name no build reads any more, as an earlier layout's.
+    let stale = root.join("node-a").join("OLD_MAP_V0");
+    aya::maps::MapData::from_pin(root.join("node-a").join(map_names::HASH_SEED))
+        .expect("seed pinned")
+        .pin(&stale)
+        .expect("pin again");
+    assert_eq!(seed_of("node-a"), first, "a second load keeps the seed");
+    assert!(!stale.exists(), "an earlier layout's map is unpinned");
+    assert_ne!(seed_of("node-b"), first, "another node has another (1 in 2^32 alike)");
+    for node in ["node-a", "node-b"] {
+        PinDir::new(&root, node).remove_all().expect("pins removable");
+    }
+    let _ = std::fs::remove_dir(&root);
+}
