@@ -310,6 +310,22 @@ pub struct CtKey {
     pub _pad: [u8; 2],
 }
 
+impl CtKey {
+    /// For a forward entry (`self` and its value `fwd`): the key of the
+    /// flow's reply entry, the tuple after DNAT seen backwards.
+    pub const fn reply_of(&self, fwd: &CtValue) -> Self {
+        Self {
+            saddr: fwd.nat_addr,
+            daddr: self.saddr,
+            sport: fwd.nat_port,
+            dport: fwd.client_port,
+            proto: self.proto,
+            dir: CT_REPLY,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// `CtValue::flags`: the flow is masqueraded (forward entries).
 pub const CT_MASQUERADE: u16 = 1;
 /// `CtValue::flags`: a FIN from the client's side was seen (forward and

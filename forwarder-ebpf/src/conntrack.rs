@@ -12,7 +12,7 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_coarse_ns,
 };
 use forwarder_common::{
-    CT_ESTABLISHED, CT_FORWARD, CT_REPLY, CT_RESET, CtKey, CtTimeouts, CtValue, PROTO_UDP, stat,
+    CT_ESTABLISHED, CT_FORWARD, CT_RESET, CtKey, CtTimeouts, CtValue, PROTO_UDP, stat,
 };
 
 use crate::{
@@ -100,16 +100,29 @@ pub fn backend_present(fwd: &CtValue) -> bool {
 }
 
 /// Whether the forward entry `fwd` no longer describes the connection this
-/// packet belongs to: it expired, or the packet opens a new connection on
-/// a port whose previous one closed or whose backend is gone (netfilter
-/// starts a new connection for a SYN in TIME_WAIT too). Established
-/// packets keep their backend whatever happens.
+/// packet belongs to: the flow expired (judged by its fresher direction: a
+/// flow only its backend keeps sending on lives), or the packet opens a
+/// new connection on a port whose previous one either side closed or
+/// reset, or whose backend is gone (netfilter starts a new connection for
+/// a SYN in TIME_WAIT too). Established packets keep their backend
+/// whatever happens.
 #[inline(always)]
 pub fn stale(fwd: &CtValue, flow: &Flow, now: u32) -> bool {
-    use forwarder_common::CT_CLIENT_CLOSING;
-    expired(fwd, flow.proto, now)
-        || (flow.opening
-            && (fwd.flags & (CT_CLIENT_CLOSING | CT_RESET) != 0 || !backend_present(fwd)))
+    use forwarder_common::{CT_BACKEND_CLOSING, CT_CLIENT_CLOSING};
+    // The flow's reply entry, if it still restores this flow.
+    let reply = || {
+        // SAFETY: copied out immediately.
+        unsafe { CONNTRACK.get(&reply_entry(flow, fwd, now).0) }.copied().filter(|r| {
+            r.nat_addr == flow.daddr && r.nat_port == flow.dport && r.client_port == flow.sport
+        })
+    };
+    if expired(fwd, flow.proto, now) {
+        return reply().is_none_or(|r| expired(&r, flow.proto, now));
+    }
+    flow.opening
+        && (fwd.flags & (CT_CLIENT_CLOSING | CT_RESET) != 0
+            || !backend_present(fwd)
+            || reply().is_some_and(|r| r.flags & (CT_BACKEND_CLOSING | CT_RESET) != 0))
 }
 
 /// The reply entry of a flow whose forward entry is `fwd`: keyed by the
@@ -117,15 +130,7 @@ pub fn stale(fwd: &CtValue, flow: &Flow, now: u32) -> bool {
 /// (not the wildcard of a NodePort entry) and the client's own port.
 #[inline(always)]
 pub fn reply_entry(flow: &Flow, fwd: &CtValue, now: u32) -> (CtKey, CtValue) {
-    let key = CtKey {
-        saddr: fwd.nat_addr,
-        daddr: flow.saddr,
-        sport: fwd.nat_port,
-        dport: fwd.client_port,
-        proto: flow.proto,
-        dir: CT_REPLY,
-        _pad: [0; 2],
-    };
+    let key = key_of(flow, CT_FORWARD).reply_of(fwd);
     let value = CtValue {
         last_seen: now,
         client_port: flow.sport,
@@ -206,7 +211,11 @@ pub fn claim_reply(flow: &Flow, fwd: &CtValue, now: u32) -> Result<u16, u32> {
         let offset = start.wrapping_add(probe.wrapping_mul(0x9e37_79b1)) % REMAP_PORT_COUNT;
         let port = ((REMAP_PORT_MIN + offset) as u16).to_be();
         let moved = CtKey { dport: port, ..key };
-        if CONNTRACK.insert(&moved, &value, u64::from(BPF_NOEXIST)).is_ok() {
+        // Looked up first: a full LRU makes room before it refuses a key
+        // that exists, so a failed insert would evict a live flow.
+        // SAFETY: presence check only.
+        let taken = unsafe { CONNTRACK.get(&moved) }.is_some();
+        if !taken && CONNTRACK.insert(&moved, &value, u64::from(BPF_NOEXIST)).is_ok() {
             return Ok(port);
         }
     }

@@ -193,7 +193,10 @@ pub fn within_rate() -> bool {
     // SAFETY: helper without arguments; the bucket is this CPU's own.
     unsafe {
         let now = bpf_ktime_get_ns();
-        let earned = now.saturating_sub((*bucket).refilled_ns) * u64::from(rate) / 1_000_000_000;
+        // A second refills the whole bucket: longer cannot overflow.
+        let elapsed = now.saturating_sub((*bucket).refilled_ns);
+        let elapsed = if elapsed > 1_000_000_000 { 1_000_000_000 } else { elapsed };
+        let earned = elapsed * u64::from(rate) / 1_000_000_000;
         if earned > 0 {
             let tokens = u64::from((*bucket).tokens) + earned;
             (*bucket).tokens = if tokens > u64::from(burst) { burst } else { tokens as u32 };

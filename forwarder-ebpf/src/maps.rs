@@ -57,7 +57,7 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
 
 /// (Socket cookie, backend) -> the frontend a node socket named and the
 /// backend it was sent to, so replies and `getpeername` show the frontend.
-#[map(name = "SOCK_NAT4_V1")]
+#[map(name = "SOCK_NAT4_V2")]
 pub static SOCKET_NAT: LruHashMap<SockKey, SockNat> =
     LruHashMap::with_max_entries(SOCKET_NAT_MAX, 0);
 

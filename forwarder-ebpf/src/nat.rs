@@ -167,10 +167,20 @@ fn claim(ctx: &TcContext, flow: &Flow, addr: u32, port: u16, restore: &CtValue, 
         return false;
     }
     let reply = snat_reply_key(flow, addr, port);
+    // Looked up first: a full LRU makes room before it refuses a key that
+    // exists, so a failed insert would evict a live flow. An expired
+    // holder is removed and the port claimed like a free one, so of two
+    // CPUs claiming it at once only one wins (a window remains between
+    // the expiry check and the removal).
+    // SAFETY: copied out immediately.
+    match unsafe { NAT.get(&reply) }.copied() {
+        Some(held) if !expired(&held, flow.proto, now) => return false,
+        Some(_) => {
+            let _ = NAT.remove(&reply);
+        }
+        None => {}
+    }
     NAT.insert(&reply, restore, u64::from(BPF_NOEXIST)).is_ok()
-        // SAFETY: copied out immediately.
-        || (unsafe { NAT.get(&reply) }.is_some_and(|held| expired(held, flow.proto, now))
-            && NAT.insert(&reply, restore, u64::from(BPF_ANY)).is_ok())
 }
 
 /// Whether a socket of the node would receive the replies to `addr:port`

@@ -96,12 +96,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let pins = PinDir::new(&config.bpffs_root, &config.node_name);
     let snat_ports = masquerade_ports();
     tracing::info!(
-        low = format!(
-            "{}-{}",
-            snat_ports.low_min,
-            u32::from(snat_ports.low_min) + u32::from(snat_ports.low_count) - 1
-        ),
-        high = format!("{}-65535", snat_ports.high_min),
+        below_ephemeral = snat_ports.low_count,
+        from = snat_ports.low_min,
+        above_ephemeral = snat_ports.high_count,
+        from_high = snat_ports.high_min,
         "masquerade source ports"
     );
     let tuning =

@@ -97,17 +97,21 @@ impl Dataplane {
         let mut ebpf = load_object(capacity, tuning, node_netns, Some(&pins))?;
         let mut maps = Maps::take(&mut ebpf)?;
         let old_conntrack = pins.map(crate::conntrack::V1_NAME);
+        let mut keep = crate::dataplane::MAPS.to_vec();
         match crate::conntrack::migrate_v1(&old_conntrack, &mut maps, now_seconds()) {
             Ok(0) => {}
             Ok(moved) => tracing::info!(entries = moved, "conntrack of an earlier build migrated"),
-            Err(error) => tracing::warn!(%error, "an earlier build's conntrack was not migrated"),
+            Err(error) => {
+                tracing::warn!(%error, "an earlier build's conntrack was not migrated; it stays pinned");
+                keep.push(crate::conntrack::V1_NAME);
+            }
         }
         maps.ensure_hash_seed().map_err(|source| DataplaneError::Map {
             name: forwarder_common::map_names::HASH_SEED,
             source,
         })?;
         // Maps of earlier layouts no build reads any more.
-        for stale in pins.unknown_maps(&crate::dataplane::MAPS) {
+        for stale in pins.unknown_maps(&keep) {
             tracing::info!(pin = %stale.display(), "removing a map an earlier build pinned");
             let _ = std::fs::remove_file(&stale);
         }

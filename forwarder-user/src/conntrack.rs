@@ -41,14 +41,7 @@ fn reply_of<'a>(
     key: &CtKey,
     value: &CtValue,
 ) -> Option<(CtKey, &'a CtValue)> {
-    let reply_key = CtKey {
-        saddr: value.nat_addr,
-        daddr: key.saddr,
-        sport: value.nat_port,
-        dport: value.client_port,
-        dir: CT_REPLY,
-        ..*key
-    };
+    let reply_key = key.reply_of(value);
     let reply = entries.get(&reply_key)?;
     let restores = reply.nat_addr == key.daddr
         && reply.nat_port == key.dport

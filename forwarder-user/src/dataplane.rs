@@ -7,7 +7,7 @@ use aya::{
     programs::ProgramError,
 };
 use forwarder_common::{
-    Backend, CT_FORWARD, CT_REPLY, CT_SNAT, CT_SNAT_REPLY, CtKey, CtTimeouts, CtValue, PROTO_UDP,
+    Backend, CT_FORWARD, CT_SNAT, CT_SNAT_REPLY, CtKey, CtTimeouts, CtValue, PROTO_UDP,
     SOURCE_RANGE_FRONTEND_BITS, SnatPorts, SourceRangeKey, SvcKey, SvcValue, map_names,
     program_names, stat,
 };
@@ -221,14 +221,7 @@ impl Maps {
         }
         let doomed = flows;
         for (key, value) in &doomed {
-            let reply = CtKey {
-                saddr: value.nat_addr,
-                daddr: key.saddr,
-                sport: value.nat_port,
-                dport: value.client_port,
-                dir: CT_REPLY,
-                ..*key
-            };
+            let reply = key.reply_of(value);
             let snat = CtKey {
                 daddr: value.nat_addr,
                 dport: value.nat_port,

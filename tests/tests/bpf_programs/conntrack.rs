@@ -66,6 +66,38 @@ fn a_syn_after_the_clients_fin_or_reset_is_a_new_connection() {
     }
 }
 
+/// The backend's FIN or RST ended the connection too: a SYN on the same
+/// client port opens a new one, with entries of its own (the old state
+/// would give the new connection the close timeout).
+#[test]
+fn a_syn_after_the_backends_fin_or_reset_is_a_new_connection() {
+    for (closing, name) in [(FIN | ACK, "FIN"), (RST, "RST")] {
+        let mut harness = Harness::new();
+        assert_eq!(backend(&harness, &tcp(ACK)), OLD);
+        let reply = Packet { tcp_flags: closing, ..tcp(ACK).with_dst(OLD).reversed() };
+        let (_, out) = harness.run(Prog::TcEgress, &reply.bytes());
+        assert_eq!(out, Packet { tcp_flags: closing, ..tcp(ACK).reversed() }.bytes(), "{name}");
+        move_node_port(&mut harness);
+        assert_eq!(backend(&harness, &tcp(ACK)), OLD, "late packets after the {name}");
+        assert_eq!(backend(&harness, &tcp(SYN)), NEW, "a SYN after the backend's {name}");
+    }
+}
+
+/// A UDP flow only its backend keeps sending on (a stream) lives by its
+/// replies: the client's next datagram stays on the backend.
+#[test]
+fn a_udp_flow_lives_while_its_backend_sends() {
+    let mut harness = Harness::new();
+    let datagram = Packet::udp(CLIENT, NODE_PORT);
+    assert_eq!(backend(&harness, &datagram), "10.244.1.2:5353");
+    let mut services = default_services();
+    services[1].1 = vec!["10.244.1.3:5353"];
+    harness.set_services(&services);
+    harness.advance(CtTimeouts::DEFAULT.udp + 1);
+    harness.run(Prog::TcEgress, &datagram.with_dst("10.244.1.2:5353").reversed().bytes());
+    assert_eq!(backend(&harness, &datagram), "10.244.1.2:5353");
+}
+
 #[test]
 fn a_syn_on_an_open_connection_keeps_its_backend_while_it_serves() {
     let mut harness = Harness::new();

@@ -294,8 +294,9 @@ fn counters_are_named_for_every_reason() {
 }
 
 /// A flood to a Service without endpoints gets a burst of answers, then
-/// drops counted as `drop_reject_rate` (1,000 a second per CPU, in bursts
-/// of 50, by default), on every hook that rejects.
+/// drops counted as `drop_reject_rate`, on every hook that rejects. Here at
+/// 100 a second per CPU (bursts of 5); the bound allows for what the
+/// bucket earns while the loop runs, however slow the machine.
 #[test]
 fn rejects_are_rate_limited() {
     // One CPU: the buckets are per CPU.
@@ -303,14 +304,17 @@ fn rejects_are_rate_limited() {
     cpus.set(0).unwrap();
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).unwrap();
     for (prog, answered) in [(Prog::Tc, TC_ACT_REDIRECT), (Prog::Xdp, XDP_PASS)] {
-        let harness = Harness::new();
+        let harness = Harness::with_tuning(Tuning { reject_rate: 100, ..Tuning::default() });
         let flood = Packet { tcp_flags: SYN, ..Packet::tcp("10.244.1.9:41000", "10.96.0.99:80") };
+        let started = std::time::Instant::now();
         let answers = (0..200).filter(|_| harness.run(prog, &flood.bytes()).0 == answered).count();
-        // The burst, and what the bucket earned meanwhile (the loop takes
-        // milliseconds: a few tokens).
-        assert!((50..100).contains(&answers), "{prog:?}: {answers} answers");
+        let earned = (started.elapsed().as_secs_f64() * 100.0).ceil() as usize;
+        assert!(
+            (5..=5 + earned).contains(&answers),
+            "{prog:?}: {answers} answers, {earned} earned"
+        );
         let dropped =
             harness.stats().iter().find(|(n, _)| *n == "drop_reject_rate").map(|(_, v)| *v);
-        assert_eq!(dropped, Some(200 - answers as u64), "{prog:?}");
+        assert_eq!(dropped.unwrap_or(0), 200 - answers as u64, "{prog:?}");
     }
 }

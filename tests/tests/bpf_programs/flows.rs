@@ -147,6 +147,9 @@ fn the_hash_seed_is_the_nodes_own_and_outlives_the_agent() {
     };
     let first = seed_of("node-a");
     assert_ne!(first, 0);
+    for name in forwarder_user::dataplane::MAPS {
+        assert!(root.join("node-a").join(name).exists(), "{name} is not pinned");
+    }
     // A map under a name no build reads any more, as an earlier layout's.
     let stale = root.join("node-a").join("OLD_MAP_V0");
     aya::maps::MapData::from_pin(root.join("node-a").join(map_names::HASH_SEED))

@@ -18,7 +18,7 @@ pub(crate) use forwarder_tests::packet::{
     ACK, FIN, MF, Packet, RST, SYN, ethernet, port_unreachable, verify_checksums,
 };
 pub(crate) use forwarder_user::{
-    dataplane::{Capacity, Maps, load_object},
+    dataplane::{Capacity, Maps, Tuning, load_object},
     model::{DesiredState, Endpoint, Frontend, Proto, Scope},
     sync::Syncer,
 };
@@ -78,9 +78,13 @@ pub(crate) fn default_services() -> Vec<(Frontend, Vec<&'static str>)> {
 
 impl Harness {
     pub(crate) fn new() -> Self {
-        let mut ebpf =
-            load_object(Capacity::default(), forwarder_user::dataplane::Tuning::default(), 0, None)
-                .expect("eBPF object loads (are you root?)");
+        Self::with_tuning(Tuning::default())
+    }
+
+    /// With other load-time settings (a smaller masquerade range, say).
+    pub(crate) fn with_tuning(tuning: Tuning) -> Self {
+        let mut ebpf = load_object(Capacity::default(), tuning, 0, None)
+            .expect("eBPF object loads (are you root?)");
         let maps = Maps::take(&mut ebpf).expect("maps present");
         let mut harness = Self { ebpf, maps, syncer: Syncer::new(usize::MAX, usize::MAX) };
         let report =

@@ -118,33 +118,34 @@ fn masquerade_survives_eviction_without_misdirecting_replies() {
     assert_eq!(out, Packet::tcp("10.244.2.2:8080", "192.168.10.2:40000").bytes());
 }
 
-/// Ports of finished flows are reused: with most of the range held by
-/// flows that have closed long ago, new flows still get a port.
+/// Ports of finished flows are reused: with every port of a small range
+/// held by flows that then close, new flows get ports again once the close
+/// timeout passed, and not before.
 #[test]
 fn masquerade_ports_of_finished_flows_are_reused() {
-    let mut harness = masquerade_harness();
-    for i in 0..4000u32 {
-        let client = format!("172.16.{}.{}:40000", i / 250, i % 250 + 1);
-        masquerade(&harness, &client);
-    }
-    let held = snat_reply_entries(&mut harness);
-    assert!(held.len() > 3000, "only {} ports allocated", held.len());
+    let ports = SnatPorts { low_min: 1024, low_count: 0, high_min: 65_000, high_count: 536 };
+    let mut harness = Harness::with_tuning(Tuning { snat_ports: ports, ..Tuning::default() });
+    let mut services = default_services();
+    services[0].1 = vec!["10.244.2.2:8080"];
+    harness.set_services_remote(&services, &["10.244.2.2"]);
+    let client = |i: u32| format!("172.16.{}.{}:40000", i / 250, i % 250 + 1);
+    // Hashed probes find all but the last few free ports.
+    let held = (0..600u32).filter(|i| masquerade(&harness, &client(*i)).is_some()).count();
+    assert!((500..=536).contains(&held), "{held} of the range's 536 ports held");
     use forwarder_common::{CT_BACKEND_CLOSING, CT_CLIENT_CLOSING};
-    for (key, value) in held {
+    for (key, value) in snat_reply_entries(&mut harness) {
         let closed = forwarder_common::CtValue {
             flags: value.flags | CT_CLIENT_CLOSING | CT_BACKEND_CLOSING,
             ..value
         };
         harness.maps.nat().insert(key, closed, 0).unwrap();
     }
+    let new_client = |i: u32| format!("172.17.{}.{}:40000", i / 250, i % 250 + 1);
+    let early = (0..50u32).filter(|i| masquerade(&harness, &new_client(*i)).is_some()).count();
+    assert!(early <= 536 - held, "{early} ports taken from closed flows within the close timeout");
     harness.advance(CtTimeouts::DEFAULT.tcp_close + 1);
-    let before = harness.stats().iter().find(|(n, _)| *n == "drop_snat").map_or(0, |(_, v)| *v);
-    let failed = (0..500u32)
-        .filter(|i| {
-            masquerade(&harness, &format!("172.17.{}.{}:40000", i / 250, i % 250 + 1)).is_none()
-        })
-        .count();
-    assert_eq!(failed, 0, "{failed} new flows found no port ({before} drops while filling)");
+    let failed = (50..350u32).filter(|i| masquerade(&harness, &new_client(*i)).is_none()).count();
+    assert_eq!(failed, 0, "{failed} of 300 new flows found no port after the close timeout");
 }
 
 /// A client port that is a masquerade port and free is kept, as netfilter
