@@ -34,7 +34,7 @@ pub fn timeouts() -> CtTimeouts {
 #[inline(always)]
 pub fn now_seconds() -> u32 {
     // SAFETY: helper without arguments.
-    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+    forwarder_common::coarse_seconds(unsafe { bpf_ktime_get_coarse_ns() })
 }
 
 #[inline(always)]
@@ -88,7 +88,10 @@ pub fn touch(entry: *mut CtValue, flow: &Flow, closing: u16, now: u32) {
 /// direction.
 #[inline(always)]
 pub fn expired(entry: &CtValue, proto: u8, now: u32) -> bool {
-    entry.idle(now) > timeouts().lifetime(proto, entry.flags)
+    let idle = entry.idle(now);
+    // Every timeout is at least a second: the common case, a packet within
+    // a second of the last, needs no look at the state.
+    idle > 1 && idle > timeouts().lifetime(proto, entry.flags)
 }
 
 /// Whether the backend a flow was sent to is still in the backends map.
@@ -142,11 +145,12 @@ pub fn reply_entry(flow: &Flow, fwd: &CtValue, now: u32) -> (CtKey, CtValue) {
 /// Recreates a flow's reply entry if the LRU took it.
 #[inline(always)]
 pub fn ensure_reply(flow: &Flow, fwd: &CtValue, now: u32) -> Result<(), u32> {
-    let (key, value) = reply_entry(flow, fwd, now);
+    let key = key_of(flow, CT_FORWARD).reply_of(fwd);
     // SAFETY: presence check only.
     if unsafe { CONNTRACK.get(&key) }.is_some() {
         return Ok(());
     }
+    let (key, value) = reply_entry(flow, fwd, now);
     CONNTRACK.insert(&key, &value, u64::from(BPF_ANY)).map_err(|_| stat::DROP_CT_INSERT)
 }
 

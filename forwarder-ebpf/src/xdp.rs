@@ -89,13 +89,16 @@ fn rewrite_destination(ctx: &XdpContext, flow: &Flow, nat: &Nat) -> Option<()> {
             let old = l4_check.read_unaligned();
             let new =
                 csum::replace2(csum::replace4(old, flow.daddr, nat.addr), flow.dport, nat.port);
-            let new = csum::replace2(new, flow.sport, new_sport);
+            let new =
+                if nat.other_port != 0 { csum::replace2(new, flow.sport, new_sport) } else { new };
             let new = if flow.proto == PROTO_UDP { csum::udp_fixup(old, new) } else { new };
             l4_check.write_unaligned(new);
         }
         daddr.write_unaligned(nat.addr);
         dport.write_unaligned(nat.port);
-        sport.write_unaligned(new_sport);
+        if nat.other_port != 0 {
+            sport.write_unaligned(new_sport);
+        }
     }
     Some(())
 }

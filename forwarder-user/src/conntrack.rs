@@ -21,13 +21,13 @@ pub struct GcReport {
     pub removed: usize,
 }
 
-/// Coarse monotonic seconds: the clock of `CtValue::last_seen`
-/// (`bpf_ktime_get_coarse_ns`).
+/// The clock of `CtValue::last_seen`: `coarse_seconds` of
+/// CLOCK_MONOTONIC_COARSE, which is `bpf_ktime_get_coarse_ns`.
 pub fn now_seconds() -> u32 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: a valid timespec for the call to fill.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u32
+    forwarder_common::coarse_seconds(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 fn idle(value: &CtValue, now: u32) -> u32 {
