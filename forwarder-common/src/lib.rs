@@ -324,6 +324,18 @@ impl CtKey {
             _pad: [0; 2],
         }
     }
+
+    /// For a masqueraded flow's forward entry: the key of its masquerade
+    /// entry, the tuple after DNAT as egress sees it.
+    pub const fn snat_of(&self, fwd: &CtValue) -> Self {
+        Self {
+            daddr: fwd.nat_addr,
+            dport: fwd.nat_port,
+            sport: fwd.client_port,
+            dir: CT_SNAT,
+            ..*self
+        }
+    }
 }
 
 /// `CtValue::flags`: the flow is masqueraded (forward entries).

@@ -10,6 +10,7 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_ktime_get_coarse_ns,
+    maps::LruHashMap,
 };
 use forwarder_common::{
     CT_ESTABLISHED, CT_FORWARD, CT_RESET, CtKey, CtTimeouts, CtValue, PROTO_UDP, stat,
@@ -84,6 +85,27 @@ pub fn touch(entry: *mut CtValue, flow: &Flow, closing: u16, now: u32) {
     }
 }
 
+/// The entry at `key` that restores this packet's flow (a reply, seen in
+/// the backend's direction), refreshed by it; `closing` is the flag its
+/// FIN sets. A first fragment of such a flow cannot be translated.
+#[inline(always)]
+pub fn restoring(
+    map: &LruHashMap<CtKey, CtValue>,
+    key: &CtKey,
+    flow: &Flow,
+    closing: u16,
+) -> Result<Option<CtValue>, u32> {
+    let Some(entry) = map.get_ptr_mut(key) else {
+        return Ok(None);
+    };
+    if flow.first_fragment {
+        return Err(stat::DROP_FRAGMENT);
+    }
+    touch(entry, flow, closing, now_seconds());
+    // SAFETY: a live map value, copied out.
+    Ok(Some(unsafe { *entry }))
+}
+
 /// Whether an entry outlived its state's timeout, judged by its own
 /// direction.
 #[inline(always)]
@@ -115,7 +137,7 @@ pub fn stale(fwd: &CtValue, flow: &Flow, now: u32) -> bool {
     // The flow's reply entry, if it still restores this flow.
     let reply = || {
         // SAFETY: copied out immediately.
-        unsafe { CONNTRACK.get(&reply_entry(flow, fwd, now).0) }.copied().filter(|r| {
+        unsafe { CONNTRACK.get(&key_of(flow, CT_FORWARD).reply_of(fwd)) }.copied().filter(|r| {
             r.nat_addr == flow.daddr && r.nat_port == flow.dport && r.client_port == flow.sport
         })
     };

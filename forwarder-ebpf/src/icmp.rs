@@ -132,6 +132,12 @@ fn answer_len(flow: &Flow) -> usize {
     ETH_LEN + ROOM + IP_LEN + quoted
 }
 
+/// Only packets without IP options are answered: every size is then fixed.
+#[inline(always)]
+fn quotable(flow: &Flow) -> Result<(), u32> {
+    if flow.l4_off == L3_OFF + IP_LEN { Ok(()) } else { Err(stat::DROP_REJECT_FAILED) }
+}
+
 /// Hands a reject from XDP to TC ingress on the same interface, through the
 /// packet's metadata; the caller then passes the packet. XDP_TX over veth
 /// reaches the peer only when the peer runs XDP itself, which a container
@@ -140,9 +146,7 @@ fn answer_len(flow: &Flow) -> usize {
 /// A packet no answer can quote (IP options) is an error here already.
 #[inline(always)]
 pub fn defer_reject(ctx: &XdpContext, flow: &Flow, reason: u32) -> Result<bool, u32> {
-    if flow.l4_off != L3_OFF + IP_LEN {
-        return Err(stat::DROP_REJECT_FAILED);
-    }
+    quotable(flow)?;
     // SAFETY: the context pointer is the program's own.
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {
         return Ok(false);
@@ -214,9 +218,7 @@ pub fn within_rate() -> bool {
 /// the interface the packet came in on.
 #[inline(always)]
 pub fn reject_xdp(ctx: &XdpContext, flow: &Flow) -> Result<u32, u32> {
-    if flow.l4_off != L3_OFF + IP_LEN {
-        return Err(stat::DROP_REJECT_FAILED);
-    }
+    quotable(flow)?;
     let shrink = (answer_len(flow) - ROOM) as i32 - (ctx.data_end() - ctx.data()) as i32;
     // SAFETY: the context pointer is the program's own.
     if shrink < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, shrink) } != 0 {
@@ -241,7 +243,8 @@ pub fn reject_xdp(ctx: &XdpContext, flow: &Flow) -> Result<u32, u32> {
 pub fn reject_tc(ctx: &TcContext, flow: &Flow) -> Result<i32, u32> {
     // SAFETY: the context's skb pointer is valid for the program's run.
     let (ifindex, gso_segs) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_segs) };
-    if flow.l4_off != L3_OFF + IP_LEN || gso_segs > 1 {
+    quotable(flow)?;
+    if gso_segs > 1 {
         return Err(stat::DROP_REJECT_FAILED);
     }
     let skb = ctx.skb.skb;

@@ -9,7 +9,8 @@ use forwarder_common::{
 
 use crate::{
     conntrack::{
-        claim_reply, ensure_reply, key_of, now_seconds, observed, reply_entry, stale, touch,
+        claim_reply, ensure_reply, key_of, now_seconds, observed, reply_entry, restoring, stale,
+        touch,
     },
     maps::{CONNTRACK, flow_hash},
     nat::ensure_snat,
@@ -150,15 +151,10 @@ fn new_flow(
 /// and the client's own port if a clash moved it.
 #[inline(always)]
 pub fn reverse_nat(flow: &Flow) -> Decision {
-    let Some(entry) = CONNTRACK.get_ptr_mut(&key_of(flow, CT_REPLY)) else {
+    let key = key_of(flow, CT_REPLY);
+    let Some(entry) = restoring(&CONNTRACK, &key, flow, CT_BACKEND_CLOSING)? else {
         return Ok(None);
     };
-    if flow.first_fragment {
-        return Err(stat::DROP_FRAGMENT);
-    }
-    touch(entry, flow, CT_BACKEND_CLOSING, now_seconds());
-    // SAFETY: a live map value, copied out.
-    let entry = unsafe { *entry };
     let moved = entry.client_port != 0 && entry.client_port != flow.dport;
     let other_port = if moved { entry.client_port } else { 0 };
     Ok(Some(Nat { addr: entry.nat_addr, port: entry.nat_port, other_port }))

@@ -19,7 +19,7 @@ use forwarder_common::{
 };
 
 use crate::{
-    conntrack::{expired, key_of, now_seconds, observed, touch},
+    conntrack::{expired, key_of, now_seconds, observed, restoring, touch},
     lb::{Decision, Nat},
     maps::{NAT, SERVICES, SNAT_ADDRS},
     parse::Flow,
@@ -44,13 +44,7 @@ const PROBES: u32 = 32;
 /// knows the interface); an existing entry keeps its allocation.
 #[inline(always)]
 pub fn ensure_snat(forward: &CtKey, fwd: &CtValue, now: u32) {
-    let snat = CtKey {
-        daddr: fwd.nat_addr,
-        dport: fwd.nat_port,
-        sport: fwd.client_port,
-        dir: CT_SNAT,
-        ..*forward
-    };
+    let snat = forward.snat_of(fwd);
     // SAFETY: presence check only.
     if unsafe { NAT.get(&snat) }.is_none() {
         let pending = CtValue { last_seen: now, ..CtValue::new(0, 0, fwd.backend_id) };
@@ -66,16 +60,8 @@ pub fn reverse_snat(flow: &Flow) -> Decision {
     if !ports().contains(u16::from_be(flow.dport)) {
         return Ok(None);
     }
-    let Some(entry) = NAT.get_ptr_mut(&key_of(flow, CT_SNAT_REPLY)) else {
-        return Ok(None);
-    };
-    if flow.first_fragment {
-        return Err(stat::DROP_FRAGMENT);
-    }
-    touch(entry, flow, CT_BACKEND_CLOSING, now_seconds());
-    // SAFETY: a live map value, copied out.
-    let entry = unsafe { *entry };
-    Ok(Some(Nat::new(entry.nat_addr, entry.nat_port)))
+    let entry = restoring(&NAT, &key_of(flow, CT_SNAT_REPLY), flow, CT_BACKEND_CLOSING)?;
+    Ok(entry.map(|entry| Nat::new(entry.nat_addr, entry.nat_port)))
 }
 
 /// Masquerading of a flow marked at DNAT time, on the interface it leaves

@@ -30,10 +30,6 @@ pub fn now_seconds() -> u32 {
     forwarder_common::coarse_seconds(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
-fn idle(value: &CtValue, now: u32) -> u32 {
-    value.idle(now)
-}
-
 /// The reply entry a forward entry's flow owns, if it is there and still
 /// restores this flow.
 fn reply_of<'a>(
@@ -66,13 +62,13 @@ pub fn expired_keys(
                     Some((reply_key, reply)) => {
                         owned_replies.insert(reply_key);
                         let lifetime = timeouts.flow_lifetime(key.proto, value.flags, reply.flags);
-                        let dead = idle(value, now).min(idle(reply, now)) > lifetime;
+                        let dead = value.idle(now).min(reply.idle(now)) > lifetime;
                         if dead {
                             doomed.push(reply_key);
                         }
                         dead
                     }
-                    None => idle(value, now) > timeouts.lifetime(key.proto, value.flags),
+                    None => value.idle(now) > timeouts.lifetime(key.proto, value.flags),
                 };
                 if dead {
                     doomed.push(*key);
@@ -88,7 +84,7 @@ pub fn expired_keys(
                     dir: CT_SNAT,
                     ..*key
                 };
-                if idle(value, now) > timeouts.lifetime(key.proto, value.flags) {
+                if value.idle(now) > timeouts.lifetime(key.proto, value.flags) {
                     doomed.push(*key);
                 } else {
                     held_snat.insert(snat);
@@ -103,13 +99,13 @@ pub fn expired_keys(
             // direction's time is up.
             CT_REPLY => {
                 !owned_replies.contains(key)
-                    && idle(value, now) > timeouts.lifetime(key.proto, value.flags)
+                    && value.idle(now) > timeouts.lifetime(key.proto, value.flags)
             }
             // A port allocation whose holder is gone (a flow still alive
             // asks for one again with its next packet), once older than a
             // handshake: a new flow's stays until its first packet leaves.
             CT_SNAT => {
-                !held_snat.contains(key) && idle(value, now) > timeouts.lifetime(key.proto, 0)
+                !held_snat.contains(key) && value.idle(now) > timeouts.lifetime(key.proto, 0)
             }
             _ => false,
         };

@@ -7,7 +7,7 @@ use aya::{
     programs::ProgramError,
 };
 use forwarder_common::{
-    Backend, CT_FORWARD, CT_SNAT, CT_SNAT_REPLY, CtKey, CtTimeouts, CtValue, PROTO_UDP,
+    Backend, CT_FORWARD, CT_SNAT_REPLY, CtKey, CtTimeouts, CtValue, PROTO_UDP,
     SOURCE_RANGE_FRONTEND_BITS, SnatPorts, SourceRangeKey, SvcKey, SvcValue, map_names,
     program_names, stat,
 };
@@ -222,13 +222,7 @@ impl Maps {
         let doomed = flows;
         for (key, value) in &doomed {
             let reply = key.reply_of(value);
-            let snat = CtKey {
-                daddr: value.nat_addr,
-                dport: value.nat_port,
-                sport: value.client_port,
-                dir: CT_SNAT,
-                ..*key
-            };
+            let snat = key.snat_of(value);
             if let Ok(masquerade) = self.nat.get(&snat, 0) {
                 let snat_reply = CtKey {
                     saddr: value.nat_addr,
