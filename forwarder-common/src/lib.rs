@@ -19,6 +19,7 @@ pub mod map_names {
     pub const BACKENDS: &str = "BACKEND4_V1";
     pub const CONNTRACK: &str = "CT4_V2";
     pub const NAT: &str = "NAT4_V1";
+    pub const FRAGMENTS: &str = "FRAG4_V1";
     pub const HASH_SEED: &str = "HASH_SEED_V1";
     pub const NODE_IPS: &str = "NODE_IP4_V1";
     pub const SNAT_ADDRS: &str = "SNAT_ADDR4_V1";
@@ -53,6 +54,9 @@ pub const AFFINITY_MAX: u32 = 65_536;
 pub const CLUSTER_IPS_MAX: u32 = 65_536;
 pub const SOURCE_RANGES_MAX: u32 = 65_536;
 pub const SOCKET_NAT_MAX: u32 = 65_536;
+/// Datagrams in flight in fragments (LRU): an entry is needed only until
+/// its datagram's last fragment passed.
+pub const FRAGMENTS_MAX: u32 = 16_384;
 
 /// The conntrack map's flags: `BPF_F_NO_COMMON_LRU`, an LRU list per CPU.
 pub const CONNTRACK_FLAGS: u32 = 2;
@@ -338,6 +342,35 @@ impl CtKey {
     }
 }
 
+/// `FragKey::side`: the address a hook rewrites, destination (DNAT and the
+/// reversal of masquerading) or source (reverse NAT and masquerading).
+pub const FRAG_DESTINATION: u8 = 0;
+pub const FRAG_SOURCE: u8 = 1;
+
+/// Key of the fragment map: one datagram as a hook saw it before
+/// rewriting (RFC 791 identifies a datagram by these four fields).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// The IPv4 identification field, in network order.
+    pub id: u16,
+    pub proto: u8,
+    /// `FRAG_DESTINATION` or `FRAG_SOURCE`: two hooks may see one datagram.
+    pub side: u8,
+}
+
+/// What a hook did to a datagram's first fragment, for the later ones
+/// (which carry no ports): the new address of its side, 0 if it left the
+/// datagram alone, and the counter it counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragNat {
+    pub addr: u32,
+    pub counter: u32,
+}
+
 /// `CtValue::flags`: the flow is masqueraded (forward entries).
 pub const CT_MASQUERADE: u16 = 1;
 /// `CtValue::flags`: a FIN from the client's side was seen (forward and
@@ -497,8 +530,9 @@ pub struct RejectBucket {
 /// non-drop events are counted too, so tests and metrics can tell the
 /// datapath did the work.
 pub mod stat {
-    /// A first fragment addressed to a Service: later fragments carry no
-    /// ports, so the datagram cannot be translated consistently.
+    /// A fragment that cannot be translated: a later fragment to a
+    /// ClusterIP before its first (reordered, or the first was lost), or a
+    /// fragmented SCTP packet (its CRC covers the whole datagram).
     pub const DROP_FRAGMENT: u32 = 0;
     /// A service slot points at a backend id that is not in the backends map.
     pub const DROP_NO_BACKEND: u32 = 1;
@@ -579,6 +613,8 @@ const _: () = assert!(size_of::<SockKey>() == 16);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<Backend>() == 8);
 const _: () = assert!(size_of::<CtKey>() == 16);
+const _: () = assert!(size_of::<FragKey>() == 12);
+const _: () = assert!(size_of::<FragNat>() == 8);
 const _: () = assert!(size_of::<CtValue>() == 24);
 const _: () = assert!(size_of::<CtTimeouts>() == 20);
 const _: () = assert!(size_of::<SnatPorts>() == 8);
@@ -591,6 +627,8 @@ mod pod {
     unsafe impl aya::Pod for super::SvcValue {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragNat {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::CtTimeouts {}
     unsafe impl aya::Pod for super::SnatPorts {}

@@ -87,7 +87,7 @@ pub fn touch(entry: *mut CtValue, flow: &Flow, closing: u16, now: u32) {
 
 /// The entry at `key` that restores this packet's flow (a reply, seen in
 /// the backend's direction), refreshed by it; `closing` is the flag its
-/// FIN sets. A first fragment of such a flow cannot be translated.
+/// FIN sets.
 #[inline(always)]
 pub fn restoring(
     map: &LruHashMap<CtKey, CtValue>,
@@ -98,9 +98,6 @@ pub fn restoring(
     let Some(entry) = map.get_ptr_mut(key) else {
         return Ok(None);
     };
-    if flow.first_fragment {
-        return Err(stat::DROP_FRAGMENT);
-    }
     touch(entry, flow, closing, now_seconds());
     // SAFETY: a live map value, copied out.
     Ok(Some(unsafe { *entry }))

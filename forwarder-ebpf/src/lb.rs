@@ -55,9 +55,6 @@ pub fn service_dnat(flow: &Flow, origin: Origin) -> Decision {
         }
         return Ok(None);
     };
-    if flow.first_fragment {
-        return Err(stat::DROP_FRAGMENT);
-    }
     let key = key_of(flow, CT_FORWARD);
     let now = now_seconds();
     let fwd = match CONNTRACK.get_ptr_mut(&key) {

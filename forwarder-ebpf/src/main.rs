@@ -13,6 +13,7 @@
 #![no_main]
 
 mod conntrack;
+mod frag;
 mod icmp;
 mod lb;
 mod maps;

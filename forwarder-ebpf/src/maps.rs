@@ -5,9 +5,9 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, CLUSTER_IPS_MAX,
-    CONNTRACK_FLAGS, CONNTRACK_MAX, CtKey, CtValue, NAT_MAX, NODE_IPS_MAX, RejectBucket,
-    SERVICES_MAX, SNAT_ADDRS_MAX, SOCKET_NAT_MAX, SOURCE_RANGES_MAX, SockKey, SockNat,
-    SourceRangeKey, SvcKey, SvcValue, stat,
+    CONNTRACK_FLAGS, CONNTRACK_MAX, CtKey, CtValue, FRAGMENTS_MAX, FragKey, FragNat, NAT_MAX,
+    NODE_IPS_MAX, RejectBucket, SERVICES_MAX, SNAT_ADDRS_MAX, SOCKET_NAT_MAX, SOURCE_RANGES_MAX,
+    SockKey, SockNat, SourceRangeKey, SvcKey, SvcValue, stat,
 };
 
 #[map(name = "SVC4_V1")]
@@ -30,6 +30,11 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
 /// whichever CPUs they arrive.
 #[map(name = "NAT4_V1")]
 pub static NAT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(NAT_MAX, 0);
+
+/// Datagram (as a hook saw it) -> what that hook did to its first
+/// fragment, for the later fragments (`frag`).
+#[map(name = "FRAG4_V1")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragNat> = LruHashMap::with_max_entries(FRAGMENTS_MAX, 0);
 
 /// Local node addresses that serve NodePorts (value unused).
 #[map(name = "NODE_IP4_V1")]

@@ -73,9 +73,6 @@ pub fn snat(ctx: &TcContext, flow: &Flow, ifindex: u32) -> Decision {
     let Some(entry) = (unsafe { NAT.get(&key) }).copied() else {
         return Ok(None);
     };
-    if flow.first_fragment {
-        return Err(stat::DROP_FRAGMENT);
-    }
     let now = now_seconds();
     let restore = CtValue {
         flags: observed(flow, CT_CLIENT_CLOSING),

@@ -19,6 +19,8 @@ pub struct Flow {
     pub proto: u8,
     /// First fragment of a fragmented datagram (MF set, offset 0).
     pub first_fragment: bool,
+    /// The IPv4 identification field (names the datagram of a fragment).
+    pub ip_id: u16,
     /// TCP SYN without ACK, SCTP INIT: a client opening a connection.
     pub opening: bool,
     /// A handshake packet: TCP SYN (with or without ACK), SCTP INIT or
@@ -46,9 +48,20 @@ impl State {
     const NONE: Self = Self { opening: false, handshake: false, fin: false, reset: false };
 }
 
+/// A later fragment of a TCP/UDP/SCTP datagram: no ports, only the fields
+/// that name its datagram.
+pub struct Fragment {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub id: u16,
+    pub proto: u8,
+}
+
 pub enum Parsed {
     Flow(Flow),
-    /// Not TCP/UDP/SCTP over IPv4, or a non-first fragment (no ports to match).
+    /// A fragment after the first (`frag` maps it to its first's translation).
+    Fragment(Fragment),
+    /// Not TCP/UDP/SCTP over IPv4.
     Other,
     /// The headers do not fit in the readable data.
     Truncated,
@@ -110,10 +123,18 @@ pub fn parse(start: usize, end: usize) -> Parsed {
         return Parsed::Malformed;
     }
     let frags = u16::from_be_bytes(ip.frags);
-    if frags & IP_OFFSET_MASK != 0 {
-        return Parsed::Other;
-    }
     let proto = ip.proto;
+    if frags & IP_OFFSET_MASK != 0 {
+        if !matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
+            return Parsed::Other;
+        }
+        return Parsed::Fragment(Fragment {
+            saddr: u32::from_ne_bytes(ip.src_addr),
+            daddr: u32::from_ne_bytes(ip.dst_addr),
+            id: u16::from_ne_bytes(ip.id),
+            proto,
+        });
+    }
     let l4_off = L3_OFF + ihl;
     let l4_len = match proto {
         PROTO_TCP => TcpHdr::LEN,
@@ -179,6 +200,7 @@ pub fn parse(start: usize, end: usize) -> Parsed {
         dport,
         proto,
         first_fragment: frags & IP_MF != 0,
+        ip_id: u16::from_ne_bytes(ip.id),
         opening: state.opening,
         handshake: state.handshake,
         fin: state.fin,

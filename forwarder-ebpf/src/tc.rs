@@ -19,14 +19,14 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use forwarder_common::{PROTO_SCTP, PROTO_UDP, stat};
+use forwarder_common::{FRAG_DESTINATION, FRAG_SOURCE, PROTO_SCTP, PROTO_UDP, stat};
 
 use crate::{
-    icmp,
+    frag, icmp,
     lb::{self, Nat, Origin},
     maps::count,
     nat,
-    parse::{self, Flow, Parsed},
+    parse::{self, Flow, Fragment, Parsed},
     sctp,
 };
 
@@ -43,8 +43,10 @@ pub fn fwd_tc_pod(ctx: TcContext) -> i32 {
 }
 
 fn try_tc_pod(ctx: &TcContext) -> Result<i32, u32> {
-    let Some(flow) = parse_linear(ctx) else {
-        return Ok(TC_ACT_OK as i32);
+    let flow = match parse_linear(ctx) {
+        Parsed::Flow(flow) => flow,
+        Parsed::Fragment(fragment) => return later_fragment(ctx, &fragment, Side::Destination),
+        _ => return Ok(TC_ACT_OK as i32),
     };
     let dnat = match lb::service_dnat(&flow, Origin::LocalPod) {
         Err(reason) if stat::is_reject(reason) => {
@@ -57,14 +59,11 @@ fn try_tc_pod(ctx: &TcContext) -> Result<i32, u32> {
         }
         dnat => dnat?,
     };
-    if let Some(nat) = dnat {
-        rewrite(ctx, &flow, &nat, Side::Destination)?;
-        count(stat::DNAT);
-    } else if let Some(nat) = nat::reverse_snat(&flow)? {
-        rewrite(ctx, &flow, &nat, Side::Destination)?;
-        count(stat::REVERSE_SNAT);
-    }
-    Ok(TC_ACT_OK as i32)
+    let translated = match dnat {
+        Some(nat) => Some((nat, stat::DNAT)),
+        None => nat::reverse_snat(&flow)?.map(|nat| (nat, stat::REVERSE_SNAT)),
+    };
+    apply(ctx, &flow, translated, Side::Destination)
 }
 
 #[classifier]
@@ -74,9 +73,10 @@ pub fn fwd_tc_node(ctx: TcContext) -> i32 {
     };
     // XDP parsed it a moment ago; a packet that no longer parses is still
     // addressed to a frontend, so it must not pass.
-    let sent = parse_linear(&ctx)
-        .ok_or(stat::DROP_REJECT_FAILED)
-        .and_then(|flow| icmp::reject_tc(&ctx, &flow));
+    let sent = match parse_linear(&ctx) {
+        Parsed::Flow(flow) => icmp::reject_tc(&ctx, &flow),
+        _ => Err(stat::DROP_REJECT_FAILED),
+    };
     match sent {
         Ok(action) => {
             count(reason);
@@ -103,48 +103,94 @@ pub fn fwd_tc_rnat(ctx: TcContext) -> i32 {
 }
 
 fn try_tc_rnat(ctx: &TcContext) -> Result<i32, u32> {
-    let Some(flow) = parse_linear(ctx) else {
-        return Ok(TC_ACT_OK as i32);
+    let flow = match parse_linear(ctx) {
+        Parsed::Flow(flow) => flow,
+        Parsed::Fragment(fragment) => return later_fragment(ctx, &fragment, Side::Source),
+        _ => return Ok(TC_ACT_OK as i32),
     };
-    if let Some(nat) = lb::reverse_nat(&flow)? {
-        rewrite(ctx, &flow, &nat, Side::Source)?;
-        count(stat::REVERSE_NAT);
-    } else {
-        // SAFETY: the context's skb pointer is valid for the program's run.
-        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        if let Some(nat) = nat::snat(ctx, &flow, ifindex)? {
-            rewrite(ctx, &flow, &nat, Side::Source)?;
-            count(stat::SNAT);
+    let translated = match lb::reverse_nat(&flow)? {
+        Some(nat) => Some((nat, stat::REVERSE_NAT)),
+        None => {
+            // SAFETY: the context's skb pointer is valid for the program's run.
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            nat::snat(ctx, &flow, ifindex)?.map(|nat| (nat, stat::SNAT))
         }
+    };
+    apply(ctx, &flow, translated, Side::Source)
+}
+
+/// Rewrites `side` of the packet as decided, counted by the decision's
+/// counter; a first fragment's decision is kept for the later ones.
+#[inline(always)]
+fn apply(
+    ctx: &TcContext,
+    flow: &Flow,
+    translated: Option<(Nat, u32)>,
+    side: Side,
+) -> Result<i32, u32> {
+    if flow.first_fragment {
+        let done = translated.as_ref().map(|(nat, counter)| (nat.addr, *counter));
+        frag::remember(flow, side.frag_side(), done)?;
+    }
+    if let Some((nat, counter)) = translated {
+        rewrite(ctx, flow, &nat, side)?;
+        count(counter);
+    }
+    Ok(TC_ACT_OK as i32)
+}
+
+/// A later fragment gets its first fragment's new address on `side`.
+#[inline(always)]
+fn later_fragment(ctx: &TcContext, fragment: &Fragment, side: Side) -> Result<i32, u32> {
+    if let Some(nat) = frag::translation(fragment, side.frag_side())? {
+        let (addr_off, old) = match side {
+            Side::Source => (parse::IP_SADDR_OFF, fragment.saddr),
+            Side::Destination => (parse::IP_DADDR_OFF, fragment.daddr),
+        };
+        let err = |_| stat::DROP_REWRITE;
+        ctx.l3_csum_replace(parse::IP_CHECK_OFF, old.into(), nat.addr.into(), 4).map_err(err)?;
+        ctx.store(addr_off, &nat.addr, 0).map_err(err)?;
+        count(nat.counter);
     }
     Ok(TC_ACT_OK as i32)
 }
 
 /// Parses the headers, pulling them into the linear area first when the
-/// skb is non-linear.
+/// skb is non-linear. Malformed packets are counted, and pass as `Other`.
 #[inline(always)]
-fn parse_linear(ctx: &TcContext) -> Option<Flow> {
+fn parse_linear(ctx: &TcContext) -> Parsed {
     let parsed = match parse::parse(ctx.data(), ctx.data_end()) {
         Parsed::Truncated if ctx.len() as usize > ctx.data_end() - ctx.data() => {
             let want = (ctx.len() as usize).min(parse::MAX_HDR_LEN);
-            ctx.pull_data(want as u32).ok()?;
+            if ctx.pull_data(want as u32).is_err() {
+                return Parsed::Truncated;
+            }
             parse::parse(ctx.data(), ctx.data_end())
         }
         parsed => parsed,
     };
     match parsed {
-        Parsed::Flow(flow) => Some(flow),
         Parsed::Malformed => {
             count(stat::MALFORMED_PASSED);
-            None
+            Parsed::Other
         }
-        Parsed::Other | Parsed::Truncated => None,
+        parsed => parsed,
     }
 }
 
+#[derive(Clone, Copy)]
 enum Side {
     Source,
     Destination,
+}
+
+impl Side {
+    const fn frag_side(self) -> u8 {
+        match self {
+            Side::Source => FRAG_SOURCE,
+            Side::Destination => FRAG_DESTINATION,
+        }
+    }
 }
 
 #[inline(always)]

@@ -1,14 +1,14 @@
 //! XDP on node interfaces: Service DNAT, and the reversal of masquerading
 //! for replies, with direct packet writes.
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use forwarder_common::{PROTO_SCTP, PROTO_UDP, csum, stat};
+use forwarder_common::{FRAG_DESTINATION, PROTO_SCTP, PROTO_UDP, csum, stat};
 
 use crate::{
-    icmp,
+    frag, icmp,
     lb::{self, Nat, Origin},
     maps::count,
     nat,
-    parse::{self, Flow, Parsed},
+    parse::{self, Flow, Fragment, Parsed},
     sctp,
 };
 
@@ -28,6 +28,7 @@ pub fn fwd_xdp_node(ctx: XdpContext) -> u32 {
 fn try_xdp_node(ctx: &XdpContext) -> Result<u32, u32> {
     let flow = match parse::parse(ctx.data(), ctx.data_end()) {
         Parsed::Flow(flow) => flow,
+        Parsed::Fragment(fragment) => return later_fragment(ctx, &fragment),
         Parsed::Malformed => {
             count(stat::MALFORMED_PASSED);
             return Ok(xdp_action::XDP_PASS);
@@ -48,12 +49,38 @@ fn try_xdp_node(ctx: &XdpContext) -> Result<u32, u32> {
         }
         dnat => dnat?,
     };
-    if let Some(nat) = dnat {
+    let translated = match dnat {
+        Some(nat) => Some((nat, stat::DNAT)),
+        None => nat::reverse_snat(&flow)?.map(|nat| (nat, stat::REVERSE_SNAT)),
+    };
+    if flow.first_fragment {
+        let done = translated.as_ref().map(|(nat, counter)| (nat.addr, *counter));
+        frag::remember(&flow, FRAG_DESTINATION, done)?;
+    }
+    if let Some((nat, counter)) = translated {
         rewrite_destination(ctx, &flow, &nat).ok_or(stat::DROP_REWRITE)?;
-        count(stat::DNAT);
-    } else if let Some(nat) = nat::reverse_snat(&flow)? {
-        rewrite_destination(ctx, &flow, &nat).ok_or(stat::DROP_REWRITE)?;
-        count(stat::REVERSE_SNAT);
+        count(counter);
+    }
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// A later fragment gets its first fragment's new destination address.
+#[inline(always)]
+fn later_fragment(ctx: &XdpContext, fragment: &Fragment) -> Result<u32, u32> {
+    if let Some(nat) = frag::translation(fragment, FRAG_DESTINATION)? {
+        let (start, end) = (ctx.data(), ctx.data_end());
+        let ip_check = parse::ptr_at::<u16>(start, end, parse::IP_CHECK_OFF);
+        let daddr = parse::ptr_at::<u32>(start, end, parse::IP_DADDR_OFF);
+        let (Some(ip_check), Some(daddr)) = (ip_check, daddr) else {
+            return Err(stat::DROP_REWRITE);
+        };
+        // SAFETY: both pointers were bounds checked; fields may be unaligned.
+        unsafe {
+            let old = ip_check.read_unaligned();
+            ip_check.write_unaligned(csum::replace4(old, fragment.daddr, nat.addr));
+            daddr.write_unaligned(nat.addr);
+        }
+        count(nat.counter);
     }
     Ok(xdp_action::XDP_PASS)
 }

@@ -390,6 +390,9 @@ fn layout(name: &str) -> (usize, usize) {
         map_names::SERVICES => (size_of::<SvcKey>(), size_of::<SvcValue>()),
         map_names::BACKENDS => (4, size_of::<Backend>()),
         map_names::CONNTRACK | map_names::NAT => (size_of::<CtKey>(), size_of::<CtValue>()),
+        map_names::FRAGMENTS => {
+            (size_of::<forwarder_common::FragKey>(), size_of::<forwarder_common::FragNat>())
+        }
         map_names::AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>()),
         map_names::SOURCE_RANGES => (4 + size_of::<SourceRangeKey>(), 4),
         map_names::SOCKET_NAT => (size_of::<SockKey>(), size_of::<SockNat>()),
@@ -435,11 +438,12 @@ pub fn pinned_capacity(pins: &PinDir, wanted: Capacity) -> Result<Capacity, Data
 }
 
 /// Every map, pinned by the agent so its state outlives the process.
-pub const MAPS: [&str; 13] = [
+pub const MAPS: [&str; 14] = [
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::CONNTRACK,
     map_names::NAT,
+    map_names::FRAGMENTS,
     map_names::HASH_SEED,
     map_names::REJECT_BUCKETS,
     map_names::NODE_IPS,

@@ -83,10 +83,19 @@ fn serve_connection(stream: TcpStream, reply: &str, stop: &AtomicBool) {
 fn spawn_udp(socket: UdpSocket, name: String, stop: Arc<AtomicBool>) -> JoinHandle<()> {
     socket.set_read_timeout(Some(Duration::from_millis(100))).expect("UDP timeout");
     std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
+        let mut buf = vec![0u8; 65_536];
         while !stop.load(Ordering::Relaxed) {
-            if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-                let _ = socket.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+            if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                let answer = format!("{name} {peer}\n");
+                // A large request is answered as large, carrying its bytes
+                // back after the answer line (see `udp_large`).
+                let reply = if n > answer.len() {
+                    buf[..answer.len()].copy_from_slice(answer.as_bytes());
+                    &buf[..n]
+                } else {
+                    answer.as_bytes()
+                };
+                let _ = socket.send_to(reply, peer);
             }
         }
     })
@@ -202,6 +211,30 @@ impl UdpClient {
 /// One UDP request from a new source port.
 pub fn udp_once(ns: &NetNs, addr: &str) -> std::io::Result<(String, std::net::SocketAddr)> {
     UdpClient::bind(ns)?.ask(addr)
+}
+
+/// One UDP datagram of `size` bytes from a new source port, answered by one
+/// of the same size: both cross the path in IP fragments when larger than
+/// the MTU. Who answered and the reply's source; an error unless the reply
+/// brought every byte of the request after its answer line back.
+pub fn udp_large(
+    ns: &NetNs,
+    addr: &str,
+    size: usize,
+) -> std::io::Result<(String, std::net::SocketAddr)> {
+    let socket = ns.run(|| UdpSocket::bind("0.0.0.0:0"))?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let request: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    socket.send_to(&request, addr)?;
+    let mut buf = vec![0u8; 65_536];
+    let (n, from) = socket.recv_from(&mut buf)?;
+    let reply = &buf[..n];
+    let line_end = reply.iter().position(|&b| b == b'\n').map_or(n, |at| at + 1);
+    if n != size || reply[line_end..] != request[line_end..] {
+        let error = format!("{size}-byte datagram came back as {n} bytes, or altered");
+        return Err(std::io::Error::new(ErrorKind::InvalidData, error));
+    }
+    Ok((split_answer(&String::from_utf8_lossy(&reply[..line_end])).0, from))
 }
 
 /// How a connection attempt ended, and how long it took.

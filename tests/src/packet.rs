@@ -16,6 +16,8 @@ pub struct Packet {
     pub ip_options: Vec<u8>,
     /// The IPv4 flags+fragment-offset field.
     pub frag: u16,
+    /// The IPv4 identification field.
+    pub ip_id: u16,
     /// Send UDP without a checksum (0).
     pub no_udp_checksum: bool,
     /// TCP flags; PSH|ACK unless set.
@@ -49,6 +51,7 @@ impl Packet {
             payload: b"hello".to_vec(),
             ip_options: Vec::new(),
             frag: 0,
+            ip_id: 0x1234,
             no_udp_checksum: false,
             tcp_flags: 0x18,
             sctp_chunk: 0,
@@ -86,6 +89,29 @@ impl Packet {
     }
 
     pub fn bytes(&self) -> Vec<u8> {
+        self.frame(&self.l4_bytes())
+    }
+
+    /// The datagram cut into fragments of `size` bytes of L4 data (a
+    /// multiple of 8), as a sender's IP layer cuts it: the L4 header and
+    /// its checksum over the whole datagram in the first.
+    pub fn fragments(&self, size: usize) -> Vec<Vec<u8>> {
+        assert!(size.is_multiple_of(8) && size >= 8, "fragment data is counted in 8-byte units");
+        let l4 = self.l4_bytes();
+        let pieces: Vec<&[u8]> = l4.chunks(size).collect();
+        let last = pieces.len() - 1;
+        pieces
+            .iter()
+            .enumerate()
+            .map(|(i, piece)| {
+                let more = if i < last { MF } else { 0 };
+                let fragment = Self { frag: more | ((i * size / 8) as u16), ..self.clone() };
+                fragment.frame(piece)
+            })
+            .collect()
+    }
+
+    fn l4_bytes(&self) -> Vec<u8> {
         let mut l4 = Vec::new();
         l4.extend_from_slice(&self.sport.to_be_bytes());
         l4.extend_from_slice(&self.dport.to_be_bytes());
@@ -103,7 +129,7 @@ impl Packet {
                 self.internet_checksum(&mut l4);
             }
         }
-        self.frame(&l4)
+        l4
     }
 
     /// Verification tag, CRC, then one chunk around the payload (an INIT's
@@ -139,7 +165,7 @@ impl Packet {
         let ihl = 20 + self.ip_options.len();
         let mut ip = vec![0x40 | (ihl / 4) as u8, 0];
         ip.extend_from_slice(&((ihl + l4.len()) as u16).to_be_bytes());
-        ip.extend_from_slice(&[0x12, 0x34]);
+        ip.extend_from_slice(&self.ip_id.to_be_bytes());
         ip.extend_from_slice(&self.frag.to_be_bytes());
         ip.extend_from_slice(&[64, self.proto, 0, 0]);
         ip.extend_from_slice(&self.src.octets());

@@ -8,7 +8,7 @@ use std::{
 use forwarder_tests::{
     echo::{
         EchoConn, EchoServer, UdpClient, tcp_connect_error, tcp_once, tcp_once_seen,
-        udp_connected_error, udp_once, udp_once_connected,
+        udp_connected_error, udp_large, udp_once, udp_once_connected,
     },
     forwarder::{Forwarder, attachments},
     manifest::{ManifestCopy, demo_manifest},
@@ -108,6 +108,29 @@ fn cluster_ip_from_a_pod_reaches_both_pods() {
     let client = &s.topology.pod("pod-c").ns;
     tcp_reaches_both(client, &format!("{CLUSTER_IP}:80"), &s.forwarder);
     udp_reaches_both(client, &format!("{CLUSTER_IP}:53"), &s.forwarder);
+}
+
+/// Datagrams larger than the MTU cross in IP fragments, requests and
+/// replies alike, through a NodePort from outside and a ClusterIP from a
+/// pod, to both pods.
+#[test]
+fn large_udp_datagrams_cross_in_fragments() {
+    let s = setup("frag");
+    let nodeport = (&s.topology.client, format!("{NODE_IP}:30053"));
+    let cluster_ip = (&s.topology.pod("pod-c").ns, format!("{CLUSTER_IP}:53"));
+    for (client, frontend) in [nodeport, cluster_ip] {
+        for size in [4 * 1024, 60 * 1024] {
+            let mut seen = BTreeSet::new();
+            for _ in 0..16 {
+                let (who, from) = udp_large(client, &frontend, size).unwrap_or_else(|e| {
+                    panic!("{size} bytes to {frontend}: {e}\n{}", s.forwarder.log_text())
+                });
+                assert_eq!(from.to_string(), frontend, "reply must come from the frontend");
+                seen.insert(who);
+            }
+            assert_eq!(seen.len(), 2, "{size} bytes to {frontend} reached only {seen:?}");
+        }
+    }
 }
 
 /// A UDP flow whose endpoint leaves moves to another endpoint instead of

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use forwarder_tests::{
     cluster::{CLIENT_IP, Cluster, NODE_IFACE},
-    echo::{EchoServer, tcp_connect_error, tcp_once, tcp_once_seen},
+    echo::{EchoServer, tcp_connect_error, tcp_once, tcp_once_seen, udp_large},
     forwarder::{Forwarder, http_get},
     netns::NetNs,
 };
@@ -82,13 +82,14 @@ endpoints: [{addresses: [10.244.1.2], nodeName: node-a}, {addresses: [10.244.2.2
 apiVersion: v1
 kind: Service
 metadata: {name: remote, namespace: demo}
-spec: {type: NodePort, clusterIP: 10.96.0.16, ports: [{port: 80, targetPort: 8080, nodePort: 30086}]}
+spec: {type: NodePort, clusterIP: 10.96.0.16, ports: [{name: tcp, port: 80, targetPort: 8080, nodePort: 30086},
+       {name: udp, protocol: UDP, port: 53, targetPort: 5353, nodePort: 30087}]}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {name: remote-1, namespace: demo, labels: {kubernetes.io/service-name: remote}}
 addressType: IPv4
-ports: [{port: 8080}]
+ports: [{name: tcp, port: 8080}, {name: udp, protocol: UDP, port: 5353}]
 endpoints: [{addresses: [10.244.2.2], nodeName: node-b}]
 ---
 apiVersion: discovery.k8s.io/v1
@@ -281,4 +282,24 @@ fn a_connection_storm_to_a_masqueraded_node_port_loses_nothing() {
         s.logs()
     );
     eprintln!("{CONNECTIONS} masqueraded connections in {took:?}, none failed");
+}
+
+/// Datagrams larger than the MTU to an endpoint on the other node, both
+/// ways in IP fragments: masqueraded through a NodePort from outside, and
+/// from a pod through a ClusterIP (not masqueraded, reverse NAT on the way
+/// back).
+#[test]
+fn large_udp_datagrams_cross_nodes_in_fragments() {
+    let s = setup("mfrag");
+    let nodeport = (&s.cluster.client, "192.168.20.1:30087");
+    let cluster_ip = (&s.cluster.pod("pod-a2").ns, "10.96.0.16:53");
+    for (client, frontend) in [nodeport, cluster_ip] {
+        for size in [4 * 1024, 60 * 1024] {
+            for _ in 0..4 {
+                let (who, from) = udp_large(client, frontend, size)
+                    .unwrap_or_else(|e| panic!("{size} bytes to {frontend}: {e}\n{}", s.logs()));
+                assert_eq!((who.as_str(), from.to_string().as_str()), ("pod-b1", frontend));
+            }
+        }
+    }
 }

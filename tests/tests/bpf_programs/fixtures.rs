@@ -52,8 +52,6 @@ fn fixtures() -> Vec<Fixture> {
     let cip_tcp = Packet::tcp("10.244.1.9:41000", "10.96.0.10:80");
     let cip_udp = Packet::udp("10.244.1.9:41001", "10.96.0.10:53");
     let with_options = Packet { ip_options: vec![0x94, 0x04, 0, 0], ..np_tcp.clone() }; // Router Alert
-    let first_fragment = Packet { frag: MF, ..np_udp.clone() };
-    let later_fragment = Packet { frag: 185, ..Packet::udp("192.168.10.2:1", "10.96.0.10:53") };
     let mut truncated_tcp = np_tcp.bytes();
     truncated_tcp.truncate(14 + 20 + 10);
     let mut bad_ihl = np_tcp.bytes();
@@ -174,27 +172,6 @@ fn fixtures() -> Vec<Fixture> {
             stats: vec![("dnat", 1)],
         },
         Fixture {
-            name: "first fragment to a Service is dropped and counted",
-            steps: vec![
-                step(Xdp, &first_fragment, XDP_DROP, None),
-                step(Tc, &first_fragment, TC_ACT_SHOT, None),
-            ],
-            stats: vec![("drop_fragment", 2)],
-        },
-        Fixture {
-            name: "a fragmented reply cannot be translated whole: dropped and counted",
-            steps: vec![
-                step(Tc, &cip_udp, TC_ACT_OK, Some(&cip_udp.with_dst("10.244.1.2:5353"))),
-                step(
-                    TcEgress,
-                    &Packet { frag: MF, ..cip_udp.with_dst("10.244.1.2:5353").reversed() },
-                    TC_ACT_SHOT,
-                    None,
-                ),
-            ],
-            stats: vec![("drop_fragment", 1), ("dnat", 1)],
-        },
-        Fixture {
             name: "DNAT happens only on ingress, reverse NAT only on egress",
             steps: vec![
                 step(TcEgress, &cip_tcp, TC_ACT_OK, None),
@@ -202,11 +179,6 @@ fn fixtures() -> Vec<Fixture> {
                 step(Tc, &cip_tcp.with_dst("10.244.1.2:8080").reversed(), TC_ACT_OK, None),
             ],
             stats: vec![("dnat", 1)],
-        },
-        Fixture {
-            name: "later fragments carry no ports and pass",
-            steps: vec![step(Xdp, &later_fragment, XDP_PASS, None)],
-            stats: vec![],
         },
         Fixture {
             name: "truncated headers pass untouched",

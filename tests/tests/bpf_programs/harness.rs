@@ -15,7 +15,7 @@ pub(crate) use forwarder_common::{
     stat,
 };
 pub(crate) use forwarder_tests::packet::{
-    ACK, FIN, MF, Packet, RST, SYN, ethernet, port_unreachable, verify_checksums,
+    ACK, FIN, Packet, RST, SYN, ethernet, port_unreachable, verify_checksums,
 };
 pub(crate) use forwarder_user::{
     dataplane::{Capacity, Maps, Tuning, load_object},

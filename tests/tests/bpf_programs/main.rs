@@ -3,6 +3,7 @@
 mod conntrack;
 mod fixtures;
 mod flows;
+mod fragments;
 mod harness;
 mod masquerade;
 mod policies;
