@@ -27,7 +27,7 @@ pub mod map_names {
     pub const CLUSTER_IPS: &str = "CLUSTER_IP4_V1";
     pub const SOURCE_RANGES: &str = "SRC_RANGE4_V1";
     pub const SOCKET_NAT: &str = "SOCK_NAT4_V2";
-    pub const STATS: &str = "STATS_V2";
+    pub const STATS: &str = "STATS_V3";
     pub const REJECT_BUCKETS: &str = "REJECT_RATE_V1";
 }
 
@@ -139,6 +139,7 @@ impl SnatPorts {
 /// none of its own (ifindexes start at 1).
 pub const SNAT_ADDR_DEFAULT: u32 = 0;
 
+pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;
@@ -526,7 +527,7 @@ pub struct RejectBucket {
     pub _pad: u32,
 }
 
-/// Per-CPU counters (`STATS_V2` index). Drops are counted by reason; a few
+/// Per-CPU counters (`STATS_V3` index). Drops are counted by reason; a few
 /// non-drop events are counted too, so tests and metrics can tell the
 /// datapath did the work.
 pub mod stat {
@@ -574,7 +575,9 @@ pub mod stat {
     pub const SOCKET_CONNECT: u32 = 16;
     /// A reject over `--icmp-reject-rate`: dropped without an answer.
     pub const DROP_REJECT_RATE: u32 = 17;
-    pub const COUNT: u32 = 18;
+    /// ICMP errors about a translated flow, translated (outer and quote).
+    pub const ICMP_ERROR_NAT: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     /// Whether `reason` asks for an ICMP answer rather than a silent drop.
     pub const fn is_reject(reason: u32) -> bool {
@@ -601,6 +604,7 @@ pub mod stat {
         "reject_unknown_port",
         "socket_connect",
         "drop_reject_rate",
+        "icmp_error_nat",
     ];
 }
 

@@ -4,6 +4,7 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use forwarder_common::{
     CT_BACKEND_CLOSING, CT_CLIENT_CLOSING, CT_FORWARD, CT_MASQUERADE, CT_REPLY, CtKey, CtValue,
+    FRAG_DESTINATION, FRAG_SOURCE,
     SVC_DROP_EMPTY, SVC_SOURCE_RANGES, SvcKey, SvcValue, stat,
 };
 
@@ -26,6 +27,25 @@ pub enum Origin {
     Outside,
     /// From a pod on this node (TC on pod-facing interfaces).
     LocalPod,
+}
+
+/// The address a program rewrites: destination (DNAT, the reversal of
+/// masquerading: XDP and TC ingress) or source (reverse NAT, masquerading:
+/// TC egress).
+#[derive(Clone, Copy)]
+pub enum Side {
+    Source,
+    Destination,
+}
+
+impl Side {
+    /// The side's value in `FragKey`.
+    pub const fn frag_side(self) -> u8 {
+        match self {
+            Side::Source => FRAG_SOURCE,
+            Side::Destination => FRAG_DESTINATION,
+        }
+    }
 }
 
 /// New address and port for one side of the packet, and for the other

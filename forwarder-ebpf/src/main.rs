@@ -15,6 +15,7 @@
 mod conntrack;
 mod frag;
 mod icmp;
+mod icmp_error;
 mod lb;
 mod maps;
 mod nat;

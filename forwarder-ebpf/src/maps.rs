@@ -82,7 +82,7 @@ pub fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u
 #[map(name = "REJECT_RATE_V1")]
 pub static REJECT_BUCKETS: PerCpuArray<RejectBucket> = PerCpuArray::with_max_entries(1, 0);
 
-#[map(name = "STATS_V2")]
+#[map(name = "STATS_V3")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
 #[inline(always)]

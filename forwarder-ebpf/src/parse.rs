@@ -1,7 +1,7 @@
 //! Header parsing shared by XDP and TC: bounds-checked, IHL-aware.
 use core::mem::size_of;
 
-use forwarder_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use forwarder_common::{PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -57,8 +57,34 @@ pub struct Fragment {
     pub proto: u8,
 }
 
+/// The ports and addresses of a packet quoted in an ICMP error.
+pub struct Quote {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+/// An ICMP error (destination unreachable, time exceeded, parameter
+/// problem) quoting a TCP/UDP/SCTP packet.
+pub struct IcmpError {
+    /// The outer (error's own) addresses.
+    pub saddr: u32,
+    pub daddr: u32,
+    pub icmp_off: usize,
+    /// Offset of the quoted IPv4 header, and of its L4 header.
+    pub quote_off: usize,
+    pub quote_l4_off: usize,
+    pub quote: Quote,
+    /// The quote reaches the TCP/UDP checksum field (RFC 792 guarantees
+    /// only 8 bytes of L4 header: TCP's checksum may be cut off).
+    pub quoted_check: bool,
+}
+
 pub enum Parsed {
     Flow(Flow),
+    IcmpError(IcmpError),
     /// A fragment after the first (`frag` maps it to its first's translation).
     Fragment(Fragment),
     /// Not TCP/UDP/SCTP over IPv4.
@@ -81,8 +107,14 @@ const SCTP_INIT: u8 = 1;
 const SCTP_INIT_ACK: u8 = 2;
 const SCTP_ABORT: u8 = 6;
 const SCTP_SHUTDOWN_COMPLETE: u8 = 14;
-/// Largest header span parsing needs: Ethernet, IPv4 with options, TCP.
-pub const MAX_HDR_LEN: usize = EthHdr::LEN + 60 + TcpHdr::LEN;
+/// Largest header span parsing needs: Ethernet, IPv4 with options, then
+/// TCP, or ICMP quoting IPv4 with options and TCP.
+pub const MAX_HDR_LEN: usize = EthHdr::LEN + 60 + ICMP_HDR_LEN + 60 + TcpHdr::LEN;
+const ICMP_HDR_LEN: usize = 8;
+/// ICMP types that quote the packet they are about (RFC 792).
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
 
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET_MASK: u16 = 0x1fff;
@@ -124,6 +156,14 @@ pub fn parse(start: usize, end: usize) -> Parsed {
     }
     let frags = u16::from_be_bytes(ip.frags);
     let proto = ip.proto;
+    if proto == PROTO_ICMP {
+        // A fragmented error is not worth reassembling: it passes as is.
+        if frags & (IP_MF | IP_OFFSET_MASK) != 0 {
+            return Parsed::Other;
+        }
+        let outer = (u32::from_ne_bytes(ip.src_addr), u32::from_ne_bytes(ip.dst_addr));
+        return parse_icmp_error(start, end, outer, L3_OFF + ihl, L3_OFF + tot_len);
+    }
     if frags & IP_OFFSET_MASK != 0 {
         if !matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
             return Parsed::Other;
@@ -207,5 +247,76 @@ pub fn parse(start: usize, end: usize) -> Parsed {
         reset: state.reset,
         l4_off,
         l4_len: (tot_len - ihl) as u16,
+    })
+}
+
+/// An ICMP error at `icmp_off` of a packet whose IP datagram ends at
+/// `ip_end`; anything else of ICMP is `Other`. Only what the quote holds is
+/// trusted: an error quoting a later fragment (no ports) is `Other` too.
+#[inline(always)]
+fn parse_icmp_error(
+    start: usize,
+    end: usize,
+    (saddr, daddr): (u32, u32),
+    icmp_off: usize,
+    ip_end: usize,
+) -> Parsed {
+    // Type and code: a one-byte check would compile to `ptr >= end`,
+    // which the verifier does not take as a bound.
+    let Some(kind) = ptr_at::<[u8; 2]>(start, end, icmp_off) else {
+        return Parsed::Truncated;
+    };
+    // SAFETY: bounds checked above.
+    let [kind, _code] = unsafe { kind.read_unaligned() };
+    if !matches!(kind, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM) {
+        return Parsed::Other;
+    }
+    let quote_off = icmp_off + ICMP_HDR_LEN;
+    let Some(inner) = ptr_at::<Ipv4Hdr>(start, end, quote_off) else {
+        return Parsed::Truncated;
+    };
+    // SAFETY: bounds checked above; Ipv4Hdr is all byte arrays (align 1).
+    let inner = unsafe { &*inner };
+    let ihl = usize::from(inner.vihl & 0x0f) << 2;
+    let frags = u16::from_be_bytes(inner.frags);
+    if inner.vihl >> 4 != 4
+        || ihl < Ipv4Hdr::LEN
+        || frags & IP_OFFSET_MASK != 0
+        || !matches!(inner.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP)
+    {
+        return Parsed::Other;
+    }
+    let quote_l4_off = quote_off + ihl;
+    // Ports, and UDP's checksum, sit in the 8 bytes every quote has.
+    if quote_l4_off + 8 > ip_end {
+        return Parsed::Other;
+    }
+    let Some(ports) = ptr_at::<[u16; 2]>(start, end, quote_l4_off) else {
+        return Parsed::Truncated;
+    };
+    // SAFETY: bounds checked above.
+    let [sport, dport] = unsafe { ports.read_unaligned() };
+    let quoted_check = match inner.proto {
+        PROTO_UDP => true,
+        PROTO_TCP => quote_l4_off + TCP_CHECK_OFF + 2 <= ip_end,
+        _ => false,
+    };
+    if quoted_check && quote_l4_off + TCP_CHECK_OFF + 2 > end && inner.proto == PROTO_TCP {
+        return Parsed::Truncated;
+    }
+    Parsed::IcmpError(IcmpError {
+        saddr,
+        daddr,
+        icmp_off,
+        quote_off,
+        quote_l4_off,
+        quote: Quote {
+            saddr: u32::from_ne_bytes(inner.src_addr),
+            daddr: u32::from_ne_bytes(inner.dst_addr),
+            sport,
+            dport,
+            proto: inner.proto,
+        },
+        quoted_check,
     })
 }

@@ -19,14 +19,14 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use forwarder_common::{FRAG_DESTINATION, FRAG_SOURCE, PROTO_SCTP, PROTO_UDP, stat};
+use forwarder_common::{PROTO_SCTP, PROTO_UDP, stat};
 
 use crate::{
-    frag, icmp,
-    lb::{self, Nat, Origin},
+    frag, icmp, icmp_error,
+    lb::{self, Nat, Origin, Side},
     maps::count,
     nat,
-    parse::{self, Flow, Fragment, Parsed},
+    parse::{self, Flow, Fragment, IcmpError, Parsed},
     sctp,
 };
 
@@ -46,6 +46,7 @@ fn try_tc_pod(ctx: &TcContext) -> Result<i32, u32> {
     let flow = match parse_linear(ctx) {
         Parsed::Flow(flow) => flow,
         Parsed::Fragment(fragment) => return later_fragment(ctx, &fragment, Side::Destination),
+        Parsed::IcmpError(error) => return related_error(ctx, &error, Side::Destination),
         _ => return Ok(TC_ACT_OK as i32),
     };
     let dnat = match lb::service_dnat(&flow, Origin::LocalPod) {
@@ -106,6 +107,7 @@ fn try_tc_rnat(ctx: &TcContext) -> Result<i32, u32> {
     let flow = match parse_linear(ctx) {
         Parsed::Flow(flow) => flow,
         Parsed::Fragment(fragment) => return later_fragment(ctx, &fragment, Side::Source),
+        Parsed::IcmpError(error) => return related_error(ctx, &error, Side::Source),
         _ => return Ok(TC_ACT_OK as i32),
     };
     let translated = match lb::reverse_nat(&flow)? {
@@ -155,6 +157,17 @@ fn later_fragment(ctx: &TcContext, fragment: &Fragment, side: Side) -> Result<i3
     Ok(TC_ACT_OK as i32)
 }
 
+/// An ICMP error about a translated flow, translated back (`icmp_error`).
+#[inline(always)]
+fn related_error(ctx: &TcContext, error: &IcmpError, side: Side) -> Result<i32, u32> {
+    if let Some(nat) = icmp_error::related(error, side) {
+        icmp_error::rewrite(ctx.data(), ctx.data_end(), error, &nat, side)
+            .ok_or(stat::DROP_REWRITE)?;
+        count(stat::ICMP_ERROR_NAT);
+    }
+    Ok(TC_ACT_OK as i32)
+}
+
 /// Parses the headers, pulling them into the linear area first when the
 /// skb is non-linear. Malformed packets are counted, and pass as `Other`.
 #[inline(always)]
@@ -178,20 +191,6 @@ fn parse_linear(ctx: &TcContext) -> Parsed {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Side {
-    Source,
-    Destination,
-}
-
-impl Side {
-    const fn frag_side(self) -> u8 {
-        match self {
-            Side::Source => FRAG_SOURCE,
-            Side::Destination => FRAG_DESTINATION,
-        }
-    }
-}
 
 #[inline(always)]
 fn rewrite(ctx: &TcContext, flow: &Flow, nat: &Nat, side: Side) -> Result<(), u32> {

@@ -4,8 +4,8 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use forwarder_common::{FRAG_DESTINATION, PROTO_SCTP, PROTO_UDP, csum, stat};
 
 use crate::{
-    frag, icmp,
-    lb::{self, Nat, Origin},
+    frag, icmp, icmp_error,
+    lb::{self, Nat, Origin, Side},
     maps::count,
     nat,
     parse::{self, Flow, Fragment, Parsed},
@@ -29,6 +29,14 @@ fn try_xdp_node(ctx: &XdpContext) -> Result<u32, u32> {
     let flow = match parse::parse(ctx.data(), ctx.data_end()) {
         Parsed::Flow(flow) => flow,
         Parsed::Fragment(fragment) => return later_fragment(ctx, &fragment),
+        Parsed::IcmpError(error) => {
+            if let Some(nat) = icmp_error::related(&error, Side::Destination) {
+                icmp_error::rewrite(ctx.data(), ctx.data_end(), &error, &nat, Side::Destination)
+                    .ok_or(stat::DROP_REWRITE)?;
+                count(stat::ICMP_ERROR_NAT);
+            }
+            return Ok(xdp_action::XDP_PASS);
+        }
         Parsed::Malformed => {
             count(stat::MALFORMED_PASSED);
             return Ok(xdp_action::XDP_PASS);

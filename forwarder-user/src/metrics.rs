@@ -78,7 +78,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Metrics that read the packet counters from the pinned `STATS_V2`.
+    /// Metrics that read the packet counters from the pinned `STATS_V3`.
     pub fn with_stats_pin(path: &Path) -> Result<Self, MapError> {
         let map = MapData::from_pin(path)?;
         let stats = PerCpuArray::try_from(Map::PerCpuArray(map))?;

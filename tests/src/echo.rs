@@ -179,6 +179,24 @@ pub fn tcp_once(ns: &NetNs, addr: &str) -> std::io::Result<String> {
     conn.ask()
 }
 
+/// Sends a request line of `size` bytes over a new connection and waits
+/// for its answer: the pod that answered, or an error if the bytes do not
+/// all get through within `within` (a path MTU black hole stalls them).
+pub fn tcp_upload(ns: &NetNs, addr: &str, size: usize, within: Duration) -> std::io::Result<String> {
+    let mut conn = EchoConn::connect(ns, addr)?;
+    let stream = conn.reader.get_mut();
+    stream.set_write_timeout(Some(within))?;
+    stream.set_read_timeout(Some(within))?;
+    let mut request = vec![b'x'; size.saturating_sub(1)];
+    request.push(b'\n');
+    stream.write_all(&request)?;
+    let mut line = String::new();
+    if conn.reader.read_line(&mut line)? == 0 {
+        return Err(ErrorKind::UnexpectedEof.into());
+    }
+    Ok(split_answer(&line).0)
+}
+
 /// One TCP request: the pod that answered and the client address it saw
 /// (the address after masquerading, if any).
 pub fn tcp_once_seen(ns: &NetNs, addr: &str) -> std::io::Result<(String, String)> {

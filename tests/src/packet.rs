@@ -279,3 +279,46 @@ pub fn port_unreachable(frame: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&icmp);
     out
 }
+
+/// An ICMP error (`kind`, `code`, the 4 bytes after the checksum) from
+/// `from` to `to` about `about` (an Ethernet/IPv4 frame), quoting its IPv4
+/// header and at most `quoted_l4` bytes after it (RFC 792 asks for 8;
+/// Linux quotes as much as fits in 576 bytes). Every checksum from scratch.
+pub fn icmp_error(
+    (kind, code, rest): (u8, u8, [u8; 4]),
+    from: &str,
+    to: &str,
+    about: &[u8],
+    quoted_l4: usize,
+) -> Vec<u8> {
+    let ip = &about[14..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(&ip[..total.min(ihl + quoted_l4)]);
+    let c = csum::compute(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let (from, to): (Ipv4Addr, Ipv4Addr) = (from.parse().unwrap(), to.parse().unwrap());
+    let mut header = vec![0x45, 0];
+    header.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    header.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
+    header.extend_from_slice(&from.octets());
+    header.extend_from_slice(&to.octets());
+    let c = csum::compute(&header, 0);
+    header[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut frame = ethernet(0x0800);
+    frame.extend_from_slice(&header);
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+/// From-scratch check of an ICMP error's quoted IPv4 header checksum.
+pub fn verify_quoted_ip_checksum(frame: &[u8]) -> Result<(), String> {
+    let quote = &frame[14 + 20 + 8..];
+    let ihl = usize::from(quote[0] & 0x0f) * 4;
+    match csum::compute(&quote[..ihl], 0) {
+        0 => Ok(()),
+        _ => Err("quoted IPv4 header checksum is wrong".into()),
+    }
+}

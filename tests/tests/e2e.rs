@@ -8,7 +8,7 @@ use std::{
 use forwarder_tests::{
     echo::{
         EchoConn, EchoServer, UdpClient, tcp_connect_error, tcp_once, tcp_once_seen,
-        udp_connected_error, udp_large, udp_once, udp_once_connected,
+        tcp_upload, udp_connected_error, udp_large, udp_once, udp_once_connected,
     },
     forwarder::{Forwarder, attachments},
     manifest::{ManifestCopy, demo_manifest},
@@ -130,6 +130,24 @@ fn large_udp_datagrams_cross_in_fragments() {
             }
             assert_eq!(seen.len(), 2, "{size} bytes to {frontend} reached only {seen:?}");
         }
+    }
+}
+
+/// Path MTU discovery through a NodePort: the pods' links take 1280 bytes
+/// while the client's take 1500, so the node answers the client's full
+/// segments with "fragmentation needed" about the packet after DNAT. Only
+/// translated back to the NodePort does the client's TCP find its socket
+/// in the quote, lower its segment size and get 100 KB through.
+#[test]
+fn path_mtu_discovery_through_a_node_port() {
+    let s = setup("pmtu");
+    for pod_link in ["veth-a", "veth-b"] {
+        s.topology.node.ip(&["link", "set", pod_link, "mtu", "1280"]);
+    }
+    let frontend = format!("{NODE_IP}:30080");
+    for _ in 0..4 {
+        tcp_upload(&s.topology.client, &frontend, 100 * 1024, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("100 KB to {frontend}: {e}\n{}", s.forwarder.log_text()));
     }
 }
 

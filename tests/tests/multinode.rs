@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use forwarder_tests::{
     cluster::{CLIENT_IP, Cluster, NODE_IFACE},
-    echo::{EchoServer, tcp_connect_error, tcp_once, tcp_once_seen, udp_large},
+    echo::{EchoServer, tcp_connect_error, tcp_once, tcp_once_seen, tcp_upload, udp_large},
     forwarder::{Forwarder, http_get},
     netns::NetNs,
 };
@@ -301,5 +301,22 @@ fn large_udp_datagrams_cross_nodes_in_fragments() {
                 assert_eq!((who.as_str(), from.to_string().as_str()), ("pod-b1", frontend));
             }
         }
+    }
+}
+
+/// Path MTU discovery through a masqueraded NodePort: the other node's pod
+/// link takes 1280 bytes, so that node answers the masqueraded segments
+/// with "fragmentation needed" to this node's address. XDP restores the
+/// client in the quote, egress the NodePort; the client's TCP adapts and
+/// 100 KB get through.
+#[test]
+fn path_mtu_discovery_through_a_masqueraded_node_port() {
+    let s = setup("mpmtu");
+    s.cluster.node("node-b").ns.ip(&["link", "set", "veth-b1", "mtu", "1280"]);
+    for _ in 0..4 {
+        let within = std::time::Duration::from_secs(10);
+        let pod = tcp_upload(&s.cluster.client, "192.168.20.1:30086", 100 * 1024, within)
+            .unwrap_or_else(|e| panic!("100 KB through the NodePort: {e}\n{}", s.logs()));
+        assert_eq!(pod, "pod-b1");
     }
 }

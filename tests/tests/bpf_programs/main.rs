@@ -5,6 +5,7 @@ mod fixtures;
 mod flows;
 mod fragments;
 mod harness;
+mod icmp_errors;
 mod masquerade;
 mod policies;
 mod sctp;
