@@ -311,8 +311,19 @@ pub fn under_traffic(
             }
             (sent, failures)
         });
+        // Stops the traffic also when `during` panics: the scope would
+        // otherwise wait for it forever.
+        let stopping = StopOnDrop(&stop);
         during();
-        stop.store(true, Ordering::Relaxed);
+        drop(stopping);
         traffic.join().expect("traffic thread")
     })
+}
+
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
