@@ -71,8 +71,9 @@ pub fn observed(flow: &Flow, closing: u16) -> u16 {
 /// Records a packet on an entry: its time and what it says of the state.
 /// Writes only what changed (the time at most once a second), so a busy
 /// flow does not bounce its entry's cache line between CPUs per packet.
+/// True when the time moved: the flow's first packet in this second.
 #[inline(always)]
-pub fn touch(entry: *mut CtValue, flow: &Flow, closing: u16, now: u32) {
+pub fn touch(entry: *mut CtValue, flow: &Flow, closing: u16, now: u32) -> bool {
     let add = observed(flow, closing);
     // SAFETY: a live map value; racing writers only store a time or a flag.
     unsafe {
@@ -81,8 +82,10 @@ pub fn touch(entry: *mut CtValue, flow: &Flow, closing: u16, now: u32) {
         }
         if (*entry).last_seen != now {
             (*entry).last_seen = now;
+            return true;
         }
     }
+    false
 }
 
 /// The entry at `key` that restores this packet's flow (a reply, seen in
@@ -98,7 +101,7 @@ pub fn restoring(
     let Some(entry) = map.get_ptr_mut(key) else {
         return Ok(None);
     };
-    touch(entry, flow, closing, now_seconds());
+    let _ = touch(entry, flow, closing, now_seconds());
     // SAFETY: a live map value, copied out.
     Ok(Some(unsafe { *entry }))
 }

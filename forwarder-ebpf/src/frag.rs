@@ -19,21 +19,20 @@ use crate::{
     service::is_cluster_ip,
 };
 
-/// Records what a hook does to a first fragment: `nat`, the new address of
-/// `side` and the counter it counts, or nothing.
+/// Records what a hook does to a first fragment: `addr`, the new address
+/// of `side`, and `counter`, the counter it counts; `addr` 0 for nothing.
 #[inline(always)]
-pub fn remember(flow: &Flow, side: u8, nat: Option<(u32, u32)>) -> Result<(), u32> {
+pub fn remember(flow: &Flow, side: u8, addr: u32, counter: u32) -> Result<(), u32> {
     // SCTP's CRC covers the whole datagram: no fragment of it can be fixed.
-    if nat.is_some() && flow.proto == PROTO_SCTP {
+    if addr != 0 && flow.proto == PROTO_SCTP {
         return Err(stat::DROP_FRAGMENT);
     }
     let key =
         FragKey { saddr: flow.saddr, daddr: flow.daddr, id: flow.ip_id, proto: flow.proto, side };
-    let (addr, counter) = nat.unwrap_or((0, 0));
     let inserted = FRAGMENTS.insert(&key, &FragNat { addr, counter }, u64::from(BPF_ANY));
     // A translated first fragment whose later ones could not follow would
     // leave the datagram half translated.
-    if inserted.is_err() && nat.is_some() {
+    if inserted.is_err() && addr != 0 {
         return Err(stat::DROP_FRAGMENT);
     }
     Ok(())

@@ -14,9 +14,7 @@
 //! is the quoted one (the error came from the endpoint itself, not from a
 //! router on the way). Lookups only: an error never opens or refreshes a
 //! flow.
-use forwarder_common::{
-    CT_FORWARD, CT_REPLY, CT_SNAT, CT_SNAT_REPLY, CtKey, PROTO_UDP, csum,
-};
+use forwarder_common::{CT_FORWARD, CT_REPLY, CT_SNAT, CT_SNAT_REPLY, CtKey, PROTO_UDP, csum};
 
 use crate::{
     lb::{Nat, Side},

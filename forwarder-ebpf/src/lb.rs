@@ -4,8 +4,7 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use forwarder_common::{
     CT_BACKEND_CLOSING, CT_CLIENT_CLOSING, CT_FORWARD, CT_MASQUERADE, CT_REPLY, CtKey, CtValue,
-    FRAG_DESTINATION, FRAG_SOURCE,
-    SVC_DROP_EMPTY, SVC_SOURCE_RANGES, SvcKey, SvcValue, stat,
+    FRAG_DESTINATION, FRAG_SOURCE, SVC_DROP_EMPTY, SVC_SOURCE_RANGES, SvcKey, SvcValue, stat,
 };
 
 use crate::{
@@ -80,12 +79,17 @@ pub fn service_dnat(flow: &Flow, origin: Origin) -> Decision {
     let fwd = match CONNTRACK.get_ptr_mut(&key) {
         // SAFETY: a live map value, read in place.
         Some(entry) if !stale(unsafe { &*entry }, flow, now) => {
-            touch(entry, flow, CT_CLIENT_CLOSING, now);
+            let refreshed = touch(entry, flow, CT_CLIENT_CLOSING, now);
             // SAFETY: as above, copied out.
             let existing = unsafe { *entry };
-            ensure_reply(flow, &existing, now)?;
-            if existing.flags & CT_MASQUERADE != 0 {
-                ensure_snat(&key, &existing, now);
+            // The flow's other entries, which the LRU may have taken, are
+            // looked at once a second, not per packet: a lookup is most of
+            // an established packet's cost.
+            if refreshed {
+                ensure_reply(flow, &existing, now)?;
+                if existing.flags & CT_MASQUERADE != 0 {
+                    ensure_snat(&key, &existing, now);
+                }
             }
             existing
         }

@@ -94,7 +94,7 @@ pub fn snat(ctx: &TcContext, flow: &Flow, ifindex: u32) -> Decision {
                     // SAFETY: as above.
                     unsafe { (*held).flags = 0 };
                 }
-                touch(held, flow, CT_CLIENT_CLOSING, now);
+                let _ = touch(held, flow, CT_CLIENT_CLOSING, now);
                 return Ok(Some(Nat::new(entry.nat_addr, entry.nat_port)));
             }
             Some(_) => {}

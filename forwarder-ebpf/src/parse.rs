@@ -69,9 +69,6 @@ pub struct Quote {
 /// An ICMP error (destination unreachable, time exceeded, parameter
 /// problem) quoting a TCP/UDP/SCTP packet.
 pub struct IcmpError {
-    /// The outer (error's own) addresses.
-    pub saddr: u32,
-    pub daddr: u32,
     pub icmp_off: usize,
     /// Offset of the quoted IPv4 header, and of its L4 header.
     pub quote_off: usize,
@@ -161,8 +158,7 @@ pub fn parse(start: usize, end: usize) -> Parsed {
         if frags & (IP_MF | IP_OFFSET_MASK) != 0 {
             return Parsed::Other;
         }
-        let outer = (u32::from_ne_bytes(ip.src_addr), u32::from_ne_bytes(ip.dst_addr));
-        return parse_icmp_error(start, end, outer, L3_OFF + ihl, L3_OFF + tot_len);
+        return parse_icmp_error(start, end, L3_OFF + ihl, L3_OFF + tot_len);
     }
     if frags & IP_OFFSET_MASK != 0 {
         if !matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
@@ -254,13 +250,7 @@ pub fn parse(start: usize, end: usize) -> Parsed {
 /// `ip_end`; anything else of ICMP is `Other`. Only what the quote holds is
 /// trusted: an error quoting a later fragment (no ports) is `Other` too.
 #[inline(always)]
-fn parse_icmp_error(
-    start: usize,
-    end: usize,
-    (saddr, daddr): (u32, u32),
-    icmp_off: usize,
-    ip_end: usize,
-) -> Parsed {
+fn parse_icmp_error(start: usize, end: usize, icmp_off: usize, ip_end: usize) -> Parsed {
     // Type and code: a one-byte check would compile to `ptr >= end`,
     // which the verifier does not take as a bound.
     let Some(kind) = ptr_at::<[u8; 2]>(start, end, icmp_off) else {
@@ -305,8 +295,6 @@ fn parse_icmp_error(
         return Parsed::Truncated;
     }
     Parsed::IcmpError(IcmpError {
-        saddr,
-        daddr,
         icmp_off,
         quote_off,
         quote_l4_off,

@@ -27,12 +27,15 @@ pub fn frontend(daddr: u32, dport: u16, proto: u8, origin: Origin) -> Option<(Sv
     let (key, head) = match unsafe { SERVICES.get(&exact) }.copied() {
         Some(head) => (exact, head),
         None => {
-            // NodePort: a wildcard entry, valid on the node's own addresses only.
-            // SAFETY: presence check only.
-            unsafe { NODE_IPS.get(&daddr) }?;
+            // NodePort: a wildcard entry, valid on the node's own addresses
+            // only. The port first: most packets to a node address are for
+            // no NodePort, and are done after one lookup.
             let nodeport = SvcKey::new(0, dport, proto, SCOPE_EXTERNAL, 0);
             // SAFETY: copied out immediately.
-            (nodeport, unsafe { SERVICES.get(&nodeport) }.copied()?)
+            let head = unsafe { SERVICES.get(&nodeport) }.copied()?;
+            // SAFETY: presence check only.
+            unsafe { NODE_IPS.get(&daddr) }?;
+            (nodeport, head)
         }
     };
     if origin == Origin::LocalPod && head.flags & SVC_HAS_INTERNAL != 0 {

@@ -130,13 +130,18 @@ fn apply(
     translated: Option<(Nat, u32)>,
     side: Side,
 ) -> Result<i32, u32> {
-    if flow.first_fragment {
-        let done = translated.as_ref().map(|(nat, counter)| (nat.addr, *counter));
-        frag::remember(flow, side.frag_side(), done)?;
-    }
-    if let Some((nat, counter)) = translated {
-        rewrite(ctx, flow, &nat, side)?;
-        count(counter);
+    // One `remember` per branch: folded into one call, the None case's
+    // undefined payload reaches the verifier as an unread register.
+    match translated {
+        Some((nat, counter)) => {
+            if flow.first_fragment {
+                frag::remember(flow, side.frag_side(), nat.addr, counter)?;
+            }
+            rewrite(ctx, flow, &nat, side)?;
+            count(counter);
+        }
+        None if flow.first_fragment => frag::remember(flow, side.frag_side(), 0, 0)?,
+        None => {}
     }
     Ok(TC_ACT_OK as i32)
 }
@@ -190,7 +195,6 @@ fn parse_linear(ctx: &TcContext) -> Parsed {
         parsed => parsed,
     }
 }
-
 
 #[inline(always)]
 fn rewrite(ctx: &TcContext, flow: &Flow, nat: &Nat, side: Side) -> Result<(), u32> {

@@ -61,13 +61,17 @@ fn try_xdp_node(ctx: &XdpContext) -> Result<u32, u32> {
         Some(nat) => Some((nat, stat::DNAT)),
         None => nat::reverse_snat(&flow)?.map(|nat| (nat, stat::REVERSE_SNAT)),
     };
-    if flow.first_fragment {
-        let done = translated.as_ref().map(|(nat, counter)| (nat.addr, *counter));
-        frag::remember(&flow, FRAG_DESTINATION, done)?;
-    }
-    if let Some((nat, counter)) = translated {
-        rewrite_destination(ctx, &flow, &nat).ok_or(stat::DROP_REWRITE)?;
-        count(counter);
+    // As in TC: one `remember` per branch.
+    match translated {
+        Some((nat, counter)) => {
+            if flow.first_fragment {
+                frag::remember(&flow, FRAG_DESTINATION, nat.addr, counter)?;
+            }
+            rewrite_destination(ctx, &flow, &nat).ok_or(stat::DROP_REWRITE)?;
+            count(counter);
+        }
+        None if flow.first_fragment => frag::remember(&flow, FRAG_DESTINATION, 0, 0)?,
+        None => {}
     }
     Ok(xdp_action::XDP_PASS)
 }

@@ -182,7 +182,12 @@ pub fn tcp_once(ns: &NetNs, addr: &str) -> std::io::Result<String> {
 /// Sends a request line of `size` bytes over a new connection and waits
 /// for its answer: the pod that answered, or an error if the bytes do not
 /// all get through within `within` (a path MTU black hole stalls them).
-pub fn tcp_upload(ns: &NetNs, addr: &str, size: usize, within: Duration) -> std::io::Result<String> {
+pub fn tcp_upload(
+    ns: &NetNs,
+    addr: &str,
+    size: usize,
+    within: Duration,
+) -> std::io::Result<String> {
     let mut conn = EchoConn::connect(ns, addr)?;
     let stream = conn.reader.get_mut();
     stream.set_write_timeout(Some(within))?;

@@ -7,8 +7,8 @@ use std::{
 
 use forwarder_tests::{
     echo::{
-        EchoConn, EchoServer, UdpClient, tcp_connect_error, tcp_once, tcp_once_seen,
-        tcp_upload, udp_connected_error, udp_large, udp_once, udp_once_connected,
+        EchoConn, EchoServer, UdpClient, tcp_connect_error, tcp_once, tcp_once_seen, tcp_upload,
+        udp_connected_error, udp_large, udp_once, udp_once_connected,
     },
     forwarder::{Forwarder, attachments},
     manifest::{ManifestCopy, demo_manifest},

@@ -283,3 +283,35 @@ fn an_earlier_builds_conntrack_is_migrated() {
     assert_eq!(backend(&harness, &tcp(ACK)), NEW, "the flow stays where it was");
     let _ = std::fs::remove_dir(&dir);
 }
+
+/// The LRU may take an established flow's reply entry: the flow's other
+/// entries are looked at on its first packet in a new second (not on every
+/// packet, which would double an established packet's cost), and the reply
+/// entry comes back then.
+#[test]
+fn an_evicted_reply_entry_comes_back_within_a_second() {
+    let mut harness = Harness::new();
+    let request = tcp(ACK);
+    let (_, out) = harness.run(Prog::Xdp, &request.bytes());
+    assert_eq!(out, request.with_dst(OLD).bytes());
+    let reply = Packet::tcp(OLD, CLIENT);
+    let reply_key = |harness: &mut Harness| {
+        harness
+            .maps
+            .conntrack()
+            .keys()
+            .map(|k| k.unwrap())
+            .find(|k| k.dir == forwarder_common::CT_REPLY)
+    };
+    let key = reply_key(&mut harness).expect("a reply entry");
+    harness.maps.conntrack().remove(&key).unwrap();
+    harness.run(Prog::Xdp, &request.bytes());
+    assert_eq!(reply_key(&mut harness), None, "looked for once a second only");
+    assert_eq!(harness.run(Prog::TcEgress, &reply.bytes()).1, reply.bytes(), "not restored yet");
+
+    harness.advance(1);
+    harness.run(Prog::Xdp, &request.bytes());
+    assert_eq!(reply_key(&mut harness), Some(key));
+    let (_, out) = harness.run(Prog::TcEgress, &reply.bytes());
+    assert_eq!(out, reply.with_src(NODE_PORT).bytes(), "the reply shows the NodePort again");
+}

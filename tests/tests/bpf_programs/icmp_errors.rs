@@ -38,7 +38,8 @@ fn expect(harness: &Harness, prog: Prog, input: &[u8], expected: &[u8], what: &s
 #[test]
 fn errors_about_a_node_port_request_reach_the_client_as_sent() {
     for error in ERRORS {
-        for (proto, quoted) in [("tcp", WHOLE), ("tcp", MINIMAL), ("udp", WHOLE), ("udp", MINIMAL)] {
+        for (proto, quoted) in [("tcp", WHOLE), ("tcp", MINIMAL), ("udp", WHOLE), ("udp", MINIMAL)]
+        {
             let harness = Harness::new();
             let request = match proto {
                 "tcp" => Packet::tcp("192.168.10.2:40000", "192.168.10.1:30080"),
