@@ -315,3 +315,26 @@ fn an_evicted_reply_entry_comes_back_within_a_second() {
     let (_, out) = harness.run(Prog::TcEgress, &reply.bytes());
     assert_eq!(out, reply.with_src(NODE_PORT).bytes(), "the reply shows the NodePort again");
 }
+
+/// A client that reopens one source port over and over towards a frontend
+/// whose tuple after DNAT another live flow holds: every reopening is moved
+/// again, to the port its previous one had (found by a differential run:
+/// each incarnation used to take a new probe port until none was left).
+#[test]
+fn a_clashing_flow_reopened_again_and_again_keeps_getting_through() {
+    let harness = Harness::new();
+    let client = "192.168.10.2:41000";
+    let via_cluster_ip = Packet::tcp(client, "10.96.0.10:80");
+    harness.run(Prog::Xdp, &via_cluster_ip.bytes());
+    let mut ports = BTreeSet::new();
+    for _ in 0..40 {
+        for flags in [SYN, ACK, RST] {
+            let packet = Packet { tcp_flags: flags, ..Packet::tcp(client, NODE_PORT) };
+            let (verdict, out) = harness.run(Prog::Xdp, &packet.bytes());
+            assert_eq!(verdict, XDP_PASS, "{:?}", harness.stats());
+            ports.insert(source_port(&out));
+        }
+    }
+    assert_eq!(ports.len(), 1, "one moved port for every incarnation: {ports:?}");
+    assert!(!ports.contains(&41000));
+}

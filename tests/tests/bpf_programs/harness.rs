@@ -205,7 +205,7 @@ impl Harness {
                 p.test_run(opts)
             }
         }
-        .expect("BPF_PROG_TEST_RUN");
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN {prog:?} on {input:02x?}: {e}"));
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
     }

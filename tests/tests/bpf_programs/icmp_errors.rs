@@ -133,7 +133,7 @@ fn errors_about_a_masqueraded_flow_in_both_directions() {
         let expected = icmp_error(error, "192.168.10.3", "192.168.10.2", &request.bytes(), WHOLE);
         expect(&harness, Prog::TcEgress, &to_client, &expected, &what);
 
-        let reply = Packet::tcp(&format!("10.244.2.2:8080"), &format!("192.168.10.1:{port}"));
+        let reply = Packet::tcp("10.244.2.2:8080", &format!("192.168.10.1:{port}"));
         let (_, restored) = harness.run(Prog::Xdp, &reply.bytes());
         let (_, seen) = harness.run(Prog::TcEgress, &restored);
         assert_eq!(seen, request.reversed().bytes(), "{what}");
