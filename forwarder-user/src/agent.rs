@@ -25,8 +25,9 @@ use crate::{
     model::DesiredState,
     netlink::{Link, Netlink, glob_match},
     pins::PinDir,
+    sock_diag,
     source::Source,
-    stale::removed_udp_endpoints,
+    stale::{abandoned_sockets, removed_udp_endpoints},
     sync::Syncer,
     translate::{HealthCheck, translate},
 };
@@ -248,6 +249,37 @@ impl Agent {
         Ok(())
     }
 
+    /// Closes the node's connected UDP sockets whose backend left the
+    /// frontend they were connected through (`stale`): their owners get
+    /// ECONNABORTED and connect anew, to a backend that serves.
+    fn close_abandoned_sockets(&self, state: &DesiredState) {
+        let sockets = match sock_diag::connected_udp_sockets() {
+            Ok(sockets) => sockets,
+            Err(error) => {
+                tracing::warn!(%error, "listing the node's UDP sockets failed");
+                return;
+            }
+        };
+        let maps = &self.dataplane.maps;
+        let abandoned =
+            abandoned_sockets(&sockets, |s| maps.socket_frontend(s.cookie, s.remote), state);
+        let mut closed = 0;
+        for socket in abandoned {
+            match sock_diag::destroy(socket) {
+                Ok(()) => closed += 1,
+                Err(error) => {
+                    tracing::warn!(%error, local = %socket.local, remote = %socket.remote, "closing a node UDP socket failed");
+                }
+            }
+        }
+        if closed > 0 {
+            tracing::info!(
+                sockets = closed,
+                "closed node UDP sockets connected to endpoints that left"
+            );
+        }
+    }
+
     /// Returns whether every map write succeeded.
     fn sync(&mut self, objects: Objects) -> bool {
         let started = Instant::now();
@@ -261,18 +293,21 @@ impl Agent {
         for error in &report.errors {
             tracing::error!(%error, "map write failed; the previous entry stays in force");
         }
-        let purged = if self.synced_once {
-            let stale = removed_udp_endpoints(&self.applied, &translation.state);
-            self.dataplane.maps.purge_udp_flows(&stale)
-        } else {
+        let left =
+            self.synced_once.then(|| removed_udp_endpoints(&self.applied, &translation.state));
+        let purged = match &left {
+            Some(stale) => self.dataplane.maps.purge_udp_flows(stale),
             // What left while no agent ran is not in `applied`: judge every
             // UDP flow the maps hold against the new state.
-            self.dataplane.maps.purge_udp_flows_outside(&translation.state)
+            None => self.dataplane.maps.purge_udp_flows_outside(&translation.state),
         };
         match purged {
             Ok(0) => {}
             Ok(flows) => tracing::info!(flows, "removed UDP flows to endpoints that left"),
             Err(error) => tracing::warn!(%error, "removing stale UDP flows failed"),
+        }
+        if left.as_ref().is_none_or(|stale| !stale.is_empty()) {
+            self.close_abandoned_sockets(&translation.state);
         }
         let health_checks_bound = self.reconcile_health_checks(&translation.health_checks);
         self.applied = translation.state;

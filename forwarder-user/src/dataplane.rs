@@ -111,6 +111,7 @@ pub struct Maps {
     nat: HashMap<MapData, CtKey, CtValue>,
     hash_seed: Array<MapData, u32>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
+    socket_nat: HashMap<MapData, forwarder_common::SockKey, forwarder_common::SockNat>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -134,8 +135,27 @@ impl Maps {
             nat: take(ebpf, map_names::NAT)?,
             hash_seed: take(ebpf, map_names::HASH_SEED)?,
             source_ranges: take(ebpf, map_names::SOURCE_RANGES)?,
+            socket_nat: take(ebpf, map_names::SOCKET_NAT)?,
             stats: take(ebpf, map_names::STATS)?,
         })
+    }
+
+    /// The frontend through which the socket programs connected node
+    /// socket `cookie` to `backend`, if they did.
+    pub fn socket_frontend(
+        &self,
+        cookie: u64,
+        backend: std::net::SocketAddrV4,
+    ) -> Option<std::net::SocketAddrV4> {
+        let key = forwarder_common::SockKey {
+            cookie,
+            backend_addr: u32::from_ne_bytes(backend.ip().octets()),
+            backend_port: backend.port().to_be(),
+            _pad: [0; 2],
+        };
+        let nat = self.socket_nat.get(&key, 0).ok()?;
+        let addr = std::net::Ipv4Addr::from(nat.frontend_addr.to_ne_bytes());
+        Some(std::net::SocketAddrV4::new(addr, u16::from_be(nat.frontend_port)))
     }
 
     /// The conntrack map, for inspection.

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod pins;
+pub mod sock_diag;
 pub mod source;
 pub mod stale;
 pub mod sync;

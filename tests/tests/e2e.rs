@@ -224,6 +224,47 @@ ports: [{name: tcp, port: 8080}]
 endpoints: [{addresses: [10.244.1.2]}]
 ";
 
+/// The node's own connected UDP socket (a resolver's, a metrics agent's)
+/// went straight to a backend at `connect`. When that backend leaves the
+/// Service, the socket is closed under its owner (ECONNABORTED, as
+/// Cilium does), and a new one reaches a backend that serves; it would
+/// otherwise keep talking to a pod no longer in the Service.
+#[test]
+fn a_node_udp_socket_connected_to_an_endpoint_that_left_is_closed() {
+    let s = setup("udpsock");
+    let frontend = format!("{CLUSTER_IP}:53");
+    let node = &s.topology.node;
+    let socket = node.run(|| std::net::UdpSocket::bind("0.0.0.0:0")).expect("UDP socket");
+    socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    node.run(|| socket.connect(&frontend)).expect("connect through the ClusterIP");
+    socket.send(b"who").unwrap();
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).expect("an answer");
+    let first = String::from_utf8_lossy(&buf[..n]).split_whitespace().next().unwrap().to_owned();
+    let ip = s.topology.pod(&first).ip;
+    s.manifest.edit(
+        &format!("- addresses: [{ip}]\n  conditions: {{ready: true}}"),
+        &format!("- addresses: [{ip}]\n  conditions: {{ready: false}}"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let _ = socket.send(b"who");
+        if let Err(error) = socket.recv(&mut buf)
+            && error.raw_os_error() == Some(libc::ECONNABORTED)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the socket still talks to {first}:\n{}",
+            s.forwarder.log_text()
+        );
+    }
+    let (pod, _) = udp_once_connected(node, &frontend).expect("a new socket gets an answer");
+    assert_ne!(pod, first);
+    assert!(s.forwarder.log_text().contains("closed node UDP sockets"), "{}", s.forwarder.log_text());
+}
+
 #[test]
 fn external_and_load_balancer_ips_from_external_client() {
     let s = setup_with("lbip", Some(LOAD_BALANCER));
