@@ -68,14 +68,47 @@ impl Default for Capacity {
 }
 
 impl Capacity {
-    /// The sizes the kernel creates: a map with an LRU list per CPU gets a
-    /// multiple of the possible CPUs, so a flag's value is compared as such.
+    /// The sizes to create the maps with on this machine (see
+    /// `conntrack_entries`).
     pub fn as_created(self) -> Self {
-        let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
-        let conntrack =
-            self.conntrack.checked_next_multiple_of(cpus).unwrap_or(self.conntrack / cpus * cpus);
+        let possible = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
+        let online = aya::util::online_cpus().map_or(possible, |cpus| cpus.len() as u32);
+        let conntrack = conntrack_entries(self.conntrack, possible, online);
+        if conntrack < self.conntrack.div_ceil(online.max(1)).saturating_mul(possible) {
+            tracing::warn!(
+                wanted = self.conntrack,
+                entries = conntrack,
+                possible,
+                online,
+                "most possible CPUs are offline: conntrack holds less than --bpf-ct-map-max"
+            );
+        }
         Self { conntrack, ..self }
     }
+}
+
+/// A conntrack list per CPU holds no less than this many flows.
+pub const CONNTRACK_PER_CPU_MIN: u32 = 4_096;
+/// Created entries (memory allocated up front, about 100 bytes each) at
+/// most this many times the entries asked for.
+const CONNTRACK_SPARE_LISTS_MAX: u32 = 4;
+
+/// Entries to create the conntrack map with, for `wanted` flows: the
+/// kernel gives each *possible* CPU an LRU list of an equal share, but
+/// only the online CPUs' lists ever fill, so the share is what each online
+/// CPU needs (at least `CONNTRACK_PER_CPU_MIN`) times the possible CPUs,
+/// and a multiple of them, as the kernel rounds. Where far more CPUs are
+/// possible than online (hypervisors that allow hot-plugging), memory caps
+/// it at `CONNTRACK_SPARE_LISTS_MAX` times `wanted`.
+pub fn conntrack_entries(wanted: u32, possible: u32, online: u32) -> u32 {
+    let possible = possible.max(1);
+    let online = online.clamp(1, possible);
+    let per_cpu = wanted.div_ceil(online).max(CONNTRACK_PER_CPU_MIN);
+    let cap = wanted
+        .saturating_mul(CONNTRACK_SPARE_LISTS_MAX)
+        .max(CONNTRACK_PER_CPU_MIN.saturating_mul(possible));
+    let per_cpu = per_cpu.min(cap / possible).max(1);
+    per_cpu.saturating_mul(possible) / possible * possible
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -545,4 +578,25 @@ pub(crate) fn current_netns_cookie() -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+#[cfg(test)]
+mod capacity_tests {
+    use super::conntrack_entries;
+
+    #[test]
+    fn conntrack_is_sized_for_the_online_cpus() {
+        // Every possible CPU online: the entries asked for, to a multiple.
+        assert_eq!(conntrack_entries(262_144, 2, 2), 262_144);
+        assert_eq!(conntrack_entries(262_145, 2, 2), 262_146);
+        // Two of eight online: each online CPU's list holds half, so the
+        // lists of the six offline ones are allocated too.
+        assert_eq!(conntrack_entries(262_144, 8, 2), 131_072 * 8);
+        // A small map still gives each CPU its floor.
+        assert_eq!(conntrack_entries(1_000, 4, 4), 4_096 * 4);
+        // 4 of 128 online: capped at four times the entries asked for.
+        let capped = conntrack_entries(262_144, 128, 4);
+        assert_eq!(capped, 262_144 * 4);
+        assert_eq!(capped % 128, 0);
+    }
 }
