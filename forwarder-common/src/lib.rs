@@ -532,7 +532,8 @@ pub struct RejectBucket {
 /// datapath did the work.
 pub mod stat {
     /// A fragment that cannot be translated: a later fragment to a
-    /// ClusterIP before its first (reordered, or the first was lost), or a
+    /// ClusterIP before its first (reordered, or the first was lost), a
+    /// first fragment too short for its L4 header (RFC 1858), or a
     /// fragmented SCTP packet (its CRC covers the whole datagram).
     pub const DROP_FRAGMENT: u32 = 0;
     /// A service slot points at a backend id that is not in the backends map.

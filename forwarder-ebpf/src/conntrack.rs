@@ -7,7 +7,11 @@
 //! the forward entry, egress the reply entry): no packet writes both. What
 //! needs the whole flow — is a tuple still taken, may an entry go — reads
 //! both entries.
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_EXIST, BPF_NOEXIST},
+    helpers::bpf_ktime_get_coarse_ns,
+    maps::LruHashMap,
+};
 use forwarder_common::{
     CT_ESTABLISHED, CT_FORWARD, CT_RESET, CtKey, CtTimeouts, CtValue, PROTO_UDP, stat,
 };
@@ -235,12 +239,18 @@ pub fn claim_reply(flow: &Flow, fwd: &CtValue, now: u32) -> Result<u16, u32> {
         let moved = CtKey { dport: port, ..key };
         // A port this flow's earlier incarnation was moved to is its own
         // again (a client reopening one port over and over would otherwise
-        // use up every probe), and so is one whose flow is over. Looked
-        // up first: a full LRU makes room before it refuses a key that
-        // exists, so a failed insert would evict a live flow.
-        if !held_by_another(flow, &moved, now)
-            && CONNTRACK.insert(&moved, &value, u64::from(BPF_ANY)).is_ok()
-        {
+        // use up every probe), and so is one whose flow is over: replaced
+        // in place. A free one is claimed with NOEXIST, so of two CPUs
+        // claiming it only one wins. Looked up first: a full LRU makes
+        // room before it refuses a key that exists, so a failed insert
+        // would evict a live flow.
+        // SAFETY: presence check only.
+        let flag = match unsafe { CONNTRACK.get(&moved) } {
+            None => BPF_NOEXIST,
+            Some(_) if !held_by_another(flow, &moved, now) => BPF_EXIST,
+            Some(_) => continue,
+        };
+        if CONNTRACK.insert(&moved, &value, u64::from(flag)).is_ok() {
             return Ok(port);
         }
     }

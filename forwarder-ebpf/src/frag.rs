@@ -5,11 +5,15 @@
 //! and the L4 checksum covers the whole datagram, so the first fragment's
 //! incremental update holds for all of it.
 //!
-//! Every first fragment is remembered, translated or not, so a later one
-//! without an entry came before its first (reordered, or the first was
-//! lost): dropped and counted when addressed to a ClusterIP, which only a
+//! Every first fragment is remembered, translated or not: an untranslated
+//! one replaces what an older datagram with the same IP id left, so its
+//! later fragments are not taken for that one's. A later fragment without
+//! an entry came before its first (reordered, or the first was lost):
+//! dropped and counted when addressed to a ClusterIP, which only a
 //! translation can deliver; passed otherwise (the node's own datagrams, or
-//! a NodePort one that then never completes, as with a lost fragment).
+//! a NodePort one that then never completes, as with a lost fragment; an
+//! external or load balancer IP's is routed as the node routes that
+//! address).
 use aya_ebpf::bindings::BPF_ANY;
 use forwarder_common::{FRAG_DESTINATION, FragKey, FragNat, PROTO_SCTP, stat};
 

@@ -82,14 +82,16 @@ pub fn service_dnat(flow: &Flow, origin: Origin) -> Decision {
             let refreshed = touch(entry, flow, CT_CLIENT_CLOSING, now);
             // SAFETY: as above, copied out.
             let existing = unsafe { *entry };
-            // The flow's other entries, which the LRU may have taken, are
-            // looked at once a second, not per packet: a lookup is most of
-            // an established packet's cost.
+            // The reply entry, which the LRU may have taken, is looked at
+            // once a second, not per packet (a lookup is most of an
+            // established packet's cost): a reply is restored again within
+            // a second. The masquerade entry is looked at on every packet:
+            // without it the packet would leave with the client's address.
             if refreshed {
                 ensure_reply(flow, &existing, now)?;
-                if existing.flags & CT_MASQUERADE != 0 {
-                    ensure_snat(&key, &existing, now);
-                }
+            }
+            if existing.flags & CT_MASQUERADE != 0 {
+                ensure_snat(&key, &existing, now);
             }
             existing
         }

@@ -84,6 +84,9 @@ pub enum Parsed {
     IcmpError(IcmpError),
     /// A fragment after the first (`frag` maps it to its first's translation).
     Fragment(Fragment),
+    /// A first fragment too short for its L4 header (RFC 1858's tiny
+    /// fragment): no ports to translate it by. Dropped and counted.
+    TinyFragment,
     /// Not TCP/UDP/SCTP over IPv4.
     Other,
     /// The headers do not fit in the readable data.
@@ -180,6 +183,11 @@ pub fn parse(start: usize, end: usize) -> Parsed {
     };
     // Bytes past the IP total length are link padding, not a header.
     if tot_len < ihl + l4_len {
+        // A first fragment cut inside its L4 header is legal IP, and the
+        // kernel would reassemble it: it must not pass untranslated.
+        if frags & IP_MF != 0 {
+            return Parsed::TinyFragment;
+        }
         return Parsed::Malformed;
     }
     let (sport, dport, state) = match proto {
@@ -291,7 +299,9 @@ fn parse_icmp_error(start: usize, end: usize, icmp_off: usize, ip_end: usize) ->
         PROTO_TCP => quote_l4_off + TCP_CHECK_OFF + 2 <= ip_end,
         _ => false,
     };
-    if quoted_check && quote_l4_off + TCP_CHECK_OFF + 2 > end && inner.proto == PROTO_TCP {
+    // Quoted but not in the readable data (a non-linear skb): TC pulls it.
+    if quoted_check && ptr_at::<u16>(start, end, quote_l4_off + l4_check_off(inner.proto)).is_none()
+    {
         return Parsed::Truncated;
     }
     Parsed::IcmpError(IcmpError {

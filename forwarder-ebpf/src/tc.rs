@@ -46,6 +46,7 @@ fn try_tc_pod(ctx: &TcContext) -> Result<i32, u32> {
     let flow = match parse_linear(ctx) {
         Parsed::Flow(flow) => flow,
         Parsed::Fragment(fragment) => return later_fragment(ctx, &fragment, Side::Destination),
+        Parsed::TinyFragment => return Err(stat::DROP_FRAGMENT),
         Parsed::IcmpError(error) => return related_error(ctx, &error, Side::Destination),
         _ => return Ok(TC_ACT_OK as i32),
     };
@@ -107,6 +108,7 @@ fn try_tc_rnat(ctx: &TcContext) -> Result<i32, u32> {
     let flow = match parse_linear(ctx) {
         Parsed::Flow(flow) => flow,
         Parsed::Fragment(fragment) => return later_fragment(ctx, &fragment, Side::Source),
+        Parsed::TinyFragment => return Err(stat::DROP_FRAGMENT),
         Parsed::IcmpError(error) => return related_error(ctx, &error, Side::Source),
         _ => return Ok(TC_ACT_OK as i32),
     };

@@ -29,6 +29,7 @@ fn try_xdp_node(ctx: &XdpContext) -> Result<u32, u32> {
     let flow = match parse::parse(ctx.data(), ctx.data_end()) {
         Parsed::Flow(flow) => flow,
         Parsed::Fragment(fragment) => return later_fragment(ctx, &fragment),
+        Parsed::TinyFragment => return Err(stat::DROP_FRAGMENT),
         Parsed::IcmpError(error) => {
             if let Some(nat) = icmp_error::related(&error, Side::Destination) {
                 icmp_error::rewrite(ctx.data(), ctx.data_end(), &error, &nat, Side::Destination)

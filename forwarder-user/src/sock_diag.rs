@@ -14,6 +14,7 @@ const SOCK_DESTROY: u16 = 21;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 /// `TCP_ESTABLISHED`, which a connected UDP socket reports.
@@ -86,7 +87,24 @@ impl Netlink {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: a fresh descriptor nothing else owns.
-        Ok(Self(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+        let netlink = Self(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        // The sync loop waits on the answers: never for long.
+        let timeout = libc::timeval { tv_sec: 2, tv_usec: 0 };
+        // SAFETY: setsockopt(2) with a value of the size given.
+        let set = unsafe {
+            use std::os::fd::AsRawFd;
+            libc::setsockopt(
+                netlink.0.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                size_of::<libc::timeval>() as u32,
+            )
+        };
+        if set != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(netlink)
     }
 
     fn send(&self, kind: u16, flags: u16, request: &Request) -> io::Result<()> {
@@ -116,6 +134,14 @@ impl Netlink {
             let mut rest = &buf[..n as usize];
             while rest.len() >= size_of::<NlMsgHdr>() {
                 let header: NlMsgHdr = read(rest);
+                // A dump the kernel interrupted (sockets came and went) is
+                // incomplete: the next sync lists again.
+                if header.flags & NLM_F_DUMP_INTR != 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::Interrupted,
+                        "socket dump interrupted",
+                    ));
+                }
                 let len = (header.len as usize).clamp(size_of::<NlMsgHdr>(), rest.len());
                 let payload = &rest[size_of::<NlMsgHdr>()..len];
                 match header.kind {

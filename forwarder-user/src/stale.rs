@@ -25,10 +25,11 @@ pub fn removed_udp_endpoints(old: &DesiredState, new: &DesiredState) -> Vec<(Fro
 pub fn still_served(state: &DesiredState, frontend: SocketAddrV4, backend: SocketAddrV4) -> bool {
     let exact = Frontend::new(Some(*frontend.ip()), frontend.port(), Proto::Udp);
     let node_port = Frontend::new(None, frontend.port(), Proto::Udp);
-    [exact, node_port].iter().any(|f| {
-        state.services.get(f).is_some_and(|endpoints| {
-            endpoints.iter().any(|e| e.addr == *backend.ip() && e.port == backend.port())
-        })
+    // The address's own frontend if it has one (as the datapath looks up):
+    // a NodePort of the same number does not speak for a ClusterIP's.
+    let endpoints = state.services.get(&exact).or_else(|| state.services.get(&node_port));
+    endpoints.is_some_and(|endpoints| {
+        endpoints.iter().any(|e| e.addr == *backend.ip() && e.port == backend.port())
     })
 }
 
@@ -81,5 +82,11 @@ mod tests {
         assert!(!served("10.96.0.11:53", "10.244.1.3:53"), "the Service is gone");
         assert!(served("192.168.10.1:30053", "10.244.1.3:53"), "a NodePort, on any node address");
         assert!(!served("10.96.0.10:54", "10.244.1.3:53"));
+        // A ClusterIP of the NodePort's number with other endpoints.
+        let other = Frontend::new(Some("10.96.0.12".parse().unwrap()), 30053, Proto::Udp);
+        let mut state = state.clone();
+        let endpoint = Endpoint { addr: "10.244.1.9".parse().unwrap(), port: 53 };
+        state.services.insert(other, vec![endpoint]);
+        assert!(!still_served(&state, addr("10.96.0.12:30053"), addr("10.244.1.3:53")));
     }
 }

@@ -262,7 +262,11 @@ fn a_node_udp_socket_connected_to_an_endpoint_that_left_is_closed() {
     }
     let (pod, _) = udp_once_connected(node, &frontend).expect("a new socket gets an answer");
     assert_ne!(pod, first);
-    assert!(s.forwarder.log_text().contains("closed node UDP sockets"), "{}", s.forwarder.log_text());
+    assert!(
+        s.forwarder.log_text().contains("closed node UDP sockets"),
+        "{}",
+        s.forwarder.log_text()
+    );
 }
 
 #[test]

@@ -87,6 +87,8 @@ enum View {
         proto: u8,
         id: u16,
     },
+    /// A first fragment cut inside its L4 header: dropped (RFC 1858).
+    TinyFragment,
 }
 
 fn view(frame: &[u8]) -> View {
@@ -111,6 +113,9 @@ fn view(frame: &[u8]) -> View {
         PROTO_UDP => 8,
         _ => 12,
     };
+    if total < ihl + header && frag & 0x2000 != 0 {
+        return View::TinyFragment;
+    }
     if total < ihl + header || ip.len() < ihl + header {
         return View::Opaque;
     }
@@ -255,6 +260,7 @@ fn check_ingress(harness: &Harness, model: &mut Model, prog: Prog, frame: &[u8],
         View::Opaque => {
             assert_eq!((verdict, &out[..]), (pass, frame), "untouched: {}", context());
         }
+        View::TinyFragment => assert_eq!(verdict, drop, "a tiny fragment: {}", context()),
         View::LaterFragment { src, dst, proto, id } => {
             match model.fragments.get(&(src, dst, proto, id)) {
                 Some(Some(addr)) => {

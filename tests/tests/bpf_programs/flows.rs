@@ -65,7 +65,7 @@ fn flows_whose_entries_were_evicted_keep_their_backend() {
 /// start that the pinned maps kept another one.
 #[test]
 fn conntrack_is_created_with_the_size_the_agent_expects() {
-    let wanted = Capacity { conntrack: 262_145, ..Capacity::default() };
+    let wanted = Capacity { conntrack: 262_145, ..Capacity::default() }.as_created();
     let ebpf = load_object(wanted, forwarder_user::dataplane::Tuning::default(), 0, None)
         .expect("eBPF object loads (are you root?)");
     let Some(aya::maps::Map::LruHashMap(map)) = ebpf.map(forwarder_common::map_names::CONNTRACK)
@@ -75,7 +75,7 @@ fn conntrack_is_created_with_the_size_the_agent_expects() {
     let info = map.info().expect("map info");
     let flags = forwarder_common::CONNTRACK_FLAGS;
     assert_eq!(info.map_flags() & flags, flags, "BPF_F_NO_COMMON_LRU: a list per CPU");
-    assert_eq!(info.max_entries(), wanted.as_created().conntrack);
+    assert_eq!(info.max_entries(), wanted.conntrack);
 }
 
 /// The default Services, the TCP NodePort with two backends.

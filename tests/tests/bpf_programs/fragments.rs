@@ -175,3 +175,18 @@ fn a_fragmented_sctp_packet_to_a_service_is_dropped() {
     );
     assert_eq!(harness.stats(), [("drop_fragment", 2)]);
 }
+
+/// A first fragment cut inside its TCP header (legal IP, which no stack
+/// sends but an attacker may: RFC 1858) has no ports to be translated by:
+/// dropped and counted, never passed to the node's own stack with the
+/// frontend address.
+#[test]
+fn a_tiny_first_fragment_is_dropped() {
+    let harness = Harness::new();
+    let request = Packet::tcp("192.168.10.2:40000", "192.168.10.1:30080");
+    let tiny = &request.fragments(8)[0];
+    assert_eq!(harness.run(Prog::Xdp, tiny).0, XDP_DROP);
+    let from_pod = Packet::tcp("10.244.1.9:41000", "10.96.0.10:80");
+    assert_eq!(harness.run(Prog::Tc, &from_pod.fragments(8)[0]).0, TC_ACT_SHOT);
+    assert_eq!(harness.stats(), [("drop_fragment", 2)]);
+}
