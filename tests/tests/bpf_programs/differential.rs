@@ -134,10 +134,17 @@ fn view(frame: &[u8]) -> View {
 
 type FlowKey = (Ipv4Addr, u16, Ipv4Addr, u16, u8);
 
+/// First fragments after which an earlier one's entry is surely still in
+/// the fragment map (a quarter of its size: LRU eviction is per CPU list).
+const FRAGMENTS_SURELY_KEPT: usize = forwarder_common::FRAGMENTS_MAX as usize / 4;
+
 #[derive(Default)]
 struct Model {
-    /// Destination-side first fragments: their new address (None: left alone).
-    fragments: HashMap<(Ipv4Addr, Ipv4Addr, u8, u16), Option<Ipv4Addr>>,
+    /// Destination-side first fragments: their new address (None: left
+    /// alone), and how many first fragments had been remembered before.
+    fragments: HashMap<(Ipv4Addr, Ipv4Addr, u8, u16), (Option<Ipv4Addr>, usize)>,
+    /// First fragments remembered so far.
+    first_fragments: usize,
     /// Service flows seen: the source port each has after DNAT, and when
     /// its last packet went (the datapath's clock is real time: a flow
     /// closed more than the close timeout ago gives its tuple up).
@@ -262,7 +269,19 @@ fn check_ingress(harness: &Harness, model: &mut Model, prog: Prog, frame: &[u8],
         }
         View::TinyFragment => assert_eq!(verdict, drop, "a tiny fragment: {}", context()),
         View::LaterFragment { src, dst, proto, id } => {
-            match model.fragments.get(&(src, dst, proto, id)) {
+            // The fragment map is an LRU: a datagram whose first fragment
+            // came thousands of datagrams ago may have left it (a real
+            // datagram's fragments come within milliseconds of each other).
+            let entry = model.fragments.get(&(src, dst, proto, id)).copied();
+            let fresh = |seq: usize| model.first_fragments - seq < FRAGMENTS_SURELY_KEPT;
+            let unknown = || {
+                if is_cluster_ip(dst) {
+                    verdict == drop
+                } else {
+                    verdict == pass && out[..] == frame[..]
+                }
+            };
+            match entry.filter(|(_, seq)| fresh(*seq) || !unknown()).map(|(addr, _)| addr) {
                 Some(Some(addr)) => {
                     let mut expected = frame.to_vec();
                     expected[30..34].copy_from_slice(&addr.octets());
@@ -278,7 +297,8 @@ fn check_ingress(harness: &Harness, model: &mut Model, prog: Prog, frame: &[u8],
             let key = (src, sport, dst, dport, proto);
             let remember = |model: &mut Model, addr| {
                 if first_fragment {
-                    model.fragments.insert((src, dst, proto, id), addr);
+                    model.fragments.insert((src, dst, proto, id), (addr, model.first_fragments));
+                    model.first_fragments += 1;
                 }
             };
             if let Some(port) = backend_port(dst, dport, proto) {
