@@ -133,6 +133,8 @@ fn view(frame: &[u8]) -> View {
 }
 
 type FlowKey = (Ipv4Addr, u16, Ipv4Addr, u16, u8);
+/// A datagram: source, destination, protocol, IP id.
+type FragKey = (Ipv4Addr, Ipv4Addr, u8, u16);
 
 /// First fragments after which an earlier one's entry is surely still in
 /// the fragment map (a quarter of its size: LRU eviction is per CPU list).
@@ -142,31 +144,46 @@ const FRAGMENTS_SURELY_KEPT: usize = forwarder_common::FRAGMENTS_MAX as usize / 
 struct Model {
     /// Destination-side first fragments: their new address (None: left
     /// alone), and how many first fragments had been remembered before.
-    fragments: HashMap<(Ipv4Addr, Ipv4Addr, u8, u16), (Option<Ipv4Addr>, usize)>,
+    fragments: HashMap<FragKey, (Option<Ipv4Addr>, usize)>,
     /// First fragments remembered so far.
     first_fragments: usize,
     /// Service flows seen: the source port each has after DNAT, and when
     /// its last packet went (the datapath's clock is real time: a flow
     /// closed more than the close timeout ago gives its tuple up).
     flows: HashMap<FlowKey, (u16, Instant)>,
+    /// The flows by their tuple after DNAT (client, source port after
+    /// DNAT, protocol, backend port), so a clash is found without a scan.
+    holders: HashMap<(Ipv4Addr, u16, u8, Option<u16>), Vec<FlowKey>>,
+    /// Flows in the order of their packets, for picking recent ones.
+    recent: Vec<FlowKey>,
 }
 
 impl Model {
+    fn holder_key(key: FlowKey, new_sport: u16) -> (Ipv4Addr, u16, u8, Option<u16>) {
+        let (src, _, dst, dport, proto) = key;
+        (src, new_sport, proto, backend_port(dst, dport, proto))
+    }
+
+    /// Records a Service flow's packet and its source port after DNAT.
+    fn record(&mut self, key: FlowKey, new_sport: u16) {
+        if let Some((old, _)) = self.flows.insert(key, (new_sport, Instant::now()))
+            && let Some(holders) = self.holders.get_mut(&Self::holder_key(key, old))
+        {
+            holders.retain(|k| *k != key);
+        }
+        self.holders.entry(Self::holder_key(key, new_sport)).or_default().push(key);
+        self.recent.push(key);
+    }
+
     /// Whether another flow holds this one's tuple after DNAT: from the
     /// same client address, to the same backend, with this one's source
     /// port after its own DNAT (its own, or one a clash moved it to). The
     /// second flow's source port may then be moved.
     fn may_clash(&self, key: FlowKey) -> bool {
-        let (src, sport, dst, dport, proto) = key;
-        let backend = backend_port(dst, dport, proto);
-        self.flows.iter().any(|(&other, &(new_sport, _))| {
-            let (s, _, d, dp, pr) = other;
-            other != key
-                && s == src
-                && pr == proto
-                && new_sport == sport
-                && backend_port(d, dp, pr) == backend
-        })
+        let (_, sport, ..) = key;
+        self.holders
+            .get(&Self::holder_key(key, sport))
+            .is_some_and(|holders| holders.iter().any(|k| *k != key))
     }
 }
 
@@ -333,7 +350,7 @@ fn check_ingress(harness: &Harness, model: &mut Model, prog: Prog, frame: &[u8],
                         frame.get(l4 + 13).copied().unwrap_or(0)
                     );
                 }
-                model.flows.insert(key, (new_sport, Instant::now()));
+                model.record(key, new_sport);
                 remember(model, Some(BACKEND));
             } else if is_cluster_ip(dst) {
                 // No endpoints, or a port no Service declares: rejected
@@ -398,18 +415,18 @@ fn readdress_ip_checksum(frame: &mut [u8], original: &[u8]) {
 /// Replies and ICMP errors about the flows the model knows, through the
 /// egress program: exact bytes from scratch.
 fn check_egress(harness: &Harness, model: &Model, rng: &mut Rng) {
-    // Flows recent enough that none can have expired (the shortest
-    // timeout is the close timeout's 10 s).
-    let flows: Vec<(FlowKey, u16)> = model
-        .flows
-        .iter()
-        .filter(|(_, (_, seen))| seen.elapsed() < Duration::from_secs(5))
-        .map(|(k, (port, _))| (*k, *port))
-        .collect();
-    if flows.is_empty() {
+    // One of the latest flows, recent enough that it cannot have expired
+    // (the shortest timeout is the close timeout's 10 s).
+    let latest = &model.recent[model.recent.len().saturating_sub(256)..];
+    if latest.is_empty() {
         return;
     }
-    let ((client, sport, frontend, fport, proto), new_sport) = rng.pick(&flows);
+    let key = rng.pick(latest);
+    let Some(&(new_sport, seen)) = model.flows.get(&key) else { return };
+    if seen.elapsed() >= Duration::from_secs(5) {
+        return;
+    }
+    let (client, sport, frontend, fport, proto) = key;
     let port = backend_port(frontend, fport, proto).unwrap();
     let make = |src: String, dst: String| {
         let mut p = Packet::tcp(&src, &dst);
