@@ -246,6 +246,16 @@ impl Harness {
     }
 }
 
+/// A harness whose TCP NodePort 30080 endpoint (10.244.2.2:8080) is on
+/// another node, so flows to it from outside are masqueraded.
+pub(crate) fn masquerade_harness() -> Harness {
+    let mut harness = Harness::new();
+    let mut services = default_services();
+    services[0].1 = vec!["10.244.2.2:8080"];
+    harness.set_services_remote(&services, &["10.244.2.2"]);
+    harness
+}
+
 /// What XDP passes up for a reject it hands to TC ingress: the frame
 /// unchanged behind four bytes of metadata naming the reason (test runs
 /// return the metadata with the frame).

@@ -117,10 +117,7 @@ fn errors_about_a_cluster_ip_request_reach_the_pod_as_sent() {
 #[test]
 fn errors_about_a_masqueraded_flow_in_both_directions() {
     for error in ERRORS {
-        let mut harness = Harness::new();
-        let mut services = default_services();
-        services[0].1 = vec!["10.244.2.2:8080"];
-        harness.set_services_remote(&services, &["10.244.2.2"]);
+        let harness = masquerade_harness();
         let request = Packet::tcp("192.168.10.2:40000", "192.168.10.1:30080");
         let (_, dnat) = harness.run(Prog::Xdp, &request.bytes());
         let (_, masqueraded) = harness.run(Prog::TcEgress, &dnat);

@@ -7,10 +7,7 @@ use crate::harness::*;
 /// reverse-NATed on egress. Every hop's bytes are exact.
 #[test]
 fn remote_endpoint_is_masqueraded_and_the_reply_restored() {
-    let mut harness = Harness::new();
-    let mut services = default_services();
-    services[0].1 = vec!["10.244.2.2:8080"];
-    harness.set_services_remote(&services, &["10.244.2.2"]);
+    let harness = masquerade_harness();
     let request = Packet::tcp("192.168.10.2:40000", "192.168.10.1:30080");
 
     let (verdict, out) = harness.run(Prog::Xdp, &request.bytes());
@@ -67,16 +64,6 @@ fn hairpin_is_masqueraded() {
     let (_, out) = harness.run(Prog::TcEgress, &out);
     assert_eq!(out, request.reversed().bytes());
     verify_checksums(&out).unwrap();
-}
-
-/// The masqueraded flow of `remote_endpoint_is_masqueraded_and_the_reply_restored`,
-/// on a harness whose NodePort 30080 endpoint is on another node.
-fn masquerade_harness() -> Harness {
-    let mut harness = Harness::new();
-    let mut services = default_services();
-    services[0].1 = vec!["10.244.2.2:8080"];
-    harness.set_services_remote(&services, &["10.244.2.2"]);
-    harness
 }
 
 /// Sends the first packet of a flow from `client` through XDP and egress;
