@@ -98,16 +98,21 @@ impl Cluster {
 /// This Node (its InternalIP the topology's node address) and namespace
 /// `demo` in the API.
 pub fn register_node(plane: &ControlPlane) {
+    register_node_at(plane, NODE_NAME, NODE_IP);
+}
+
+/// Node `name` with InternalIP `ip`, and namespace `demo`.
+pub fn register_node_at(plane: &ControlPlane, name: &str, ip: &str) {
     let call = |method: &str, path: &str, body: Value| {
         plane
             .request(method, path, Some(&body.to_string()))
             .unwrap_or_else(|e| panic!("API call failed: {e}"));
     };
-    call("POST", "/api/v1/nodes", json!({"metadata": {"name": NODE_NAME}}));
+    call("POST", "/api/v1/nodes", json!({"metadata": {"name": name}}));
     call(
         "PATCH",
-        &format!("/api/v1/nodes/{NODE_NAME}/status"),
-        json!({"status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]}}),
+        &format!("/api/v1/nodes/{name}/status"),
+        json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}}),
     );
     call("POST", "/api/v1/namespaces", json!({"metadata": {"name": "demo"}}));
 }

@@ -2,6 +2,7 @@
 //! packet builders, network namespaces with cleanup guards, a topology of
 //! one node with pods, echo servers and the forwarder process.
 pub mod api_cluster;
+pub mod bpf_stats;
 pub mod cluster;
 pub mod echo;
 pub mod forwarder;

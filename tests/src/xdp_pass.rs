@@ -31,7 +31,7 @@ fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<OwnedFd> {
 impl XdpPass {
     /// Attaches `r0 = XDP_PASS; exit` to `iface` in `ns`.
     pub fn attach(ns: &NetNs, iface: &str) -> Self {
-        let (link, prog) = attach_bare(ns, iface, BPF_PROG_TYPE_XDP, 2, BPF_XDP);
+        let (link, prog) = attach_bare(ns, iface, BPF_PROG_TYPE_XDP, 2, BPF_XDP, "pass_xdp");
         Self { _link: link, _prog: prog }
     }
 }
@@ -49,13 +49,18 @@ pub struct TcPass {
 
 impl TcPass {
     pub fn attach(ns: &NetNs, iface: &str, egress: bool) -> Self {
-        let hook = if egress { BPF_TCX_EGRESS } else { BPF_TCX_INGRESS };
-        let (link, prog) = attach_bare(ns, iface, BPF_PROG_TYPE_SCHED_CLS, 0, hook);
+        let (hook, name) = if egress {
+            (BPF_TCX_EGRESS, "pass_tc_egress")
+        } else {
+            (BPF_TCX_INGRESS, "pass_tc_ingress")
+        };
+        let (link, prog) = attach_bare(ns, iface, BPF_PROG_TYPE_SCHED_CLS, 0, hook, name);
         Self { _link: link, _prog: prog }
     }
 }
 
-/// Loads `r0 = verdict; exit` as `prog_type` and links it to `iface`'s
+/// Loads `r0 = verdict; exit` as `prog_type` named `name` (as the live
+/// statistics list it, `bpf_stats`) and links it to `iface`'s
 /// `attach_type` hook.
 fn attach_bare(
     ns: &NetNs,
@@ -63,6 +68,7 @@ fn attach_bare(
     prog_type: u32,
     verdict: u8,
     attach_type: u32,
+    name: &str,
 ) -> (OwnedFd, OwnedFd) {
     ns.run(|| {
         let insns: [u64; 2] = [
@@ -74,6 +80,11 @@ fn attach_bare(
         attr[0] = u64::from(prog_type) | (2u64 << 32);
         attr[1] = insns.as_ptr() as u64;
         attr[2] = license.as_ptr() as u64;
+        // prog_name, at byte 48: at most 15 bytes and a NUL.
+        let mut prog_name = [0u8; 16];
+        prog_name[..name.len().min(15)].copy_from_slice(&name.as_bytes()[..name.len().min(15)]);
+        attr[6] = u64::from_le_bytes(prog_name[..8].try_into().unwrap());
+        attr[7] = u64::from_le_bytes(prog_name[8..].try_into().unwrap());
         let prog = bpf(BPF_PROG_LOAD, &mut attr).expect("load the do-nothing program");
 
         let name = std::ffi::CString::new(iface).unwrap();

@@ -6,8 +6,10 @@
 //! Pieces: `topology` (namespaces, the API and its Services, the paths a
 //! client takes), `modes` (the dataplanes, one at a time, checked clean in
 //! between), `workloads` (the load generators and the CPU they cost),
-//! `server` (the pods' echo server). Prints one JSON line per measurement;
-//! `cargo xtask bench` turns them into the results, tables and plots.
+//! `server` (the pods' echo server). Each sample also holds every BPF
+//! program's live run time over it (`bpf_stats`). Prints one JSON line per
+//! measurement; `cargo xtask bench` turns them into the results, tables
+//! and plots.
 //! `FORWARDER_BENCH_SMOKE=1`: 10 Services, one short run of everything;
 //! `FORWARDER_BENCH_SCALES=10,1000` and `FORWARDER_BENCH_MODES=forwarder,...`
 //! pick a subset.
@@ -18,7 +20,10 @@ mod workloads;
 
 use std::{process::Command, time::Duration};
 
-use forwarder_tests::kube_proxy::{ProxyMode, pinned_release};
+use forwarder_tests::{
+    bpf_stats::{self, Collecting, Snapshot},
+    kube_proxy::{ProxyMode, pinned_release},
+};
 use serde_json::{Value, json};
 
 use crate::{
@@ -71,6 +76,9 @@ fn emit(line: Value) {
 fn main() {
     let plan = plan();
     let mut bench = Bench::new();
+    // Each BPF program's live run time, in every mode alike (two clock
+    // reads per program run).
+    let _collecting = Collecting::start();
     for &scale in &plan.scales {
         bench.grow_to(scale);
         eprintln!("versus: {scale} Services in the API");
@@ -106,8 +114,11 @@ fn measure(bench: &Bench, plan: &Plan, mode: Mode, path: Path) {
     for repeat in 0..plan.repeats {
         for (workload, targets) in CASES {
             modes::flush_conntrack(bench);
+            let before = Snapshot::take();
             let measured =
                 workloads::run(workload, client, &address(workload, targets), &plan.load);
+            let mut result = measured.json();
+            result["programs"] = bpf_stats::json(&Snapshot::take().since(&before));
             emit(json!({
                 "kind": "sample",
                 "services": bench.services.len(),
@@ -116,7 +127,7 @@ fn measure(bench: &Bench, plan: &Plan, mode: Mode, path: Path) {
                 "workload": workload.name(),
                 "targets": targets.name(),
                 "repeat": repeat,
-                "result": measured.json(),
+                "result": result,
             }));
         }
     }

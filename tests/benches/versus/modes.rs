@@ -21,8 +21,9 @@ pub enum Mode {
     /// The client talks to the endpoints' addresses: no Service translation.
     Direct,
     /// As `Direct`, with do-nothing programs on each of forwarder's hooks
-    /// (XDP and TC egress on the node interface, TC both ways on the pods'
-    /// interfaces): what the hooks cost before any work is done in them.
+    /// (XDP and TC both ways on the node interface, TC both ways on the
+    /// pods' interfaces): what the hooks cost before any work is done in
+    /// them.
     Hooks,
     Forwarder,
     KubeProxy(ProxyMode),
@@ -73,7 +74,10 @@ pub fn start(mode: Mode, bench: &Bench) -> Active {
         Mode::Direct => return Active::Nothing,
         Mode::Hooks => {
             let xdp = vec![XdpPass::attach(node, NODE_IFACE)];
-            let mut tc = vec![TcPass::attach(node, NODE_IFACE, true)];
+            let mut tc = vec![
+                TcPass::attach(node, NODE_IFACE, false),
+                TcPass::attach(node, NODE_IFACE, true),
+            ];
             for iface in POD_IFACES {
                 tc.extend([TcPass::attach(node, iface, false), TcPass::attach(node, iface, true)]);
             }

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the datapath's per-packet cost, forwarder against
-//! kube-proxy side by side (datapath and control plane), written with the
-//! machine they came from to `bench/results/` (JSON, markdown, PNG plots).
+//! kube-proxy side by side (datapath, connections to endpoints on another
+//! node, control plane), written with the machine they came from to
+//! `bench/results/` (JSON, markdown, PNG plots).
 //! `--smoke`: the side-by-side benchmarks at 10 Services, one short run of
 //! each mode, into `target/bench-smoke/`; fails unless every mode produced
 //! numbers (`cargo xtask test` runs it). `--report`: the tables and plots
@@ -8,6 +9,7 @@
 mod control_plane;
 mod datapath;
 mod plot;
+mod remote;
 mod versus;
 
 use std::{
@@ -26,6 +28,8 @@ pub enum Part {
     /// The randomized differential test of the programs, at full size.
     Differential,
     Versus,
+    /// New connections to endpoints on another node (masqueraded NodePort).
+    Remote,
     ControlPlane,
 }
 
@@ -52,6 +56,9 @@ pub fn run(smoke: bool, report: bool, only: &[Part]) -> anyhow::Result<()> {
     prepare()?;
     if wanted(Part::Versus) {
         versus::run(&dir, false)?;
+    }
+    if wanted(Part::Remote) {
+        remote::run(&dir, false)?;
     }
     if wanted(Part::ControlPlane) {
         control_plane::run(&dir, false)?;
@@ -96,6 +103,7 @@ pub fn smoke() -> anyhow::Result<()> {
     let dir = workspace_root().join("target/bench-smoke");
     std::fs::create_dir_all(&dir)?;
     versus::run(&dir, true)?;
+    remote::run(&dir, true)?;
     control_plane::run(&dir, true)?;
     println!("bench smoke: every mode produced numbers ({})", dir.display());
     Ok(())
@@ -146,6 +154,23 @@ fn spread(values: &[f64]) -> Option<(f64, f64, f64)> {
     }
     v.sort_by(f64::total_cmp);
     Some((v[v.len() / 2], v[0], v[v.len() - 1]))
+}
+
+/// Each BPF program that ran in `results` (samples with `ok` connections
+/// and the live `programs` statistics): (runs per connection, ns per run),
+/// medians over the samples.
+fn live_programs(results: &[Value]) -> std::collections::BTreeMap<String, (f64, f64)> {
+    let mut per: std::collections::BTreeMap<String, (Vec<f64>, Vec<f64>)> = Default::default();
+    for result in results {
+        let connections = result["ok"].as_f64().unwrap_or(0.0).max(1.0);
+        for (name, used) in result["programs"].as_object().into_iter().flatten() {
+            let entry = per.entry(name.clone()).or_default();
+            entry.0.push(used["runs"].as_f64().unwrap_or(0.0) / connections);
+            entry.1.extend(used["ns_per_run"].as_f64());
+        }
+    }
+    let median = |v: &[f64]| spread(v).map_or(f64::NAN, |s| s.0);
+    per.into_iter().map(|(name, (runs, ns))| (name, (median(&runs), median(&ns)))).collect()
 }
 
 fn machine() -> Value {

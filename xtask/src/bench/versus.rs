@@ -8,7 +8,7 @@ use plotters::style::RGBColor;
 use serde_json::{Value, json};
 
 use super::{
-    bench_lines, machine,
+    bench_lines, live_programs, machine,
     plot::{self, Series},
     spread, write,
 };
@@ -251,6 +251,7 @@ fn report(
             q("kernel_cpu_us_per_op")
         )
     })?;
+    live_programs_table(&mut md, r)?;
     failures(&mut md, r, counters)?;
     writeln!(md)?;
 
@@ -296,6 +297,36 @@ fn report(
         )?;
     }
     Ok(md)
+}
+
+/// Each BPF program's live cost in the connection-rate runs to the last
+/// Service: forwarder's next to the do-nothing programs on its hooks.
+fn live_programs_table(md: &mut String, r: &Results) -> std::fmt::Result {
+    writeln!(md, "\n## BPF programs, live\n")?;
+    writeln!(
+        md,
+        "During the connection-rate runs to the last Service, from the kernel's BPF statistics (`BPF_ENABLE_STATS`, the switch behind `kernel.bpf_stats_enabled`, on in every mode): each program's mean run time, ns, and its runs per connection (medians). What packets pay on the live machine, cold caches included; *direct, empty hooks* has do-nothing programs on the same hooks.\n"
+    )?;
+    writeln!(
+        md,
+        "| Services, path | mode | program: ns per run (runs per connection) | ns per connection |"
+    )?;
+    writeln!(md, "|---|---|---|---:|")?;
+    for &n in &r.scales {
+        for (path, _) in PATHS {
+            for (mode, title, _) in [MODES[2], MODES[1]] {
+                let key = (n, mode.into(), path.into(), "connection_rate".into(), "last".into());
+                let used = live_programs(r.samples.get(&key).map_or(&[], Vec::as_slice));
+                let cells: Vec<String> = used
+                    .iter()
+                    .map(|(name, (runs, ns))| format!("`{name}` {ns:.0} ({runs:.1})"))
+                    .collect();
+                let total: f64 = used.values().map(|(runs, ns)| runs * ns).sum();
+                writeln!(md, "| {n}, {path} | {title} | {} | {total:.0} |", cells.join(", "))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Failed transactions by mode, and what each dataplane counted of drops.
