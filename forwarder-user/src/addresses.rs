@@ -56,7 +56,7 @@ pub fn node_ips(nodes: &[impl std::borrow::Borrow<Node>], node_name: &str) -> BT
         .filter_map(|n| n.status.as_ref()?.addresses.as_ref())
         .flatten()
         .filter(|a| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"))
-        .filter_map(|a| a.address.parse::<Ipv4Addr>().ok())
+        .filter_map(|a| crate::cidr::parse_ipv4(&a.address))
         .collect()
 }
 
@@ -108,12 +108,13 @@ mod tests {
     }
 
     #[test]
+    /// The ExternalIP written with leading zeros, read as kube-proxy reads it.
     fn node_object_addresses_of_this_node_only() {
         let nodes: Vec<Node> = serde_yaml::from_str(
             "
 - metadata: {name: node-a}
   status: {addresses: [{type: InternalIP, address: 10.0.0.1}, {type: Hostname, address: node-a},
-                       {type: ExternalIP, address: 203.0.113.7}, {type: InternalIP, address: 'fd00::1'}]}
+                       {type: ExternalIP, address: 203.000.113.007}, {type: InternalIP, address: 'fd00::1'}]}
 - metadata: {name: node-b}
   status: {addresses: [{type: InternalIP, address: 10.0.0.2}]}
 ",

@@ -46,6 +46,17 @@ fn sloppy<T: FromStr>(s: &str) -> Option<T> {
     (if digits.is_empty() { "0" } else { digits }).parse().ok()
 }
 
+/// An IPv4 address as Kubernetes reads one (`netutils.ParseIPSloppy`, as
+/// kube-proxy does): leading zeros are decimal, so `192.168.099.011` is
+/// 192.168.99.11. The API validates addresses strictly today, but objects
+/// created before that still hold such spellings; Rust's parser refuses
+/// them, and a strict reading would skip the address.
+pub fn parse_ipv4(s: &str) -> Option<Ipv4Addr> {
+    let octets: Vec<u8> = s.split('.').map(sloppy).collect::<Option<_>>()?;
+    let [a, b, c, d] = octets[..] else { return None };
+    Some(Ipv4Addr::new(a, b, c, d))
+}
+
 impl FromStr for Cidr {
     type Err = CidrError;
 
@@ -55,13 +66,9 @@ impl FromStr for Cidr {
         let err = || CidrError(s.to_owned());
         let text = s.trim();
         let (addr, prefix) = text.split_once('/').unwrap_or((text, "32"));
-        let octets: Vec<u8> =
-            addr.trim().split('.').map(sloppy).collect::<Option<_>>().ok_or_else(err)?;
-        let [a, b, c, d] = octets[..] else {
-            return Err(err());
-        };
+        let addr = parse_ipv4(addr.trim()).ok_or_else(err)?;
         let prefix: u8 = sloppy(prefix.trim()).filter(|p| *p <= 32).ok_or_else(err)?;
-        let cidr = Self { addr: Ipv4Addr::new(a, b, c, d), prefix };
+        let cidr = Self { addr, prefix };
         Ok(Self { addr: Ipv4Addr::from(u32::from(cidr.addr) & cidr.mask()), prefix })
     }
 }
@@ -90,6 +97,27 @@ mod tests {
             ["10.0.0.0/33", "10.0.0/8", "fd00::/8", "x", "10.0.0.256/8", "10.0.0.0/", "-1.0.0.0/8"]
         {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn addresses_with_leading_zeros_are_decimal() {
+        for (written, read) in [
+            ("192.168.099.011", Some("192.168.99.11")),
+            ("010.096.000.001", Some("10.96.0.1")),
+            ("0000010.0.0.1", Some("10.0.0.1")),
+            ("10.0.0.1", Some("10.0.0.1")),
+            ("10.0.0.0256", None),
+            ("10.0.0", None),
+            ("10.0.0.1.2", None),
+            ("10.0..1", None),
+            (" 10.0.0.1", None),
+            ("0x0a.0.0.1", None),
+            ("+1.0.0.1", None),
+            ("2001:db8::1", None),
+        ] {
+            let read = read.map(|r| r.parse::<Ipv4Addr>().unwrap());
+            assert_eq!(parse_ipv4(written), read, "{written:?}");
         }
     }
 

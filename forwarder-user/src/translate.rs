@@ -11,7 +11,7 @@ use k8s_openapi::api::{
 };
 
 use crate::{
-    cidr::Cidr,
+    cidr::{Cidr, parse_ipv4},
     model::{DesiredState, Endpoint, Frontend, Proto, Scope},
 };
 
@@ -198,7 +198,7 @@ fn cluster_ip(service: &Service, name: &str, skipped: &mut Vec<Skipped>) -> Opti
     if ips.is_empty() {
         return None;
     }
-    if let Some(v4) = ips.iter().find_map(|ip| ip.parse::<Ipv4Addr>().ok()) {
+    if let Some(v4) = ips.iter().find_map(|ip| parse_ipv4(ip)) {
         return Some(v4);
     }
     let reason = match ips.iter().find(|ip| ip.parse::<std::net::Ipv6Addr>().is_err()) {
@@ -229,11 +229,11 @@ fn external_ips(
         .flatten()
         .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
         .filter_map(|ingress| ingress.ip.as_ref());
-    let mut parse = |ips: &mut Vec<Ipv4Addr>, ip: &String| match ip.parse::<Ipv4Addr>() {
-        Ok(ip) if !ips.contains(&ip) => ips.push(ip),
-        Ok(_) => {}
-        Err(_) if ip.parse::<std::net::Ipv6Addr>().is_ok() => {}
-        Err(_) => skipped.push(Skipped {
+    let mut parse = |ips: &mut Vec<Ipv4Addr>, ip: &String| match parse_ipv4(ip) {
+        Some(ip) if !ips.contains(&ip) => ips.push(ip),
+        Some(_) => {}
+        None if ip.parse::<std::net::Ipv6Addr>().is_ok() => {}
+        None => skipped.push(Skipped {
             object: name.to_owned(),
             reason: format!("external IP {ip:?} is not an IP address"),
         }),
@@ -384,7 +384,7 @@ fn endpoints_for(
                 continue;
             };
             for addr in &endpoint.addresses {
-                if let Ok(addr) = addr.parse::<Ipv4Addr>() {
+                if let Some(addr) = parse_ipv4(addr) {
                     set.insert(Endpoint { addr, port: target });
                 }
             }

@@ -176,6 +176,32 @@ endpoints: [{addresses: [10.244.1.2]}]
             skipped: vec![],
         },
         Case {
+            name: "addresses written with leading zeros are decimal in every field, as kube-proxy reads them",
+            services: "
+metadata: {name: zeros, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIP: 010.096.000.090
+  clusterIPs: [010.096.000.090]
+  externalIPs: [192.168.099.011]
+  ports: [{port: 80, nodePort: 30090}]
+status: {loadBalancer: {ingress: [{ip: 198.051.100.090}]}}
+",
+            slices: "
+metadata: {name: zeros-1, namespace: demo, labels: {kubernetes.io/service-name: zeros}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [010.244.001.002]}]
+",
+            expect: vec![
+                (fe(None, 30090, Proto::Tcp), vec!["10.244.1.2:8080"]),
+                (fe(Some("10.96.0.90"), 80, Proto::Tcp), vec!["10.244.1.2:8080"]),
+                (fe(Some("192.168.99.11"), 80, Proto::Tcp), vec!["10.244.1.2:8080"]),
+                (fe(Some("198.51.100.90"), 80, Proto::Tcp), vec!["10.244.1.2:8080"]),
+            ],
+            skipped: vec![],
+        },
+        Case {
             name: "load balancer status counts only for type LoadBalancer",
             services: "
 metadata: {name: was-lb, namespace: demo}
