@@ -65,9 +65,6 @@ pub const CONNTRACK_FLAGS: u32 = 2;
 /// the socket-level programs translate, the node's own.
 pub const NODE_NETNS_COOKIE: &str = "NODE_NETNS_COOKIE";
 
-/// The top of the port space, which masquerading always has: kept from
-/// the node's own sockets in `ip_local_reserved_ports` by the agent.
-pub const SNAT_RESERVED_MIN: u16 = 61_000;
 /// Kubernetes' default NodePort range: never a masquerade port, or the
 /// reply to one would be taken for a new NodePort flow. (Ports of other
 /// frontends are checked when a port is picked.)
@@ -77,11 +74,9 @@ pub const NODE_PORT_MAX: u16 = 32_767;
 /// netfilter does for a source port above 1023.
 pub const SNAT_PORT_FLOOR: u16 = 1_024;
 
-/// The source ports masquerading picks from: every port above 1023 outside
-/// the node's ephemeral range (where the node's own connections take
-/// theirs, which a picked port would clash with) and the NodePort range, as
-/// two intervals. Ports the node binds on purpose are checked when picked.
-/// A load-time global of the programs.
+/// The source ports masquerading picks from, as two intervals (around the
+/// NodePort range). Ports a node socket holds are checked when picked. A
+/// load-time global of the programs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SnatPorts {
@@ -101,19 +96,16 @@ impl Default for SnatPorts {
 pub const SNAT_PORTS: &str = "SNAT_PORTS";
 
 impl SnatPorts {
-    /// Around Linux's default ephemeral range, 32768-60999:
-    /// 1024-29999 and 61000-65535.
-    pub const DEFAULT: Self = Self::around(32_768, 60_999);
-
-    /// Around the node's ephemeral range (`ip_local_port_range`).
-    pub const fn around(ephemeral_min: u16, ephemeral_max: u16) -> Self {
-        let low_end = if ephemeral_min < NODE_PORT_MIN { ephemeral_min } else { NODE_PORT_MIN };
-        let low_count = low_end.saturating_sub(SNAT_PORT_FLOOR);
-        let above = if ephemeral_max > NODE_PORT_MAX { ephemeral_max } else { NODE_PORT_MAX };
-        let high_min = if above < SNAT_RESERVED_MIN { above + 1 } else { SNAT_RESERVED_MIN };
-        let high_count = (65_536 - high_min as u32) as u16;
-        Self { low_min: SNAT_PORT_FLOOR, low_count, high_min, high_count }
-    }
+    /// Every port above 1023 but Kubernetes' NodePort range: 1024-29999
+    /// and 32768-65535. The node's ephemeral ports are included, as in
+    /// netfilter's masquerading: a node connection that gets a port a
+    /// masqueraded flow holds is moved to another one by the datapath.
+    pub const DEFAULT: Self = Self {
+        low_min: SNAT_PORT_FLOOR,
+        low_count: NODE_PORT_MIN - SNAT_PORT_FLOOR,
+        high_min: NODE_PORT_MAX + 1,
+        high_count: (65_536 - (NODE_PORT_MAX as u32 + 1)) as u16,
+    };
 
     pub const fn count(&self) -> u32 {
         self.low_count as u32 + self.high_count as u32
@@ -654,30 +646,22 @@ mod snat_ports_tests {
     }
 
     #[test]
-    fn the_default_skips_the_ephemeral_and_node_port_ranges() {
+    fn the_default_skips_privileged_and_node_ports_only() {
         let p = SnatPorts::DEFAULT;
         assert_eq!(
             (p.low_min, p.low_count, p.high_min, p.high_count),
-            (1024, 28_976, 61_000, 4_536)
+            (1024, 28_976, 32_768, 32_768)
         );
         let all = ports(&p);
-        assert_eq!(all.len(), 33_512);
-        assert_eq!((all[0], all[28_975], all[28_976], all[33_511]), (1024, 29_999, 61_000, 65_535));
-        for port in [0, 1023, 30_000, 32_767, 32_768, 60_999] {
+        assert_eq!(all.len(), 61_744);
+        assert_eq!((all[0], all[28_975], all[28_976], all[61_743]), (1024, 29_999, 32_768, 65_535));
+        for port in [0, 1023, 30_000, 32_767] {
             assert!(!p.contains(port), "{port}");
         }
+        for port in [1024, 29_999, 32_768, 45_000, 60_999, 65_535] {
+            assert!(p.contains(port), "{port}");
+        }
         assert!(all.iter().all(|&port| p.contains(port)));
-    }
-
-    #[test]
-    fn other_ephemeral_ranges() {
-        // Widened to everything: only the reserved tail is left.
-        let p = SnatPorts::around(1024, 65_535);
-        assert_eq!((p.low_count, p.high_min, p.high_count), (0, 61_000, 4_536));
-        // Low: the ports below it, and above the NodePorts to the top.
-        let p = SnatPorts::around(10_000, 20_000);
-        assert_eq!((p.low_count, p.high_min), (8_976, 32_768));
-        assert!(!p.contains(15_000) && p.contains(9_999) && p.contains(40_000));
     }
 }
 

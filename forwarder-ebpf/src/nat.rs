@@ -8,6 +8,9 @@
 //! sides closed, a reset, or idle. A new flow keeps the client's own port
 //! when it is a masquerade port and free, as netfilter does; otherwise it
 //! gets one by random probes over every masquerade port (`SnatPorts`).
+//! Masquerade ports include the node's ephemeral ones, so a connection of
+//! the node's own may get a port a masqueraded flow holds to the same
+//! backend: that connection is moved to another port, the same way.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_F_CURRENT_NETNS, BPF_NOEXIST, bpf_sock_tuple},
     helpers::{bpf_get_prandom_u32, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
@@ -69,11 +72,21 @@ pub fn reverse_snat(flow: &Flow) -> Decision {
 #[inline(always)]
 pub fn snat(ctx: &TcContext, flow: &Flow, ifindex: u32) -> Decision {
     let key = key_of(flow, CT_SNAT);
-    // SAFETY: copied out immediately.
-    let Some(entry) = (unsafe { NAT.get(&key) }).copied() else {
-        return Ok(None);
-    };
     let now = now_seconds();
+    // SAFETY: copied out immediately.
+    let entry = match unsafe { NAT.get(&key) }.copied() {
+        Some(entry) => entry,
+        // A connection of the node's own whose tuple a masqueraded flow
+        // holds (the kernel picked the port without knowing): it moves to
+        // a free port instead, as netfilter moves it, and the reply entry
+        // restores it (`reverse_snat`).
+        None if node_connection_clashes(ctx, flow, now) => {
+            let moving = CtValue { last_seen: now, ..CtValue::new(0, 0, 0) };
+            let _ = NAT.insert(&key, &moving, u64::from(BPF_NOEXIST));
+            moving
+        }
+        None => return Ok(None),
+    };
     let restore = CtValue {
         flags: observed(flow, CT_CLIENT_CLOSING),
         last_seen: now,
@@ -136,6 +149,32 @@ pub fn snat(ctx: &TcContext, flow: &Flow, ifindex: u32) -> Decision {
     let mapped = CtValue { nat_addr: addr, nat_port: port, ..entry };
     NAT.insert(&key, &mapped, u64::from(BPF_ANY)).map_err(|_| stat::DROP_CT_INSERT)?;
     Ok(Some(Nat::new(addr, port)))
+}
+
+/// Whether `flow` is a node socket's new connection (or a datagram of
+/// one) whose tuple is the reply tuple of a live masqueraded flow: its
+/// replies would go to that flow's client. Forwarded packets carry no
+/// socket and pay nothing here; a node's connection is checked when it
+/// opens (a port a node socket holds is never claimed, `node_socket`).
+#[inline(always)]
+fn node_connection_clashes(ctx: &TcContext, flow: &Flow, now: u32) -> bool {
+    // SAFETY: the context's skb pointer is valid for the program's run;
+    // the socket pointer is only compared, never followed.
+    let from_socket = !unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.is_null();
+    if !from_socket
+        || !(flow.opening || flow.proto == PROTO_UDP)
+        || !ports().contains(u16::from_be(flow.sport))
+    {
+        return false;
+    }
+    // Only a masquerade address can be the destination of a reply entry:
+    // the source address needs no check of its own.
+    let reply = snat_reply_key(flow, flow.saddr, flow.sport);
+    // SAFETY: compared in place.
+    unsafe { NAT.get(&reply) }.is_some_and(|held| {
+        (held.nat_addr != flow.saddr || held.nat_port != flow.sport)
+            && !expired(held, flow.proto, now)
+    })
 }
 
 /// Takes `addr:port` for this flow if nothing else has it: no live flow

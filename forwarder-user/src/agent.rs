@@ -95,14 +95,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("metrics address {}", config.metrics_bind_address))?;
     let capacity = config.capacity;
     let pins = PinDir::new(&config.bpffs_root, &config.node_name);
-    let snat_ports = masquerade_ports();
-    tracing::info!(
-        below_ephemeral = snat_ports.low_count,
-        from = snat_ports.low_min,
-        above_ephemeral = snat_ports.high_count,
-        from_high = snat_ports.high_min,
-        "masquerade source ports"
-    );
+    let snat_ports = SnatPorts::DEFAULT;
     let tuning =
         Tuning { timeouts: config.timeouts, snat_ports, reject_rate: config.icmp_reject_rate };
     let mut dataplane =
@@ -184,11 +177,6 @@ struct Agent {
 
 impl Agent {
     async fn run(&mut self, source: &mut Source) -> anyhow::Result<()> {
-        if let Err(error) = reserve_masquerade_ports() {
-            // Without it a node socket may take a port a masqueraded flow
-            // holds; run `forwarder reserve-ports` privileged to fix.
-            tracing::warn!(error = format!("{error:#}"), "masquerade ports not reserved");
-        }
         for iface in &self.config.ifaces {
             let mode = self
                 .dataplane
@@ -460,45 +448,6 @@ impl Agent {
                 Ok(()) => tracing::info!(iface = %name, "TC attached to pod interface"),
                 Err(error) => tracing::warn!(iface = %name, %error, "TC attach failed"),
             }
-        }
-    }
-}
-
-/// Adds the top of the port space, which masquerading always has, to
-/// `net.ipv4.ip_local_reserved_ports`, so the node's own sockets never take
-/// one there even with a widened ephemeral range (the datapath would take
-/// their replies). The rest of the masquerade ports lie outside the
-/// ephemeral range anyway (`SnatPorts`).
-pub fn reserve_masquerade_ports() -> anyhow::Result<()> {
-    let path = "/proc/sys/net/ipv4/ip_local_reserved_ports";
-    let range = format!("{}-65535", forwarder_common::SNAT_RESERVED_MIN);
-    let current = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    if current.split(',').any(|r| r.trim() == range) {
-        return Ok(());
-    }
-    let value = if current.trim().is_empty() {
-        range.clone()
-    } else {
-        format!("{},{range}", current.trim())
-    };
-    std::fs::write(path, value).with_context(|| format!("writing {range} to {path}"))?;
-    tracing::info!(%range, "reserved the masquerade ports from local sockets");
-    Ok(())
-}
-
-/// The masquerade ports around this network namespace's ephemeral range
-/// (`net.ipv4.ip_local_port_range`), or around Linux's default.
-pub fn masquerade_ports() -> SnatPorts {
-    let path = "/proc/sys/net/ipv4/ip_local_port_range";
-    let range = std::fs::read_to_string(path).ok().and_then(|text| {
-        let mut bounds = text.split_whitespace().map(|n| n.parse::<u16>().ok());
-        Some((bounds.next()??, bounds.next()??))
-    });
-    match range {
-        Some((min, max)) if min <= max => SnatPorts::around(min, max),
-        _ => {
-            tracing::warn!(path, "unreadable: masquerading assumes 32768-60999 ephemeral");
-            SnatPorts::DEFAULT
         }
     }
 }

@@ -23,9 +23,6 @@ struct Cli {
 enum Command {
     /// Attach the programs and keep the maps in sync with the Services.
     Run(Box<RunArgs>),
-    /// Keep the node's own sockets out of the masquerade source ports
-    /// (a host sysctl; the DaemonSet's privileged init container runs it).
-    ReservePorts,
     /// Mount a bpffs where `--bpffs-root` needs one, if the host has none
     /// (the agent does it too, but without CAP_SYS_ADMIN it cannot: the
     /// DaemonSet's privileged init container runs this).
@@ -204,7 +201,6 @@ async fn run() -> anyhow::Result<()> {
         .init();
     let args = match Cli::parse().command {
         Command::Run(args) => *args,
-        Command::ReservePorts => return agent::reserve_masquerade_ports(),
         Command::MountBpffs(args) => {
             return pins::ensure_bpffs(&args.bpffs_root)
                 .with_context(|| format!("preparing {}", args.bpffs_root.display()));

@@ -9,7 +9,8 @@
 //! kernel's live statistics of every BPF program that ran (`bpf_stats`):
 //! forwarder's programs next to do-nothing programs on the same hooks.
 //! Prints one JSON line per measurement for `cargo xtask bench`.
-//! `FORWARDER_BENCH_SMOKE=1`: one short run of every mode.
+//! `FORWARDER_BENCH_SMOKE=1`: one short run of every mode;
+//! `FORWARDER_BENCH_MODES=forwarder,...` picks a subset.
 #[path = "versus/server.rs"]
 mod server;
 #[allow(dead_code)] // the latency and UDP workloads are versus's
@@ -337,7 +338,11 @@ fn main() {
     // On for the whole run, every mode alike (two clock reads per program
     // run: well under a microsecond per connection).
     let _collecting = Collecting::start();
-    for mode in Mode::ALL {
+    // A subset by name, for a look at one (`FORWARDER_BENCH_MODES=forwarder`).
+    let names = std::env::var("FORWARDER_BENCH_MODES").ok();
+    let wanted =
+        |mode: &Mode| names.as_ref().is_none_or(|n| n.split(',').any(|n| n == mode.name()));
+    for mode in Mode::ALL.into_iter().filter(wanted) {
         let active = start(mode, &bench);
         // Repeats outermost: a slow moment of the machine hits both paths.
         for repeat in 0..repeats {

@@ -4,7 +4,9 @@ use std::collections::BTreeSet;
 
 use forwarder_tests::{
     cluster::{CLIENT_IP, Cluster, NODE_IFACE},
-    echo::{EchoServer, tcp_connect_error, tcp_once, tcp_once_seen, tcp_upload, udp_large},
+    echo::{
+        EchoConn, EchoServer, tcp_connect_error, tcp_once, tcp_once_seen, tcp_upload, udp_large,
+    },
     forwarder::{Forwarder, http_get},
     netns::NetNs,
 };
@@ -282,6 +284,31 @@ fn a_connection_storm_to_a_masqueraded_node_port_loses_nothing() {
         s.logs()
     );
     eprintln!("{CONNECTIONS} masqueraded connections in {took:?}, none failed");
+}
+
+/// A connection of the node's own that gets the port a masqueraded flow
+/// holds to the same endpoint (masquerade ports include the node's
+/// ephemeral range, where the kernel picks the node's ports without knowing
+/// of masquerading) is moved to another port: both connections work, and
+/// each gets its own answers.
+#[test]
+fn a_node_connection_on_a_masqueraded_flows_port_works_beside_it() {
+    let s = setup("mclash");
+    let fail = |what: &str, e: std::io::Error| -> ! { panic!("{what}: {e}\n{}", s.logs()) };
+    let mut client = EchoConn::connect_from(&s.cluster.client, 45000, "192.168.20.1:30086")
+        .unwrap_or_else(|e| fail("client through the NodePort", e));
+    let seen_by_pod = client.ask_seen().unwrap_or_else(|e| fail("client asks", e));
+    assert_eq!(seen_by_pod, ("pod-b1".to_owned(), "192.168.20.1:45000".to_owned()));
+    let node = &s.cluster.node("node-a").ns;
+    let mut own = EchoConn::connect_from(node, 45000, "10.244.2.2:8080")
+        .unwrap_or_else(|e| fail("node-a's own connection from the same port", e));
+    let (pod, seen) = own.ask_seen().unwrap_or_else(|e| fail("node-a asks", e));
+    assert_eq!(pod, "pod-b1");
+    assert!(seen.starts_with("192.168.20.1:") && seen != "192.168.20.1:45000", "{seen}");
+    for _ in 0..3 {
+        assert_eq!(client.ask_seen().unwrap_or_else(|e| fail("client again", e)), seen_by_pod);
+        assert_eq!(own.ask_seen().unwrap_or_else(|e| fail("node again", e)).1, seen);
+    }
 }
 
 /// Datagrams larger than the MTU to an endpoint on the other node, both

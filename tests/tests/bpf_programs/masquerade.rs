@@ -145,10 +145,48 @@ fn masquerade_keeps_the_clients_port_when_it_can() {
     let other = masquerade(&harness, "192.168.10.3:5000").expect("masqueraded");
     assert_ne!(other, 5000);
     assert!(SnatPorts::DEFAULT.contains(other), "{other}");
-    // The node's own connections take ports from the ephemeral range: a
-    // client's port from there is never kept.
-    let moved = masquerade(&harness, "192.168.10.2:40000").expect("masqueraded");
+    // From the node's ephemeral range too (its own connections that clash
+    // are moved instead, below); never a NodePort-range port.
+    assert_eq!(masquerade(&harness, "192.168.10.2:40000"), Some(40000));
+    let moved = masquerade(&harness, "192.168.10.2:31000").expect("masqueraded");
+    assert!(!(30_000..=32_767).contains(&moved), "{moved}");
+}
+
+/// A connection of the node's own that the kernel gave the port a
+/// masqueraded flow holds to the same backend (masquerade ports include the
+/// ephemeral range) moves to another port, as netfilter moves it; each
+/// connection's replies reach it, and the masqueraded flow keeps its port.
+#[test]
+fn a_node_connection_on_a_held_port_moves_to_another() {
+    let harness = masquerade_harness();
+    assert_eq!(masquerade(&harness, "192.168.10.2:40000"), Some(40000));
+    let own = Packet { tcp_flags: SYN, ..Packet::tcp("192.168.10.1:40000", "10.244.2.2:8080") };
+    let (verdict, out) = harness.run(Prog::TcEgress, &own.bytes());
+    assert_eq!(verdict, TC_ACT_OK);
+    let moved = masquerade_port(&out);
     assert_ne!(moved, 40000);
+    assert_eq!(out, own.with_src(&format!("192.168.10.1:{moved}")).bytes());
+    verify_checksums(&out).unwrap();
+    // Its later packets keep the new port.
+    let (_, again) =
+        harness.run(Prog::TcEgress, &Packet::tcp("192.168.10.1:40000", "10.244.2.2:8080").bytes());
+    assert_eq!(masquerade_port(&again), moved);
+
+    let to_node = Packet::tcp("10.244.2.2:8080", &format!("192.168.10.1:{moved}"));
+    let (_, out) = harness.run(Prog::Xdp, &to_node.bytes());
+    assert_eq!(out, Packet::tcp("10.244.2.2:8080", "192.168.10.1:40000").bytes());
+    let to_client = Packet::tcp("10.244.2.2:8080", "192.168.10.1:40000");
+    let (_, out) = harness.run(Prog::Xdp, &to_client.bytes());
+    assert_eq!(out, Packet::tcp("10.244.2.2:8080", "192.168.10.2:40000").bytes());
+
+    // A node connection on a port nobody holds, and one to another
+    // backend port, are left alone.
+    for free in ["192.168.10.1:40001", "192.168.10.1:40000"] {
+        let backend = if free.ends_with("40001") { "10.244.2.2:8080" } else { "10.244.2.2:9090" };
+        let syn = Packet { tcp_flags: SYN, ..Packet::tcp(free, backend) };
+        let (_, out) = harness.run(Prog::TcEgress, &syn.bytes());
+        assert_eq!(out, syn.bytes(), "{free} to {backend}");
+    }
 }
 
 /// A port some frontend uses on the node address is never a masquerade
