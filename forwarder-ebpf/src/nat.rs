@@ -9,8 +9,9 @@
 //! when it is a masquerade port and free, as netfilter does; otherwise it
 //! gets one by random probes over every masquerade port (`SnatPorts`).
 //! Masquerade ports include the node's ephemeral ones, so a connection of
-//! the node's own may get a port a masqueraded flow holds to the same
-//! backend: that connection is moved to another port, the same way.
+//! the node's own (or one netfilter masqueraded) may open on a port a
+//! masqueraded flow holds to the same backend: that connection is moved to
+//! another port, the same way.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_F_CURRENT_NETNS, BPF_NOEXIST, bpf_sock_tuple},
     helpers::{bpf_get_prandom_u32, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
@@ -28,7 +29,7 @@ use crate::{
     parse::Flow,
 };
 
-/// Set at load time from the node's ephemeral port range.
+/// Set at load time (`SnatPorts::DEFAULT` unless a test narrows it).
 #[unsafe(no_mangle)]
 static SNAT_PORTS: SnatPorts = SnatPorts::DEFAULT;
 
@@ -74,16 +75,17 @@ pub fn snat(ctx: &TcContext, flow: &Flow, ifindex: u32) -> Decision {
     let key = key_of(flow, CT_SNAT);
     let now = now_seconds();
     // SAFETY: copied out immediately.
-    let entry = match unsafe { NAT.get(&key) }.copied() {
-        Some(entry) => entry,
-        // A connection of the node's own whose tuple a masqueraded flow
-        // holds (the kernel picked the port without knowing): it moves to
-        // a free port instead, as netfilter moves it, and the reply entry
-        // restores it (`reverse_snat`).
-        None if node_connection_clashes(ctx, flow, now) => {
+    let (entry, moving) = match unsafe { NAT.get(&key) }.copied() {
+        Some(entry) => (entry, false),
+        // A connection from a node address whose tuple a masqueraded flow
+        // holds (a node socket's port, picked by the kernel without
+        // knowing, or netfilter's masquerading of a pod): it moves to a
+        // free port instead, as netfilter moves it, keeping its address,
+        // and the reply entry restores it (`reverse_snat`).
+        None if clashes_with_masquerade(flow, now) => {
             let moving = CtValue { last_seen: now, ..CtValue::new(0, 0, 0) };
             let _ = NAT.insert(&key, &moving, u64::from(BPF_NOEXIST));
-            moving
+            (moving, true)
         }
         None => return Ok(None),
     };
@@ -118,10 +120,14 @@ pub fn snat(ctx: &TcContext, flow: &Flow, ifindex: u32) -> Decision {
             }
         }
     }
-    // SAFETY: copied out immediately.
-    let addr = unsafe { SNAT_ADDRS.get(&ifindex).or_else(|| SNAT_ADDRS.get(&SNAT_ADDR_DEFAULT)) }
-        .copied()
-        .ok_or(stat::DROP_SNAT)?;
+    let addr = if moving {
+        flow.saddr
+    } else {
+        // SAFETY: copied out immediately.
+        unsafe { SNAT_ADDRS.get(&ifindex).or_else(|| SNAT_ADDRS.get(&SNAT_ADDR_DEFAULT)) }
+            .copied()
+            .ok_or(stat::DROP_SNAT)?
+    };
     let ports = ports();
     let own = u16::from_be(flow.sport);
     let mut port = if ports.contains(own) && claim(ctx, flow, addr, flow.sport, &restore, now) {
@@ -151,24 +157,17 @@ pub fn snat(ctx: &TcContext, flow: &Flow, ifindex: u32) -> Decision {
     Ok(Some(Nat::new(addr, port)))
 }
 
-/// Whether `flow` is a node socket's new connection (or a datagram of
-/// one) whose tuple is the reply tuple of a live masqueraded flow: its
-/// replies would go to that flow's client. Forwarded packets carry no
-/// socket and pay nothing here; a node's connection is checked when it
-/// opens (a port a node socket holds is never claimed, `node_socket`).
+/// Whether `flow` opens a connection (or is a datagram) whose tuple is
+/// the reply tuple of a live masqueraded flow: its replies would go to
+/// that flow's client. Only a masquerade address can be the destination of
+/// a reply entry, so the lookup itself tells a node address from others;
+/// TCP is checked when it opens (a port a node socket holds is never
+/// claimed, `node_socket`), UDP on every datagram that has no mapping.
 #[inline(always)]
-fn node_connection_clashes(ctx: &TcContext, flow: &Flow, now: u32) -> bool {
-    // SAFETY: the context's skb pointer is valid for the program's run;
-    // the socket pointer is only compared, never followed.
-    let from_socket = !unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.is_null();
-    if !from_socket
-        || !(flow.opening || flow.proto == PROTO_UDP)
-        || !ports().contains(u16::from_be(flow.sport))
-    {
+fn clashes_with_masquerade(flow: &Flow, now: u32) -> bool {
+    if !(flow.opening || flow.proto == PROTO_UDP) || !ports().contains(u16::from_be(flow.sport)) {
         return false;
     }
-    // Only a masquerade address can be the destination of a reply entry:
-    // the source address needs no check of its own.
     let reply = snat_reply_key(flow, flow.saddr, flow.sport);
     // SAFETY: compared in place.
     unsafe { NAT.get(&reply) }.is_some_and(|held| {
