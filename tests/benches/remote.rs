@@ -28,9 +28,9 @@ use forwarder_tests::{
     api_cluster::register_node_at,
     bpf_stats::{self, Collecting, Snapshot},
     cluster::{Cluster, NODE_IFACE},
-    forwarder::{Forwarder, attachments, http_get},
+    forwarder::{Forwarder, attachments, packet_counters},
     k8s::ControlPlane,
-    kube_proxy::{KubeProxy, ProxyMode, leftovers, pinned_release},
+    kube_proxy::{KubeProxy, ProxyMode, conntrack_stats, leftovers, pinned_release},
     netns::NetNs,
     xdp_pass::{TcPass, XdpPass},
 };
@@ -303,32 +303,11 @@ fn assert_clean(bench: &Bench, when: &str) {
 /// What the dataplane counted: forwarder's packets by reason, netfilter
 /// conntrack's statistics summed over CPUs (`conntrack -S`).
 fn counters(active: &Active, bench: &Bench) -> Value {
-    let mut counters = serde_json::Map::new();
-    match active {
-        Active::Forwarder(_) => {
-            let metrics = http_get(bench.node(), "127.0.0.1:10249", "/metrics");
-            for line in metrics.map(|(_, body)| body).unwrap_or_default().lines() {
-                let sample = line.strip_prefix("forwarder_packets_total{reason=\"");
-                if let Some((reason, value)) = sample.and_then(|s| s.split_once("\"} ")) {
-                    counters.insert(reason.into(), json!(value.trim().parse::<f64>().ok()));
-                }
-            }
-        }
-        Active::KubeProxy(_) => {
-            let stats = bench.node().exec(&["conntrack", "-S"]);
-            for pair in String::from_utf8_lossy(&stats.stdout).split_whitespace() {
-                if let Some((key, value)) = pair.split_once('=')
-                    && let Ok(value) = value.parse::<f64>()
-                    && key != "cpu"
-                {
-                    let total = counters.entry(key).or_insert(json!(0.0));
-                    *total = json!(total.as_f64().unwrap_or(0.0) + value);
-                }
-            }
-        }
-        Active::Nothing | Active::Hooks { .. } => {}
-    }
-    Value::Object(counters)
+    Value::Object(match active {
+        Active::Forwarder(_) => packet_counters(bench.node()),
+        Active::KubeProxy(_) => conntrack_stats(bench.node()),
+        Active::Nothing | Active::Hooks { .. } => serde_json::Map::new(),
+    })
 }
 
 fn main() {

@@ -376,3 +376,17 @@ pub fn attachments(node: &NetNs) -> Vec<String> {
 fn word_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     text.split_whitespace().skip_while(|w| *w != key).nth(1)
 }
+
+/// The agent's packet counters by reason, from its `/metrics` in `node`
+/// (empty when it does not answer).
+pub fn packet_counters(node: &NetNs) -> serde_json::Map<String, serde_json::Value> {
+    let mut counters = serde_json::Map::new();
+    let metrics = http_get(node, "127.0.0.1:10249", "/metrics");
+    for line in metrics.map(|(_, body)| body).unwrap_or_default().lines() {
+        let sample = line.strip_prefix("forwarder_packets_total{reason=\"");
+        if let Some((reason, value)) = sample.and_then(|s| s.split_once("\"} ")) {
+            counters.insert(reason.into(), serde_json::json!(value.trim().parse::<f64>().ok()));
+        }
+    }
+    counters
+}

@@ -226,6 +226,23 @@ impl Drop for KubeProxy {
     }
 }
 
+/// netfilter conntrack's statistics in `node`, summed over CPUs
+/// (`conntrack -S`).
+pub fn conntrack_stats(node: &NetNs) -> serde_json::Map<String, serde_json::Value> {
+    let mut counters = serde_json::Map::new();
+    let stats = node.exec(&["conntrack", "-S"]);
+    for pair in String::from_utf8_lossy(&stats.stdout).split_whitespace() {
+        if let Some((key, value)) = pair.split_once('=')
+            && let Ok(value) = value.parse::<f64>()
+            && key != "cpu"
+        {
+            let total = counters.entry(key).or_insert(serde_json::json!(0.0));
+            *total = serde_json::json!(total.as_f64().unwrap_or(0.0) + value);
+        }
+    }
+    counters
+}
+
 /// The nat table as `mode` wrote it (`iptables-save -t nat` of its backend).
 pub fn nat_rules(node: &NetNs, mode: ProxyMode) -> String {
     let save = format!("iptables-{}-save", mode.iptables_backend());

@@ -4,8 +4,8 @@
 use std::{process::Command, time::Duration};
 
 use forwarder_tests::{
-    forwarder::{Forwarder, attachments, http_get},
-    kube_proxy::{KubeProxy, ProxyMode, leftovers, nat_rules},
+    forwarder::{Forwarder, attachments, packet_counters},
+    kube_proxy::{KubeProxy, ProxyMode, conntrack_stats, leftovers, nat_rules},
     topology::{NODE_IFACE, NODE_NAME},
     xdp_pass::{TcPass, XdpPass},
 };
@@ -171,32 +171,11 @@ pub fn describe(mode: Mode, active: &Active, bench: &Bench) -> Value {
 /// `/metrics`); kube-proxy: netfilter conntrack's statistics, summed over
 /// CPUs (`conntrack -S`).
 pub fn counters(active: &Active, bench: &Bench) -> Value {
-    let mut counters = serde_json::Map::new();
-    match active {
-        Active::Forwarder(_) => {
-            let metrics = http_get(bench.node(), "127.0.0.1:10249", "/metrics");
-            for line in metrics.map(|(_, body)| body).unwrap_or_default().lines() {
-                let sample = line.strip_prefix("forwarder_packets_total{reason=\"");
-                if let Some((reason, value)) = sample.and_then(|s| s.split_once("\"} ")) {
-                    counters.insert(reason.into(), json!(value.trim().parse::<f64>().ok()));
-                }
-            }
-        }
-        Active::KubeProxy(_) => {
-            let stats = bench.node().exec(&["conntrack", "-S"]);
-            for pair in String::from_utf8_lossy(&stats.stdout).split_whitespace() {
-                if let Some((key, value)) = pair.split_once('=')
-                    && let Ok(value) = value.parse::<f64>()
-                    && key != "cpu"
-                {
-                    let total = counters.entry(key).or_insert(json!(0.0));
-                    *total = json!(total.as_f64().unwrap_or(0.0) + value);
-                }
-            }
-        }
-        Active::Nothing | Active::Hooks { .. } => {}
-    }
-    Value::Object(counters)
+    Value::Object(match active {
+        Active::Forwarder(_) => packet_counters(bench.node()),
+        Active::KubeProxy(_) => conntrack_stats(bench.node()),
+        Active::Nothing | Active::Hooks { .. } => serde_json::Map::new(),
+    })
 }
 
 /// Every new flow starts with an empty table, whatever the runs before.

@@ -156,6 +156,21 @@ fn spread(values: &[f64]) -> Option<(f64, f64, f64)> {
     Some((v[v.len() / 2], v[0], v[v.len() - 1]))
 }
 
+/// The drops a dataplane counted, as `name value` (forwarder's `drop_*`
+/// packet counters; netfilter conntrack's `drop`, `early_drop`,
+/// `insert_failed`, `invalid`), those above zero only.
+fn counted_drops<'a>(counters: impl IntoIterator<Item = (&'a String, &'a Value)>) -> Vec<String> {
+    counters
+        .into_iter()
+        .filter(|(k, v)| {
+            let drop_like = k.starts_with("drop")
+                || ["early_drop", "insert_failed", "invalid"].contains(&k.as_str());
+            drop_like && v.as_f64().unwrap_or(0.0) > 0.0
+        })
+        .map(|(k, v)| format!("{k} {}", v.as_f64().unwrap_or(0.0)))
+        .collect()
+}
+
 /// Each BPF program that ran in `results` (samples with `ok` connections
 /// and the live `programs` statistics): (runs per connection, ns per run),
 /// medians over the samples.

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 use anyhow::bail;
 use serde_json::{Value, json};
 
-use super::{bench_lines, live_programs, machine, spread, write};
+use super::{bench_lines, counted_drops, live_programs, machine, spread, write};
 
 const MODES: [(&str, &str); 5] = [
     ("direct", "direct to pod"),
@@ -174,15 +174,7 @@ fn report(
         let counted = match recorded.filter(|m| !m.is_empty()) {
             None => "–".to_owned(),
             Some(m) => {
-                let drops: Vec<String> = m
-                    .iter()
-                    .filter(|(k, v)| {
-                        let drop_like = k.starts_with("drop")
-                            || ["early_drop", "insert_failed", "invalid"].contains(&k.as_str());
-                        drop_like && v.as_f64().unwrap_or(0.0) > 0.0
-                    })
-                    .map(|(k, v)| format!("{k} {}", v.as_f64().unwrap_or(0.0)))
-                    .collect();
+                let drops = counted_drops(m);
                 if drops.is_empty() { "none".into() } else { drops.join(", ") }
             }
         };

@@ -8,7 +8,7 @@ use plotters::style::RGBColor;
 use serde_json::{Value, json};
 
 use super::{
-    bench_lines, live_programs, machine,
+    bench_lines, counted_drops, live_programs, machine,
     plot::{self, Series},
     spread, write,
 };
@@ -353,16 +353,7 @@ fn failures(md: &mut String, r: &Results, counters: &[&Value]) -> std::fmt::Resu
                 .filter_map(|c| c["counters"].as_object())
                 .filter(|m| !m.is_empty())
                 .collect();
-            let counted = recorded
-                .iter()
-                .flat_map(|m| m.iter())
-                .filter(|(k, v)| {
-                    let drop_like = k.starts_with("drop")
-                        || ["early_drop", "insert_failed", "invalid"].contains(&k.as_str());
-                    drop_like && v.as_f64().unwrap_or(0.0) > 0.0
-                })
-                .map(|(k, v)| format!("{k} {}", v.as_f64().unwrap_or(0.0)))
-                .collect::<Vec<_>>();
+            let counted = counted_drops(recorded.iter().flat_map(|m| m.iter()));
             let counted = match (recorded.is_empty(), counted.is_empty()) {
                 (true, _) => "–".to_owned(),
                 (false, true) => "none".to_owned(),
