@@ -11,6 +11,8 @@
 //! Prints one JSON line per measurement for `cargo xtask bench`.
 //! `FORWARDER_BENCH_SMOKE=1`: one short run of every mode;
 //! `FORWARDER_BENCH_MODES=forwarder,...` picks a subset.
+#[path = "shared/dataplane.rs"]
+mod dataplane;
 #[path = "versus/server.rs"]
 mod server;
 #[allow(dead_code)] // the latency and UDP workloads are versus's
@@ -28,15 +30,15 @@ use forwarder_tests::{
     api_cluster::register_node_at,
     bpf_stats::{self, Collecting, Snapshot},
     cluster::{Cluster, NODE_IFACE},
-    forwarder::{Forwarder, attachments, packet_counters},
+    forwarder::{Forwarder, attachments},
     k8s::ControlPlane,
-    kube_proxy::{KubeProxy, ProxyMode, conntrack_stats, leftovers, pinned_release},
+    kube_proxy::{KubeProxy, leftovers, pinned_release},
     netns::NetNs,
-    xdp_pass::{TcPass, XdpPass},
 };
 use serde_json::{Value, json};
 
 use crate::{
+    dataplane::{Active, Mode},
     server::{Server, TCP_PORT},
     workloads::{Load, Workload},
 };
@@ -67,54 +69,6 @@ impl Path {
             Self::ClusterIp => "clusterip_remote",
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    /// Straight to the endpoint's address: no Service translation.
-    Direct,
-    /// As `Direct`, with do-nothing programs on forwarder's hooks of node-a
-    /// (XDP and TC both ways on its interface, TC both ways on its pods').
-    Hooks,
-    Forwarder,
-    KubeProxy(ProxyMode),
-}
-
-impl Mode {
-    const ALL: [Self; 5] = [
-        Self::Direct,
-        Self::Hooks,
-        Self::Forwarder,
-        Self::KubeProxy(ProxyMode::IptablesLegacy),
-        Self::KubeProxy(ProxyMode::Nftables),
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::Direct => "direct",
-            Self::Hooks => "direct-hooks",
-            Self::Forwarder => "forwarder",
-            Self::KubeProxy(ProxyMode::Iptables) => "kube-proxy-iptables-nft",
-            Self::KubeProxy(ProxyMode::IptablesLegacy) => "kube-proxy-iptables",
-            Self::KubeProxy(ProxyMode::Nftables) => "kube-proxy-nftables",
-        }
-    }
-
-    fn is_direct(self) -> bool {
-        matches!(self, Self::Direct | Self::Hooks)
-    }
-}
-
-/// The running dataplane; dropping it ends it.
-enum Active {
-    Nothing,
-    /// Held for their links: dropping them detaches the programs.
-    Hooks {
-        _xdp: Vec<XdpPass>,
-        _tc: Vec<TcPass>,
-    },
-    Forwarder(Forwarder),
-    KubeProxy(KubeProxy),
 }
 
 /// Field order is drop order: the server and the API before the namespaces.
@@ -231,17 +185,7 @@ fn start(mode: Mode, bench: &Bench) -> Active {
     let node = bench.node();
     let active = match mode {
         Mode::Direct => Active::Nothing,
-        Mode::Hooks => {
-            let xdp = vec![XdpPass::attach(node, NODE_IFACE)];
-            let mut tc = vec![
-                TcPass::attach(node, NODE_IFACE, false),
-                TcPass::attach(node, NODE_IFACE, true),
-            ];
-            for iface in POD_IFACES {
-                tc.extend([TcPass::attach(node, iface, false), TcPass::attach(node, iface, true)]);
-            }
-            Active::Hooks { _xdp: xdp, _tc: tc }
-        }
+        Mode::Hooks => Active::hooks(node, NODE_IFACE, &POD_IFACES),
         Mode::Forwarder => Active::Forwarder(Forwarder::start_cluster(
             node,
             &bench.plane.kubeconfig,
@@ -300,16 +244,6 @@ fn assert_clean(bench: &Bench, when: &str) {
     }
 }
 
-/// What the dataplane counted: forwarder's packets by reason, netfilter
-/// conntrack's statistics summed over CPUs (`conntrack -S`).
-fn counters(active: &Active, bench: &Bench) -> Value {
-    Value::Object(match active {
-        Active::Forwarder(_) => packet_counters(bench.node()),
-        Active::KubeProxy(_) => conntrack_stats(bench.node()),
-        Active::Nothing | Active::Hooks { .. } => serde_json::Map::new(),
-    })
-}
-
 fn main() {
     let smoke = std::env::var_os("FORWARDER_BENCH_SMOKE").is_some_and(|v| v == "1");
     let (load, repeats) = (load(smoke), if smoke { 1 } else { 5 });
@@ -348,7 +282,7 @@ fn main() {
                 );
             }
         }
-        let counters = counters(&active, &bench);
+        let counters = active.counters(bench.node());
         println!("{}", json!({"kind": "counters", "mode": mode.name(), "counters": counters}));
         stop(active, &bench);
         eprintln!("remote: {} done", mode.name());

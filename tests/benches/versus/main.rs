@@ -13,6 +13,8 @@
 //! `FORWARDER_BENCH_SMOKE=1`: 10 Services, one short run of everything;
 //! `FORWARDER_BENCH_SCALES=10,1000` and `FORWARDER_BENCH_MODES=forwarder,...`
 //! pick a subset.
+#[path = "../shared/dataplane.rs"]
+mod dataplane;
 mod modes;
 mod server;
 mod topology;
@@ -88,7 +90,7 @@ fn main() {
             for path in Path::ALL {
                 measure(&bench, &plan, mode, path);
             }
-            let counters = modes::counters(&active, &bench);
+            let counters = active.counters(bench.node());
             emit(
                 json!({"kind": "counters", "mode": mode.name(), "services": scale, "counters": counters}),
             );

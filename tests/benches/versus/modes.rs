@@ -4,67 +4,17 @@
 use std::{process::Command, time::Duration};
 
 use forwarder_tests::{
-    forwarder::{Forwarder, attachments, packet_counters},
-    kube_proxy::{KubeProxy, ProxyMode, conntrack_stats, leftovers, nat_rules},
+    forwarder::{Forwarder, attachments},
+    kube_proxy::{KubeProxy, ProxyMode, leftovers, nat_rules},
     topology::{NODE_IFACE, NODE_NAME},
-    xdp_pass::{TcPass, XdpPass},
 };
 use serde_json::{Value, json};
 
+pub use crate::dataplane::{Active, Mode};
 use crate::topology::{Bench, CLUSTER_CIDR, Path};
 
 /// The node's pod-facing interfaces (forwarder attaches to `veth*`).
 const POD_IFACES: [&str; 3] = ["veth-a", "veth-b", "veth-c"];
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// The client talks to the endpoints' addresses: no Service translation.
-    Direct,
-    /// As `Direct`, with do-nothing programs on each of forwarder's hooks
-    /// (XDP and TC both ways on the node interface, TC both ways on the
-    /// pods' interfaces): what the hooks cost before any work is done in
-    /// them.
-    Hooks,
-    Forwarder,
-    KubeProxy(ProxyMode),
-}
-
-impl Mode {
-    pub const ALL: [Self; 5] = [
-        Self::Direct,
-        Self::Hooks,
-        Self::Forwarder,
-        Self::KubeProxy(ProxyMode::IptablesLegacy),
-        Self::KubeProxy(ProxyMode::Nftables),
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Direct => "direct",
-            Self::Hooks => "direct-hooks",
-            Self::Forwarder => "forwarder",
-            Self::KubeProxy(ProxyMode::Iptables) => "kube-proxy-iptables-nft",
-            Self::KubeProxy(ProxyMode::IptablesLegacy) => "kube-proxy-iptables",
-            Self::KubeProxy(ProxyMode::Nftables) => "kube-proxy-nftables",
-        }
-    }
-
-    pub fn is_direct(self) -> bool {
-        matches!(self, Self::Direct | Self::Hooks)
-    }
-}
-
-/// The running dataplane; `stop` ends it and checks what it left.
-pub enum Active {
-    Nothing,
-    /// Held for their links: dropping them detaches the programs.
-    Hooks {
-        _xdp: Vec<XdpPass>,
-        _tc: Vec<TcPass>,
-    },
-    Forwarder(Forwarder),
-    KubeProxy(KubeProxy),
-}
 
 /// Starts `mode` and waits until the last Service answers on every path.
 pub fn start(mode: Mode, bench: &Bench) -> Active {
@@ -72,17 +22,7 @@ pub fn start(mode: Mode, bench: &Bench) -> Active {
     let node = bench.node();
     let active = match mode {
         Mode::Direct => return Active::Nothing,
-        Mode::Hooks => {
-            let xdp = vec![XdpPass::attach(node, NODE_IFACE)];
-            let mut tc = vec![
-                TcPass::attach(node, NODE_IFACE, false),
-                TcPass::attach(node, NODE_IFACE, true),
-            ];
-            for iface in POD_IFACES {
-                tc.extend([TcPass::attach(node, iface, false), TcPass::attach(node, iface, true)]);
-            }
-            return Active::Hooks { _xdp: xdp, _tc: tc };
-        }
+        Mode::Hooks => return Active::hooks(node, NODE_IFACE, &POD_IFACES),
         Mode::Forwarder => {
             let map_max = lb_map_max(bench.services.len()).to_string();
             Active::Forwarder(Forwarder::start_cluster_with(
@@ -164,18 +104,6 @@ pub fn describe(mode: Mode, active: &Active, bench: &Bench) -> Value {
         }
     }
     info
-}
-
-/// What the dataplane counted over its life, read before it stops: drops
-/// explain failed transactions. forwarder: its packets by reason (from
-/// `/metrics`); kube-proxy: netfilter conntrack's statistics, summed over
-/// CPUs (`conntrack -S`).
-pub fn counters(active: &Active, bench: &Bench) -> Value {
-    Value::Object(match active {
-        Active::Forwarder(_) => packet_counters(bench.node()),
-        Active::KubeProxy(_) => conntrack_stats(bench.node()),
-        Active::Nothing | Active::Hooks { .. } => serde_json::Map::new(),
-    })
 }
 
 /// Every new flow starts with an empty table, whatever the runs before.
