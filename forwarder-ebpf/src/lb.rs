@@ -95,17 +95,12 @@ pub fn service_dnat(flow: &Flow, origin: Origin) -> Decision {
             }
             existing
         }
-        stale_entry => {
-            if stale_entry.is_some() {
-                let _ = CONNTRACK.remove(&key);
+        previous => match new_flow(flow, &key, svc, &head, origin, now, previous) {
+            Err(stat::DROP_NO_ENDPOINTS) if head.flags & SVC_DROP_EMPTY == 0 => {
+                return Err(stat::REJECT_NO_ENDPOINTS);
             }
-            match new_flow(flow, &key, svc, &head, origin, now) {
-                Err(stat::DROP_NO_ENDPOINTS) if head.flags & SVC_DROP_EMPTY == 0 => {
-                    return Err(stat::REJECT_NO_ENDPOINTS);
-                }
-                result => result?,
-            }
-        }
+            result => result?,
+        },
     };
     let other_port = if fwd.client_port != flow.sport { fwd.client_port } else { 0 };
     Ok(Some(Nat { addr: fwd.nat_addr, port: fwd.nat_port, other_port }))
@@ -115,6 +110,7 @@ pub fn service_dnat(flow: &Flow, origin: Origin) -> Decision {
 /// the client is to be masqueraded: traffic from outside to an endpoint on
 /// another node (so the reply comes back through us), and a pod reaching
 /// itself through a Service (hairpin; it would not answer its own address).
+/// `previous`: the stale forward entry of an earlier flow on this tuple.
 #[inline(always)]
 fn new_flow(
     flow: &Flow,
@@ -123,6 +119,7 @@ fn new_flow(
     head: &SvcValue,
     origin: Origin,
     now: u32,
+    previous: Option<*mut CtValue>,
 ) -> Result<CtValue, u32> {
     if head.flags & SVC_SOURCE_RANGES != 0 && !source_allowed(flow.saddr, svc) {
         return Err(stat::DROP_SOURCE_RANGE);
@@ -146,12 +143,17 @@ fn new_flow(
         Origin::Outside => !picked.local,
         Origin::LocalPod => picked.ct.nat_addr == flow.saddr,
     };
-    let mut chosen = CtValue {
-        flags: observed(flow, CT_CLIENT_CLOSING) | if masquerade { CT_MASQUERADE } else { 0 },
-        last_seen: now,
-        client_port: flow.sport,
-        ..picked.ct
-    };
+    let flags = observed(flow, CT_CLIENT_CLOSING) | if masquerade { CT_MASQUERADE } else { 0 };
+    if let Some(previous) = previous {
+        if let Some(reopened) = reopen(flow, previous, &picked.ct, flags, now) {
+            if masquerade {
+                ensure_snat(key, &reopened, now);
+            }
+            return Ok(reopened);
+        }
+        let _ = CONNTRACK.remove(key);
+    }
+    let mut chosen = CtValue { flags, last_seen: now, client_port: flow.sport, ..picked.ct };
     chosen.client_port = claim_reply(flow, &chosen, now)?;
     if CONNTRACK.insert(key, &chosen, u64::from(BPF_NOEXIST)).is_err() {
         // Another CPU created the flow first: follow its choice, and give
@@ -168,6 +170,47 @@ fn new_flow(
         ensure_snat(key, &chosen, now);
     }
     Ok(chosen)
+}
+
+/// A new flow on the tuple of an earlier one that picked the same backend
+/// (the pick is a hash of the tuple: a client reusing its port, as short
+/// connections do within seconds, gets the same one unless the endpoints
+/// changed) starts over in the earlier flow's entries: their state and
+/// time are reset in place, where removing and inserting both entries
+/// would cost most of a connection's time in the datapath. `None`: the
+/// earlier flow had another backend, or lost its reply entry.
+#[inline(always)]
+fn reopen(
+    flow: &Flow,
+    previous: *mut CtValue,
+    picked: &CtValue,
+    flags: u16,
+    now: u32,
+) -> Option<CtValue> {
+    // SAFETY: a live map value, copied out.
+    let old = unsafe { *previous };
+    if old.backend_id != picked.backend_id
+        || old.nat_addr != picked.nat_addr
+        || old.nat_port != picked.nat_port
+    {
+        return None;
+    }
+    let reply = CONNTRACK.get_ptr_mut(&key_of(flow, CT_FORWARD).reply_of(&old))?;
+    // SAFETY: a live map value; racing writers store a time or flags, and
+    // another CPU reopening the same flow stores the same ones.
+    unsafe {
+        if (*reply).nat_addr != flow.daddr
+            || (*reply).nat_port != flow.dport
+            || (*reply).client_port != flow.sport
+        {
+            return None;
+        }
+        (*reply).flags = 0;
+        (*reply).last_seen = now;
+        (*previous).flags = flags;
+        (*previous).last_seen = now;
+    }
+    Some(CtValue { flags, last_seen: now, ..old })
 }
 
 /// Source NAT for a backend's reply: restores the frontend the client used,
