@@ -21,7 +21,7 @@ pub mod map_names {
     pub const NAT: &str = "NAT4_V1";
     pub const FRAGMENTS: &str = "FRAG4_V1";
     pub const HASH_SEED: &str = "HASH_SEED_V1";
-    pub const NODE_IPS: &str = "NODE_IP4_V1";
+    pub const NODE_IPS: &str = "NODE_IP4_V2";
     pub const SNAT_ADDRS: &str = "SNAT_ADDR4_V1";
     pub const AFFINITY: &str = "AFFINITY4_V1";
     pub const CLUSTER_IPS: &str = "CLUSTER_IP4_V1";
@@ -49,6 +49,14 @@ pub const BACKENDS_MAX: u32 = 65_536;
 pub const CONNTRACK_MAX: u32 = 262_144;
 pub const NAT_MAX: u32 = 262_144;
 pub const NODE_IPS_MAX: u32 = 256;
+
+/// `NODE_IP4_V2` values: what a node address is used for. It serves
+/// NodePorts (within `--nodeport-addresses`)...
+pub const NODE_IP_NODEPORT: u32 = 1;
+/// ...and masquerades flows (a `SNAT_ADDR4_V1` value): replies to
+/// masqueraded flows arrive for it, so only packets to such an address are
+/// looked up in the masquerade map.
+pub const NODE_IP_MASQUERADE: u32 = 2;
 pub const SNAT_ADDRS_MAX: u32 = 4096;
 pub const AFFINITY_MAX: u32 = 65_536;
 pub const CLUSTER_IPS_MAX: u32 = 65_536;
@@ -146,7 +154,8 @@ pub const SCOPE_INTERNAL: u8 = 1;
 ///
 /// Slot 0 is the frontend itself and holds the backend count; slots
 /// `1..=count` each hold one backend id (Cilium's layout). A NodePort frontend
-/// has `addr == 0` and matches any address in `NODE_IP4_V1`.
+/// has `addr == 0` and matches any address `NODE_IP4_V2` marks
+/// `NODE_IP_NODEPORT`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SvcKey {

@@ -36,9 +36,19 @@ pub static NAT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(NAT_MA
 #[map(name = "FRAG4_V1")]
 pub static FRAGMENTS: LruHashMap<FragKey, FragNat> = LruHashMap::with_max_entries(FRAGMENTS_MAX, 0);
 
-/// Local node addresses that serve NodePorts (value unused).
-#[map(name = "NODE_IP4_V1")]
+/// Local node addresses -> what they are used for (`NODE_IP_*`). Small
+/// and hot: one lookup tells a packet to another host, the common case,
+/// from one that may be for a NodePort or a masqueraded flow.
+#[map(name = "NODE_IP4_V2")]
 pub static NODE_IPS: HashMap<u32, u32> = HashMap::with_max_entries(NODE_IPS_MAX, 0);
+
+/// What `addr` is used for on this node (`NODE_IP_*`; 0: not a node
+/// address).
+#[inline(always)]
+pub fn node_ip_flags(addr: u32) -> u32 {
+    // SAFETY: copied out immediately.
+    unsafe { NODE_IPS.get(&addr) }.copied().unwrap_or(0)
+}
 
 /// Masquerade address per egress ifindex; `SNAT_ADDR_DEFAULT` for the rest.
 #[map(name = "SNAT_ADDR4_V1")]

@@ -18,14 +18,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use forwarder_common::{
-    CT_BACKEND_CLOSING, CT_CLIENT_CLOSING, CT_SNAT, CT_SNAT_REPLY, CtKey, CtValue, PROTO_TCP,
-    PROTO_UDP, SCOPE_EXTERNAL, SNAT_ADDR_DEFAULT, SnatPorts, SvcKey, stat,
+    CT_BACKEND_CLOSING, CT_CLIENT_CLOSING, CT_SNAT, CT_SNAT_REPLY, CtKey, CtValue,
+    NODE_IP_MASQUERADE, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SNAT_ADDR_DEFAULT, SnatPorts, SvcKey,
+    stat,
 };
 
 use crate::{
     conntrack::{expired, key_of, now_seconds, observed, restoring, touch},
     lb::{Decision, Nat},
-    maps::{NAT, SERVICES, SNAT_ADDRS},
+    maps::{NAT, SERVICES, SNAT_ADDRS, node_ip_flags},
     parse::Flow,
 };
 
@@ -60,8 +61,12 @@ pub fn ensure_snat(forward: &CtKey, fwd: &CtValue, now: u32) {
 /// to restore as the destination.
 #[inline(always)]
 pub fn reverse_snat(flow: &Flow) -> Decision {
-    // Only masquerade ports can match: spare other packets the lookup.
-    if !ports().contains(u16::from_be(flow.dport)) {
+    // Only masquerade addresses and ports can match: spare other packets
+    // the lookup in a large map (replies to pods, to the node's own
+    // connections on ports outside the range).
+    if !ports().contains(u16::from_be(flow.dport))
+        || node_ip_flags(flow.daddr) & NODE_IP_MASQUERADE == 0
+    {
         return Ok(None);
     }
     let entry = restoring(&NAT, &key_of(flow, CT_SNAT_REPLY), flow, CT_BACKEND_CLOSING)?;

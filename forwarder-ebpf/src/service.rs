@@ -8,14 +8,14 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use forwarder_common::{
-    AffinityKey, AffinityValue, BACKEND_LOCAL, CtValue, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SOURCE_RANGE_FRONTEND_BITS, SVC_DROP_EMPTY, SVC_HAS_INTERNAL, SourceRangeKey, SvcKey, SvcValue,
-    stat,
+    AffinityKey, AffinityValue, BACKEND_LOCAL, CtValue, NODE_IP_NODEPORT, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS, SVC_DROP_EMPTY, SVC_HAS_INTERNAL, SourceRangeKey,
+    SvcKey, SvcValue, stat,
 };
 
 use crate::{
     lb::{Nat, Origin},
-    maps::{AFFINITY, BACKENDS, CLUSTER_IPS, NODE_IPS, SERVICES, SOURCE_RANGES},
+    maps::{AFFINITY, BACKENDS, CLUSTER_IPS, SERVICES, SOURCE_RANGES, node_ip_flags},
 };
 
 /// The slot-0 key of the frontend `daddr:dport` names, in the scope that
@@ -28,14 +28,14 @@ pub fn frontend(daddr: u32, dport: u16, proto: u8, origin: Origin) -> Option<(Sv
         Some(head) => (exact, head),
         None => {
             // NodePort: a wildcard entry, valid on the node's own addresses
-            // only. The port first: most packets to a node address are for
-            // no NodePort, and are done after one lookup.
+            // only. The address first: most packets are to other hosts, and
+            // the node's addresses are a small map, cached.
+            if node_ip_flags(daddr) & NODE_IP_NODEPORT == 0 {
+                return None;
+            }
             let nodeport = SvcKey::new(0, dport, proto, SCOPE_EXTERNAL, 0);
             // SAFETY: copied out immediately.
-            let head = unsafe { SERVICES.get(&nodeport) }.copied()?;
-            // SAFETY: presence check only.
-            unsafe { NODE_IPS.get(&daddr) }?;
-            (nodeport, head)
+            (nodeport, unsafe { SERVICES.get(&nodeport) }.copied()?)
         }
     };
     if origin == Origin::LocalPod && head.flags & SVC_HAS_INTERNAL != 0 {

@@ -177,6 +177,12 @@ struct Agent {
 
 impl Agent {
     async fn run(&mut self, source: &mut Source) -> anyhow::Result<()> {
+        // A new build may bring the node addresses' map in a new layout,
+        // empty: it is filled before the build's programs replace the
+        // running ones, or NodePorts would go unserved until then.
+        if let Some(links) = self.links().await {
+            self.reconcile_addresses(&links).await;
+        }
         for iface in &self.config.ifaces {
             let mode = self
                 .dataplane
@@ -387,16 +393,28 @@ impl Agent {
     }
 
     /// Attaches to new pod-facing interfaces, forgets vanished ones, and
-    /// refreshes the node addresses that serve NodePorts.
+    /// refreshes the node addresses.
     async fn reconcile_interfaces(&mut self) {
-        let links = match self.netlink.links().await {
-            Ok(links) => links,
-            Err(error) => {
-                tracing::warn!(%error, "listing interfaces failed");
-                return;
-            }
+        let Some(links) = self.links().await else {
+            return;
         };
         self.reconcile_pod_attachments(&links);
+        self.reconcile_addresses(&links).await;
+    }
+
+    async fn links(&mut self) -> Option<Vec<Link>> {
+        match self.netlink.links().await {
+            Ok(links) => Some(links),
+            Err(error) => {
+                tracing::warn!(%error, "listing interfaces failed");
+                None
+            }
+        }
+    }
+
+    /// Refreshes the node addresses: those that serve NodePorts, and those
+    /// flows are masqueraded to.
+    async fn reconcile_addresses(&mut self, links: &[Link]) {
         match self.netlink.ipv4_addrs().await {
             Ok(by_interface) => {
                 let local: BTreeSet<Ipv4Addr> = by_interface.iter().map(|(_, ip)| *ip).collect();
@@ -412,7 +430,7 @@ impl Agent {
                     false => addrs.union(&self.syncer.node_ips()).copied().collect(),
                 };
                 let mut report = self.syncer.apply_node_ips(&addrs, &mut self.dataplane.maps);
-                let snat = snat_addresses(&by_interface, &links, &self.config.ifaces);
+                let snat = snat_addresses(&by_interface, links, &self.config.ifaces);
                 let snat_report = self.syncer.apply_snat_addrs(&snat, &mut self.dataplane.maps);
                 report.errors.extend(snat_report.errors);
                 for error in &report.errors {

@@ -301,7 +301,11 @@ impl Maps {
         let mut contents = MapContents {
             services: self.services.iter().collect::<Result<_, _>>()?,
             backends: self.backends.iter().collect::<Result<_, _>>()?,
-            node_ips: self.node_ips.keys().map(|k| k.map(addr)).collect::<Result<_, _>>()?,
+            node_ips: self
+                .node_ips
+                .iter()
+                .map(|e| e.map(|(a, flags)| (addr(a), flags)))
+                .collect::<Result<_, _>>()?,
             cluster_ips: self.cluster_ips.keys().map(|k| k.map(addr)).collect::<Result<_, _>>()?,
             snat_addrs: self
                 .snat_addrs
@@ -388,9 +392,9 @@ impl Datapath for Maps {
         self.services.remove(&key).map_err(write_err(map_names::SERVICES, "remove"))
     }
 
-    fn put_node_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError> {
+    fn put_node_ip(&mut self, addr: Ipv4Addr, flags: u32) -> Result<(), MapWriteError> {
         let key = u32::from_ne_bytes(addr.octets());
-        self.node_ips.insert(key, 0, 0).map_err(write_err(map_names::NODE_IPS, "insert"))
+        self.node_ips.insert(key, flags, 0).map_err(write_err(map_names::NODE_IPS, "insert"))
     }
 
     fn remove_node_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError> {

@@ -11,8 +11,8 @@ use std::{
 };
 
 use forwarder_common::{
-    BACKEND_LOCAL, Backend, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_DROP_EMPTY, SVC_HAS_INTERNAL,
-    SVC_SOURCE_RANGES, SvcKey, SvcValue,
+    BACKEND_LOCAL, Backend, NODE_IP_MASQUERADE, NODE_IP_NODEPORT, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SVC_DROP_EMPTY, SVC_HAS_INTERNAL, SVC_SOURCE_RANGES, SvcKey, SvcValue,
 };
 
 use crate::{
@@ -36,7 +36,8 @@ pub trait Datapath {
     fn remove_backend(&mut self, id: u32) -> Result<(), MapWriteError>;
     fn put_service(&mut self, key: SvcKey, value: SvcValue) -> Result<(), MapWriteError>;
     fn remove_service(&mut self, key: SvcKey) -> Result<(), MapWriteError>;
-    fn put_node_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError>;
+    /// A node address and what it is used for (`NODE_IP_*` flags).
+    fn put_node_ip(&mut self, addr: Ipv4Addr, flags: u32) -> Result<(), MapWriteError>;
     fn remove_node_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError>;
     fn put_cluster_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError>;
     fn remove_cluster_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError>;
@@ -58,6 +59,15 @@ pub struct SyncReport {
     pub writes: usize,
     pub errors: Vec<String>,
     pub warnings: Vec<String>,
+}
+
+impl SyncReport {
+    /// Adds another report's writes, errors and warnings to this one.
+    pub fn merge(&mut self, other: SyncReport) {
+        self.writes += other.writes;
+        self.errors.extend(other.errors);
+        self.warnings.extend(other.warnings);
+    }
 }
 
 /// What a frontend currently holds in the map, exactly.
@@ -88,7 +98,8 @@ pub struct Syncer {
     /// Freed ids, reused oldest first.
     free_ids: VecDeque<u32>,
     next_id: u32,
-    node_ips: BTreeSet<Ipv4Addr>,
+    /// Node addresses and their `NODE_IP_*` flags, as written.
+    node_ips: BTreeMap<Ipv4Addr, u32>,
     cluster_ips: BTreeSet<Ipv4Addr>,
     source_ranges: BTreeSet<(Frontend, Cidr)>,
     snat_addrs: BTreeMap<u32, Ipv4Addr>,
@@ -131,7 +142,7 @@ impl Syncer {
             backends: HashMap::new(),
             free_ids: VecDeque::new(),
             next_id: 1,
-            node_ips: BTreeSet::new(),
+            node_ips: BTreeMap::new(),
             cluster_ips: BTreeSet::new(),
             source_ranges: BTreeSet::new(),
             snat_addrs: BTreeMap::new(),
@@ -142,9 +153,9 @@ impl Syncer {
         }
     }
 
-    /// The node addresses in the map.
+    /// The node addresses in the map that serve NodePorts.
     pub fn node_ips(&self) -> BTreeSet<Ipv4Addr> {
-        self.node_ips.clone()
+        self.node_ips.iter().filter(|(_, f)| *f & NODE_IP_NODEPORT != 0).map(|(a, _)| *a).collect()
     }
 
     /// Entries the syncer keeps in each map it writes.
@@ -278,22 +289,27 @@ impl Syncer {
         Ok(())
     }
 
-    /// Makes the map's local node addresses equal `desired`.
-    pub fn apply_node_ips<Dp: Datapath>(
+    /// Makes the node addresses that serve NodePorts equal `desired`.
+    pub fn apply_node_ips(
         &mut self,
         desired: &BTreeSet<Ipv4Addr>,
-        dp: &mut Dp,
+        dp: &mut impl Datapath,
     ) -> SyncReport {
-        sync_set(&mut self.node_ips, desired, dp, Dp::put_node_ip, Dp::remove_node_ip)
+        let masquerading: BTreeSet<Ipv4Addr> = self.snat_addrs.values().copied().collect();
+        self.sync_node_flags(desired, &masquerading, dp)
     }
 
-    /// Makes the masquerade addresses equal `desired` (ifindex -> address).
+    /// Makes the masquerade addresses equal `desired` (ifindex -> address),
+    /// and marks them in the node addresses: a new address is marked before
+    /// any flow can be masqueraded to it, an old one unmarked after.
     pub fn apply_snat_addrs(
         &mut self,
         desired: &BTreeMap<u32, Ipv4Addr>,
         dp: &mut impl Datapath,
     ) -> SyncReport {
-        let mut report = SyncReport::default();
+        let nodeports = self.node_ips();
+        let both = self.snat_addrs.values().chain(desired.values()).copied().collect();
+        let mut report = self.sync_node_flags(&nodeports, &both, dp);
         for (ifindex, addr) in desired {
             if self.snat_addrs.get(ifindex) == Some(addr) {
                 continue;
@@ -313,6 +329,50 @@ impl Syncer {
                 Ok(()) => {
                     report.writes += 1;
                     self.snat_addrs.remove(&ifindex);
+                }
+                Err(err) => report.errors.push(err.to_string()),
+            }
+        }
+        let masquerading = self.snat_addrs.values().copied().collect();
+        report.merge(self.sync_node_flags(&nodeports, &masquerading, dp));
+        report
+    }
+
+    /// Writes each node address with its flags: NodePort service for the
+    /// addresses in `nodeports`, masquerading for those in `masquerading`.
+    fn sync_node_flags(
+        &mut self,
+        nodeports: &BTreeSet<Ipv4Addr>,
+        masquerading: &BTreeSet<Ipv4Addr>,
+        dp: &mut impl Datapath,
+    ) -> SyncReport {
+        let mut desired: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+        for addr in nodeports {
+            *desired.entry(*addr).or_default() |= NODE_IP_NODEPORT;
+        }
+        for addr in masquerading {
+            *desired.entry(*addr).or_default() |= NODE_IP_MASQUERADE;
+        }
+        let mut report = SyncReport::default();
+        for (addr, flags) in &desired {
+            if self.node_ips.get(addr) == Some(flags) {
+                continue;
+            }
+            match dp.put_node_ip(*addr, *flags) {
+                Ok(()) => {
+                    report.writes += 1;
+                    self.node_ips.insert(*addr, *flags);
+                }
+                Err(err) => report.errors.push(err.to_string()),
+            }
+        }
+        let gone: Vec<Ipv4Addr> =
+            self.node_ips.keys().filter(|a| !desired.contains_key(a)).copied().collect();
+        for addr in gone {
+            match dp.remove_node_ip(addr) {
+                Ok(()) => {
+                    report.writes += 1;
+                    self.node_ips.remove(&addr);
                 }
                 Err(err) => report.errors.push(err.to_string()),
             }

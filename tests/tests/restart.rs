@@ -39,6 +39,9 @@ enum Stop {
     Term,
     /// SIGTERM, then another build starts: a DaemonSet image update.
     Upgrade,
+    /// As `Upgrade`, to a build whose node addresses' map has another
+    /// layout (another name): it starts empty.
+    UpgradeToNewLayout,
 }
 
 fn survives(tag: &str, how: Stop) {
@@ -55,14 +58,21 @@ fn survives(tag: &str, how: Stop) {
         std::thread::sleep(Duration::from_millis(200));
         match how {
             Stop::Kill => forwarder.kill(),
-            Stop::Term | Stop::Upgrade => {
+            Stop::Term | Stop::Upgrade | Stop::UpgradeToNewLayout => {
                 forwarder.stop();
             }
+        }
+        if let Stop::UpgradeToNewLayout = how {
+            // The running programs keep the map; the new build sees none.
+            let pin = pin_path(&forwarder, map_names::NODE_IPS);
+            std::fs::remove_file(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
         }
         // No agent: the pinned programs and maps keep serving.
         std::thread::sleep(Duration::from_millis(500));
         match how {
-            Stop::Upgrade => forwarder.upgrade(&topology.node, other_build()),
+            Stop::Upgrade | Stop::UpgradeToNewLayout => {
+                forwarder.upgrade(&topology.node, other_build());
+            }
             Stop::Kill | Stop::Term => forwarder.restart(&topology.node),
         }
         std::thread::sleep(Duration::from_millis(300));
@@ -98,6 +108,13 @@ fn sigterm_and_restart_lose_no_connection() {
 #[test]
 fn an_upgrade_to_another_build_loses_no_connection() {
     survives("upgrade", Stop::Upgrade);
+}
+
+/// The node addresses are written before the new programs replace the
+/// old ones: NodePorts stay served when the new build brings that map empty.
+#[test]
+fn an_upgrade_with_a_new_address_map_layout_loses_no_connection() {
+    survives("layout", Stop::UpgradeToNewLayout);
 }
 
 /// An endpoint removed while no agent ran stops receiving new flows once
@@ -149,13 +166,12 @@ fn a_udp_flow_whose_endpoint_left_while_no_agent_ran_moves_on_restart() {
 }
 
 /// Backend id -> `address:port` in the agent's pinned backends map.
+fn pin_path(forwarder: &Forwarder, map: &str) -> std::path::PathBuf {
+    forwarder.bpffs_root.as_ref().expect("the tests' bpffs").join(NODE_NAME).join(map)
+}
+
 fn pinned_backends(forwarder: &Forwarder) -> BTreeMap<u32, String> {
-    let path = forwarder
-        .bpffs_root
-        .as_ref()
-        .expect("the tests' bpffs")
-        .join(NODE_NAME)
-        .join(map_names::BACKENDS);
+    let path = pin_path(forwarder, map_names::BACKENDS);
     let map = MapData::from_pin(&path).expect("pinned backends map");
     let backends: HashMap<_, u32, Backend> = HashMap::try_from(Map::HashMap(map)).expect("hash");
     backends

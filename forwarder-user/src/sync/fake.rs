@@ -13,11 +13,12 @@ use crate::{cidr::Cidr, model::Frontend};
 pub struct FakeDatapath {
     pub services: BTreeMap<SvcKey, SvcValue>,
     pub backends: BTreeMap<u32, Backend>,
-    pub node_ips: BTreeSet<Ipv4Addr>,
+    pub node_ips: BTreeMap<Ipv4Addr, u32>,
     pub cluster_ips: BTreeSet<Ipv4Addr>,
     pub source_ranges: BTreeSet<(Frontend, Cidr)>,
     pub snat_addrs: BTreeMap<u32, Ipv4Addr>,
-    /// Every write, in order, e.g. `put svc 10.96.0.10:80/6#0`.
+    /// Every write, in order, e.g. `put svc 10.96.0.10:80/6#0`, `put node
+    /// 192.168.0.1 3`, `remove snat 2`.
     pub log: Vec<String>,
     pub backends_capacity: Option<usize>,
 }
@@ -77,7 +78,7 @@ impl FakeDatapath {
         super::MapContents {
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
-            node_ips: self.node_ips.iter().copied().collect(),
+            node_ips: self.node_ips.iter().map(|(k, v)| (*k, *v)).collect(),
             cluster_ips: self.cluster_ips.iter().copied().collect(),
             source_ranges: self.source_ranges.iter().copied().collect(),
             snat_addrs: self.snat_addrs.iter().map(|(k, v)| (*k, *v)).collect(),
@@ -123,12 +124,14 @@ impl Datapath for FakeDatapath {
         Ok(())
     }
 
-    fn put_node_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError> {
-        self.node_ips.insert(addr);
+    fn put_node_ip(&mut self, addr: Ipv4Addr, flags: u32) -> Result<(), MapWriteError> {
+        self.log.push(format!("put node {addr} {flags}"));
+        self.node_ips.insert(addr, flags);
         Ok(())
     }
 
     fn remove_node_ip(&mut self, addr: Ipv4Addr) -> Result<(), MapWriteError> {
+        self.log.push(format!("remove node {addr}"));
         self.node_ips.remove(&addr);
         Ok(())
     }
@@ -158,11 +161,13 @@ impl Datapath for FakeDatapath {
     }
 
     fn put_snat_addr(&mut self, ifindex: u32, addr: Ipv4Addr) -> Result<(), MapWriteError> {
+        self.log.push(format!("put snat {ifindex} {addr}"));
         self.snat_addrs.insert(ifindex, addr);
         Ok(())
     }
 
     fn remove_snat_addr(&mut self, ifindex: u32) -> Result<(), MapWriteError> {
+        self.log.push(format!("remove snat {ifindex}"));
         self.snat_addrs.remove(&ifindex);
         Ok(())
     }

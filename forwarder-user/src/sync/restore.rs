@@ -20,7 +20,8 @@ use crate::{
 pub struct MapContents {
     pub services: Vec<(SvcKey, SvcValue)>,
     pub backends: Vec<(u32, Backend)>,
-    pub node_ips: Vec<Ipv4Addr>,
+    /// Node addresses and their `NODE_IP_*` flags.
+    pub node_ips: Vec<(Ipv4Addr, u32)>,
     pub cluster_ips: Vec<Ipv4Addr>,
     pub source_ranges: Vec<(Frontend, Cidr)>,
     pub snat_addrs: Vec<(u32, Ipv4Addr)>,

@@ -178,7 +178,32 @@ fn node_ips_follow_desired_set() {
     syncer.apply_node_ips(&[a, b].into(), &mut dp);
     let report = syncer.apply_node_ips(&[b].into(), &mut dp);
     assert_eq!(report.writes, 1);
-    assert_eq!(dp.node_ips, [b].into());
+    assert_eq!(dp.node_ips, [(b, NODE_IP_NODEPORT)].into());
+}
+
+#[test]
+fn masquerade_addresses_are_marked_before_use_and_unmarked_after() {
+    let mut dp = FakeDatapath::default();
+    let mut syncer = unlimited();
+    let node: Ipv4Addr = "192.168.0.1".parse().unwrap();
+    let other: Ipv4Addr = "10.0.0.1".parse().unwrap();
+    syncer.apply_node_ips(&[node].into(), &mut dp);
+    syncer.apply_snat_addrs(&[(1, node), (2, other)].into(), &mut dp);
+    assert_eq!(
+        dp.node_ips,
+        [(other, NODE_IP_MASQUERADE), (node, NODE_IP_NODEPORT | NODE_IP_MASQUERADE)].into()
+    );
+    let marked = dp.log.iter().position(|w| w == "put node 10.0.0.1 2").unwrap();
+    let used = dp.log.iter().position(|w| w == "put snat 2 10.0.0.1").unwrap();
+    assert!(marked < used, "{:#?}", dp.log);
+    // A NodePort address change keeps the masquerade flag, and the other way.
+    syncer.apply_node_ips(&[].into(), &mut dp);
+    syncer.apply_snat_addrs(&[(1, node)].into(), &mut dp);
+    assert_eq!(dp.node_ips, [(node, NODE_IP_MASQUERADE)].into());
+    let unused = dp.log.iter().position(|w| w == "remove snat 2").unwrap();
+    let unmarked = dp.log.iter().position(|w| w == "remove node 10.0.0.1").unwrap();
+    assert!(unused < unmarked, "{:#?}", dp.log);
+    assert_eq!(syncer.node_ips(), BTreeSet::new());
 }
 
 #[test]

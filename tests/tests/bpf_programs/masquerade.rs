@@ -66,6 +66,26 @@ fn hairpin_is_masqueraded() {
     verify_checksums(&out).unwrap();
 }
 
+/// `--nodeport-addresses` may leave out the address flows are masqueraded
+/// to: replies to it are restored all the same, and it serves no NodePort.
+#[test]
+fn replies_to_a_masquerade_address_that_serves_no_nodeport_are_restored() {
+    let mut harness = Harness::new();
+    let report = harness.syncer.apply_node_ips(&Default::default(), &mut harness.maps);
+    assert!(report.errors.is_empty(), "{report:?}");
+    let nodeport = Packet::tcp("192.168.10.2:40000", "192.168.10.1:30080");
+    assert_eq!(harness.run(Prog::Xdp, &nodeport.bytes()), (XDP_PASS, nodeport.bytes()));
+
+    let request = Packet::tcp("10.244.1.2:41000", "10.96.0.10:80");
+    let (_, out) = harness.run(Prog::Tc, &request.bytes());
+    let (_, out) = harness.run(Prog::TcEgress, &out);
+    let port = masquerade_port(&out);
+    let masqueraded = request.with_src(&format!("192.168.10.1:{port}")).with_dst("10.244.1.2:8080");
+    assert_eq!(out, masqueraded.bytes());
+    let (_, out) = harness.run(Prog::Tc, &masqueraded.reversed().bytes());
+    assert_eq!(out, Packet::tcp("10.244.1.2:8080", "10.244.1.2:41000").bytes());
+}
+
 /// Sends the first packet of a flow from `client` through XDP and egress;
 /// returns the masquerade port, or `None` if egress dropped it.
 fn masquerade(harness: &Harness, client: &str) -> Option<u16> {
