@@ -61,7 +61,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
         check(
             Command::new("go")
                 .current_dir(&module)
-                .args(["build", "-trimpath", "-o"])
+                .args(["build", "-trimpath", "-ldflags", &version_ldflags(), "-o"])
                 .arg(staging.join(name))
                 .arg(package)
                 // The pinned go.mod decides; never fetch another toolchain.
@@ -72,6 +72,21 @@ pub fn build() -> anyhow::Result<PathBuf> {
     // Complete or absent: a build cut short never looks finished.
     std::fs::rename(&staging, &dir).with_context(|| format!("{}", dir.display()))?;
     Ok(dir)
+}
+
+/// The version the Kubernetes components report (`kubectl version`,
+/// `/version`): the pinned release, where a build outside its git tree
+/// says v0.0.0 (and e2e would skip tests by it).
+pub fn version_ldflags() -> String {
+    let version = forwarder_tests::kube_proxy::pinned_release();
+    let mut parts = version.trim_start_matches('v').split('.');
+    let (major, minor) = (parts.next().unwrap_or("0"), parts.next().unwrap_or("0"));
+    ["gitVersion", "gitMajor", "gitMinor", "gitTreeState"]
+        .iter()
+        .zip([version.as_str(), major, minor, "clean"])
+        .map(|(var, value)| format!("-X k8s.io/component-base/version.{var}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn check_go() -> anyhow::Result<()> {

@@ -1,5 +1,7 @@
-//! Project tasks: `cargo xtask setup | demo | test | bench | vm | k8s`.
+//! Project tasks: `cargo xtask setup | demo | test | bench | vm | k8s |
+//! conformance`.
 mod bench;
+mod conformance;
 mod demo;
 mod k8s;
 mod setup;
@@ -42,6 +44,12 @@ enum Task {
         #[command(subcommand)]
         action: k8s::Action,
     },
+    /// A real cluster with forwarder as its Service proxy, for Kubernetes'
+    /// own conformance tests.
+    Conformance {
+        #[command(subcommand)]
+        action: conformance::Action,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,5 +60,6 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { smoke, report, only } => bench::run(smoke, report, &only),
         Task::Vm => vm::run(),
         Task::K8s { action } => k8s::run(action),
+        Task::Conformance { action } => conformance::run(action),
     }
 }

@@ -17,7 +17,9 @@ const LIBLLVM: &str = "libLLVM.so.22.1-rust-1.97.0-nightly";
 /// `dpkg-deb`, `depmod`, the archive keyring and module decompressors; for
 /// the test control plane `openssl` (its service-account key) and `curl`
 /// (its readiness probe and API calls); what kube-proxy runs: `iptables`,
-/// `nft`, `conntrack`; the benchmark plots' font.
+/// `nft`, `conntrack`; the benchmark plots' font; for the conformance
+/// cluster, runc's seccomp build, a static pause and the images' Debian
+/// base.
 const APT_PACKAGES: &[&str] = &[
     "gcc",
     "iproute2",
@@ -36,6 +38,10 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "conntrack",
     "fonts-dejavu-core",
+    "libseccomp-dev",
+    "pkg-config",
+    "libc6-dev",
+    "mmdebstrap",
 ];
 
 pub fn run() -> anyhow::Result<()> {
