@@ -120,7 +120,11 @@ pub fn kubernetes() -> anyhow::Result<PathBuf> {
 /// containerd, runc, CoreDNS, the CNI plugins and pause, built unless
 /// their directory (named after every pin) is there.
 pub fn runtime() -> anyhow::Result<PathBuf> {
-    let pins: Vec<&str> = GO_PROGRAMS.iter().map(|p| p.module).collect();
+    // Everything that shapes a build: module, packages, cgo, tags.
+    let pins: Vec<String> = GO_PROGRAMS
+        .iter()
+        .map(|p| format!("{}:{}:cgo={}:tags={}", p.module, p.packages.join(","), p.cgo, p.tags))
+        .collect();
     let key = format!("{} pause-{PAUSE_VERSION} {}", pins.join(" "), pinned_release());
     let dir = cache_root().join("runtime").join(format!("{:016x}", fnv1a(key.as_bytes())));
     if dir.join("done").exists() {
