@@ -310,29 +310,13 @@ impl Syncer {
         let nodeports = self.node_ips();
         let both = self.snat_addrs.values().chain(desired.values()).copied().collect();
         let mut report = self.sync_node_flags(&nodeports, &both, dp);
-        for (ifindex, addr) in desired {
-            if self.snat_addrs.get(ifindex) == Some(addr) {
-                continue;
-            }
-            match dp.put_snat_addr(*ifindex, *addr) {
-                Ok(()) => {
-                    report.writes += 1;
-                    self.snat_addrs.insert(*ifindex, *addr);
-                }
-                Err(err) => report.errors.push(err.to_string()),
-            }
-        }
-        let gone: Vec<u32> =
-            self.snat_addrs.keys().filter(|i| !desired.contains_key(i)).copied().collect();
-        for ifindex in gone {
-            match dp.remove_snat_addr(ifindex) {
-                Ok(()) => {
-                    report.writes += 1;
-                    self.snat_addrs.remove(&ifindex);
-                }
-                Err(err) => report.errors.push(err.to_string()),
-            }
-        }
+        report.merge(sync_map(
+            &mut self.snat_addrs,
+            desired,
+            dp,
+            |dp, ifindex, addr| dp.put_snat_addr(ifindex, addr),
+            |dp, ifindex| dp.remove_snat_addr(ifindex),
+        ));
         let masquerading = self.snat_addrs.values().copied().collect();
         report.merge(self.sync_node_flags(&nodeports, &masquerading, dp));
         report
@@ -353,31 +337,13 @@ impl Syncer {
         for addr in masquerading {
             *desired.entry(*addr).or_default() |= NODE_IP_MASQUERADE;
         }
-        let mut report = SyncReport::default();
-        for (addr, flags) in &desired {
-            if self.node_ips.get(addr) == Some(flags) {
-                continue;
-            }
-            match dp.put_node_ip(*addr, *flags) {
-                Ok(()) => {
-                    report.writes += 1;
-                    self.node_ips.insert(*addr, *flags);
-                }
-                Err(err) => report.errors.push(err.to_string()),
-            }
-        }
-        let gone: Vec<Ipv4Addr> =
-            self.node_ips.keys().filter(|a| !desired.contains_key(a)).copied().collect();
-        for addr in gone {
-            match dp.remove_node_ip(addr) {
-                Ok(()) => {
-                    report.writes += 1;
-                    self.node_ips.remove(&addr);
-                }
-                Err(err) => report.errors.push(err.to_string()),
-            }
-        }
-        report
+        sync_map(
+            &mut self.node_ips,
+            &desired,
+            dp,
+            |dp, addr, flags| dp.put_node_ip(addr, flags),
+            |dp, addr| dp.remove_node_ip(addr),
+        )
     }
 
     fn apply_frontend(
@@ -541,6 +507,42 @@ fn stable_order(current: &[u32], wanted: &[u32]) -> Vec<u32> {
 
 /// Brings `current` (what the map holds) to `desired` with one write per
 /// difference; failed writes are reported and retried by the next call.
+/// Makes `current` (what a map holds, as written) equal `desired`, one
+/// write per difference; a failed write leaves its entry as it was, for
+/// the next sync to retry.
+fn sync_map<K: Ord + Copy, V: PartialEq + Copy, Dp>(
+    current: &mut BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+    dp: &mut Dp,
+    put: impl Fn(&mut Dp, K, V) -> Result<(), MapWriteError>,
+    remove: impl Fn(&mut Dp, K) -> Result<(), MapWriteError>,
+) -> SyncReport {
+    let mut report = SyncReport::default();
+    for (key, value) in desired {
+        if current.get(key) == Some(value) {
+            continue;
+        }
+        match put(dp, *key, *value) {
+            Ok(()) => {
+                report.writes += 1;
+                current.insert(*key, *value);
+            }
+            Err(err) => report.errors.push(err.to_string()),
+        }
+    }
+    let gone: Vec<K> = current.keys().filter(|k| !desired.contains_key(k)).copied().collect();
+    for key in gone {
+        match remove(dp, key) {
+            Ok(()) => {
+                report.writes += 1;
+                current.remove(&key);
+            }
+            Err(err) => report.errors.push(err.to_string()),
+        }
+    }
+    report
+}
+
 fn sync_set<Dp: Datapath>(
     current: &mut BTreeSet<Ipv4Addr>,
     desired: &BTreeSet<Ipv4Addr>,
