@@ -60,6 +60,23 @@ pub fn node_ips(nodes: &[impl std::borrow::Borrow<Node>], node_name: &str) -> BT
         .collect()
 }
 
+/// The zone of the Node named `node_name` (its `topology.kubernetes.io/zone`
+/// label), for topology hints.
+pub fn node_zone<'a>(
+    nodes: &'a [impl std::borrow::Borrow<Node>],
+    node_name: &str,
+) -> Option<&'a str> {
+    nodes
+        .iter()
+        .map(std::borrow::Borrow::borrow)
+        .find(|n| n.metadata.name.as_deref() == Some(node_name))?
+        .metadata
+        .labels
+        .as_ref()?
+        .get("topology.kubernetes.io/zone")
+        .map(String::as_str)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ use futures::StreamExt;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    addresses::{node_ips, nodeport_addresses, snat_addresses},
+    addresses::{node_ips, node_zone, nodeport_addresses, snat_addresses},
     cidr::Cidr,
     cluster::ClusterSource,
     dataplane::{Capacity, Dataplane, Tuning, XdpAttachMode},
@@ -29,7 +29,7 @@ use crate::{
     source::Source,
     stale::{abandoned_sockets, removed_udp_endpoints},
     sync::Syncer,
-    translate::{HealthCheck, translate},
+    translate::{HealthCheck, Locality, translate},
 };
 
 /// Where the Kubernetes objects come from.
@@ -278,7 +278,11 @@ impl Agent {
     fn sync(&mut self, objects: Objects) -> bool {
         let started = Instant::now();
         self.objects_seen = true;
-        let translation = translate(&objects.services, &objects.slices, &self.config.node_name);
+        let here = Locality {
+            node: &self.config.node_name,
+            zone: node_zone(&objects.nodes, &self.config.node_name),
+        };
+        let translation = translate(&objects.services, &objects.slices, here);
         for skipped in &translation.skipped {
             tracing::warn!(object = %skipped.object, reason = %skipped.reason, "Service part skipped");
         }

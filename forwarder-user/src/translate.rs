@@ -7,7 +7,7 @@ use std::{
 
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort},
-    discovery::v1::EndpointSlice,
+    discovery::v1::{EndpointHints, EndpointSlice},
 };
 
 use crate::{
@@ -49,7 +49,7 @@ const IGNORE_LABELS: [&str; 2] =
     ["service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless"];
 
 /// Builds the desired state from Services and EndpointSlices, for the node
-/// named `node_name`.
+/// `here` (its name, and its zone for topology hints).
 ///
 /// Ignored on purpose, as kube-proxy does: ExternalName and headless
 /// Services, Services without a ClusterIP, Services labelled for another
@@ -57,16 +57,21 @@ const IGNORE_LABELS: [&str; 2] =
 /// counts as ready, as the API says); when none is ready, the serving and
 /// terminating ones (upstream's ProxyTerminatingEndpoints), and the same
 /// rule applies within this node's endpoints for a `Local` policy.
+/// Cluster-wide sets follow the EndpointSlice hints that the Service's
+/// `trafficDistribution` (or the topology-aware-routing annotation) made
+/// the controller write, with kube-proxy's fallbacks to every endpoint.
 ///
 /// ClusterIPs follow `internalTrafficPolicy`. External frontends (node
 /// ports, external and load balancer IPs) follow `externalTrafficPolicy`
 /// for traffic from outside; pods and the node itself reach them through
 /// every endpoint (a separate `Scope::Internal` entry where that differs).
-pub fn translate(
+pub fn translate<'a>(
     services: &[impl Borrow<Service>],
     slices: &[impl Borrow<EndpointSlice>],
-    node_name: &str,
+    here: impl Into<Locality<'a>>,
 ) -> Translation {
+    let here = here.into();
+    let node_name = here.node;
     let mut out = Translation::default();
     let mut owner: BTreeMap<Frontend, String> = BTreeMap::new();
     let mut sorted: Vec<&Service> = services.iter().map(Borrow::borrow).collect();
@@ -120,8 +125,9 @@ pub fn translate(
             let Some(service_port) = port_number(port.port, "port", &name, &mut out.skipped) else {
                 continue;
             };
-            let cluster = endpoints_for(port, proto, own_slices, None);
-            let local = endpoints_for(port, proto, own_slices, Some(node_name));
+            let candidates = candidates(port, proto, own_slices, here.node);
+            let cluster = cluster_endpoints(&candidates, here);
+            let local = local_endpoints(&candidates);
             out.state.local_endpoints.extend(local.iter().map(|e| e.addr));
             let internal = if internal_local { &local } else { &cluster };
             let external = if external_local { &local } else { &cluster };
@@ -338,20 +344,61 @@ fn index_slices(slices: &[impl Borrow<EndpointSlice>]) -> SliceIndex<'_> {
     index
 }
 
-/// The usable endpoints of one Service port, on `node` only if given: the
-/// ready ones, or if none is ready, the serving ones that are terminating.
-/// The slice port is matched by name and protocol; its number is the
-/// resolved targetPort, which may differ from slice to slice for a named
-/// targetPort.
-fn endpoints_for(
+/// This node as topology-aware routing sees it: kube-proxy reads the zone
+/// from its own Node's `topology.kubernetes.io/zone` label.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Locality<'a> {
+    pub node: &'a str,
+    pub zone: Option<&'a str>,
+}
+
+impl<'a> From<&'a str> for Locality<'a> {
+    fn from(node: &'a str) -> Self {
+        Self { node, zone: None }
+    }
+}
+
+/// One endpoint of a Service port, with what decides whether it is used.
+struct Candidate<'a> {
+    endpoint: Endpoint,
+    ready: bool,
+    /// Not ready, but serving and terminating: the fallback.
+    terminating: bool,
+    on_node: bool,
+    hints: Option<&'a EndpointHints>,
+}
+
+impl Candidate<'_> {
+    fn hinted_for_zone(&self, zone: &str) -> bool {
+        let zones = self.hints.and_then(|h| h.for_zones.as_ref());
+        zones.is_some_and(|zones| zones.iter().any(|z| z.name == zone))
+    }
+
+    fn hinted_for_node(&self, node: &str) -> bool {
+        let nodes = self.hints.and_then(|h| h.for_nodes.as_ref());
+        nodes.is_some_and(|nodes| nodes.iter().any(|n| n.name == node))
+    }
+
+    fn has_zone_hints(&self) -> bool {
+        self.hints.and_then(|h| h.for_zones.as_ref()).is_some_and(|z| !z.is_empty())
+    }
+
+    fn has_node_hints(&self) -> bool {
+        self.hints.and_then(|h| h.for_nodes.as_ref()).is_some_and(|n| !n.is_empty())
+    }
+}
+
+/// Every endpoint of one Service port across its slices. The slice port is
+/// matched by name and protocol; its number is the resolved targetPort,
+/// which may differ from slice to slice for a named targetPort.
+fn candidates<'a>(
     port: &ServicePort,
     proto: Proto,
-    slices: &[&EndpointSlice],
-    node: Option<&str>,
-) -> Vec<Endpoint> {
+    slices: &[&'a EndpointSlice],
+    node: &str,
+) -> Vec<Candidate<'a>> {
     let wanted_name = port.name.as_deref().unwrap_or("");
-    let mut ready = BTreeSet::new();
-    let mut terminating = BTreeSet::new();
+    let mut out = Vec::new();
     for slice in slices {
         let Some(target) = slice
             .ports
@@ -368,30 +415,94 @@ fn endpoints_for(
             continue;
         };
         for endpoint in &slice.endpoints {
-            if node.is_some_and(|n| endpoint.node_name.as_deref() != Some(n)) {
-                continue;
-            }
             let conditions = endpoint.conditions.as_ref();
-            let is_ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
             // As kube-proxy reads them: an unset `serving` counts as serving.
             let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
-            let is_terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-            let set = if is_ready {
-                &mut ready
-            } else if serving && is_terminating {
-                &mut terminating
-            } else {
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            let usable = ready || (serving && terminating);
+            if !usable {
                 continue;
-            };
-            for addr in &endpoint.addresses {
-                if let Some(addr) = parse_ipv4(addr) {
-                    set.insert(Endpoint { addr, port: target });
-                }
+            }
+            for addr in endpoint.addresses.iter().filter_map(|a| parse_ipv4(a)) {
+                out.push(Candidate {
+                    endpoint: Endpoint { addr, port: target },
+                    ready,
+                    terminating: !ready,
+                    on_node: endpoint.node_name.as_deref() == Some(node),
+                    hints: endpoint.hints.as_ref(),
+                });
             }
         }
     }
-    let usable = if ready.is_empty() { terminating } else { ready };
-    usable.into_iter().collect()
+    out
+}
+
+/// Which hints narrow the cluster-wide endpoints, as kube-proxy decides
+/// (`topologyModeFromHints`): node hints if every ready endpoint has some
+/// and one names this node (PreferSameNode); else zone hints if every
+/// ready endpoint has some and one names this node's zone (PreferClose,
+/// PreferSameZone); else none (every endpoint).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TopologyMode<'a> {
+    All,
+    Node(&'a str),
+    Zone(&'a str),
+}
+
+fn topology_mode<'a>(candidates: &[Candidate<'_>], here: Locality<'a>) -> TopologyMode<'a> {
+    let ready: Vec<&Candidate<'_>> = candidates.iter().filter(|c| c.ready).collect();
+    if ready.is_empty() {
+        return TopologyMode::All;
+    }
+    if ready.iter().all(|c| c.has_node_hints())
+        && ready.iter().any(|c| c.hinted_for_node(here.node))
+    {
+        return TopologyMode::Node(here.node);
+    }
+    if let Some(zone) = here.zone
+        && ready.iter().all(|c| c.has_zone_hints())
+        && ready.iter().any(|c| c.hinted_for_zone(zone))
+    {
+        return TopologyMode::Zone(zone);
+    }
+    TopologyMode::All
+}
+
+/// The endpoints any client of the Service port uses (`Cluster` policy):
+/// the ready ones the topology hints leave for this node, or if none, the
+/// serving terminating ones (kube-proxy applies no hints to those).
+fn cluster_endpoints(candidates: &[Candidate<'_>], here: Locality<'_>) -> Vec<Endpoint> {
+    let mode = topology_mode(candidates, here);
+    let ready: BTreeSet<Endpoint> = candidates
+        .iter()
+        .filter(|c| c.ready)
+        .filter(|c| match mode {
+            TopologyMode::All => true,
+            TopologyMode::Node(node) => c.hinted_for_node(node),
+            TopologyMode::Zone(zone) => c.hinted_for_zone(zone),
+        })
+        .map(|c| c.endpoint)
+        .collect();
+    if !ready.is_empty() {
+        return ready.into_iter().collect();
+    }
+    let terminating: BTreeSet<Endpoint> =
+        candidates.iter().filter(|c| c.terminating).map(|c| c.endpoint).collect();
+    terminating.into_iter().collect()
+}
+
+/// The endpoints on this node (`Local` policy): the ready ones, or if none
+/// is ready, the serving terminating ones. Hints play no part.
+fn local_endpoints(candidates: &[Candidate<'_>]) -> Vec<Endpoint> {
+    let on_node = || candidates.iter().filter(|c| c.on_node);
+    let ready: BTreeSet<Endpoint> = on_node().filter(|c| c.ready).map(|c| c.endpoint).collect();
+    if !ready.is_empty() {
+        return ready.into_iter().collect();
+    }
+    let terminating: BTreeSet<Endpoint> =
+        on_node().filter(|c| c.terminating).map(|c| c.endpoint).collect();
+    terminating.into_iter().collect()
 }
 
 #[cfg(test)]

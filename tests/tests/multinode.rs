@@ -100,6 +100,30 @@ metadata: {name: self-1, namespace: demo, labels: {kubernetes.io/service-name: s
 addressType: IPv4
 ports: [{port: 8080}]
 endpoints: [{addresses: [10.244.1.2], nodeName: node-a}]
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b, labels: {topology.kubernetes.io/zone: zone-b}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: near, namespace: demo}
+spec: {clusterIP: 10.96.0.17, trafficDistribution: PreferClose, ports: [{port: 80, targetPort: 8080}]}
+---
+# Hints as the EndpointSlice controller could write them for lopsided
+# zones: each zone is sent to the other node's pod.
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: near-1, namespace: demo, labels: {kubernetes.io/service-name: near}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.2], nodeName: node-a, hints: {forZones: [{name: zone-b}]}}
+- {addresses: [10.244.2.2], nodeName: node-b, hints: {forZones: [{name: zone-a}]}}
 ";
 
 struct Setup {
@@ -210,6 +234,17 @@ fn internal_traffic_policy_local() {
     let s = setup("mitp");
     let answers = s.answers(&s.cluster.pod("pod-a2").ns, "10.96.0.13:80");
     assert_eq!(answers, set(&[("pod-a1", "10.244.1.3")]), "{}", s.logs());
+}
+
+/// Topology hints (`trafficDistribution`): each node's clients use the
+/// endpoints hinted for the node's zone, wherever those run.
+#[test]
+fn topology_hints_steer_each_zone() {
+    let s = setup("mtop");
+    let from_a = s.answers(&s.cluster.pod("pod-a2").ns, "10.96.0.17:80");
+    assert_eq!(from_a, set(&[("pod-b1", "10.244.1.3")]), "{}", s.logs());
+    let from_b = s.answers(&s.cluster.pod("pod-b1").ns, "10.96.0.17:80");
+    assert_eq!(from_b, set(&[("pod-a1", "10.244.2.2")]), "{}", s.logs());
 }
 
 /// A pod reaching itself through its own Service gets its answer back.

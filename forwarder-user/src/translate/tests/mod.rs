@@ -3,6 +3,7 @@ use std::collections::BTreeSet;
 use super::*;
 
 mod table;
+mod topology;
 
 pub(super) fn services(yaml: &str) -> Vec<Service> {
     serde_yaml::Deserializer::from_str(yaml)
