@@ -46,10 +46,7 @@ enum Task {
     },
     /// A real cluster with forwarder as its Service proxy, for Kubernetes'
     /// own conformance tests.
-    Conformance {
-        #[command(subcommand)]
-        action: conformance::Action,
-    },
+    Conformance(conformance::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +57,6 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { smoke, report, only } => bench::run(smoke, report, &only),
         Task::Vm => vm::run(),
         Task::K8s { action } => k8s::run(action),
-        Task::Conformance { action } => conformance::run(action),
+        Task::Conformance(args) => conformance::run(args),
     }
 }

@@ -2,13 +2,14 @@
 use std::process::Command;
 
 use crate::{
-    bench, k8s,
+    bench, conformance, k8s,
     setup::{self, check, workspace_root},
     vm,
 };
 
-/// Unit, BPF fixture and end-to-end tests on this kernel, then the focused
-/// set on each kernel of the VM matrix.
+/// Unit, BPF fixture and end-to-end tests on this kernel, the Services
+/// conformance tests on a real cluster, then the focused set on each
+/// kernel of the VM matrix.
 pub fn run() -> anyhow::Result<()> {
     setup::run()?;
     // The API tests run a real kube-apiserver (built once, then cached).
@@ -27,6 +28,9 @@ pub fn run() -> anyhow::Result<()> {
     )?;
     // Every benchmark mode still produces numbers (not what they are).
     bench::smoke()?;
+    // A real cluster, forwarder as its DaemonSet, Kubernetes' own Services
+    // conformance tests.
+    conformance::run(conformance::Args::default())?;
     vm::run()?;
     println!("xtask test: all tests passed");
     Ok(())

@@ -34,11 +34,12 @@ pub fn coredns() -> String {
 
 /// The Debian release and packages under agnhost and forwarder: the tools
 /// the e2e tests exec in agnhost pods (a shell, OpenBSD's nc, whose flags
-/// they use, curl, nslookup, ip; upstream's image is Alpine with the same
-/// tools), and the C library forwarder links.
+/// they use, curl, wget, nslookup and dig, ip, iperf; upstream's image is
+/// Alpine with the same tools and busybox's wget), and the C library
+/// forwarder links.
 const SUITE: &str = "bookworm";
-const TOOLS: [&str; 5] =
-    ["curl", "netcat-openbsd", "bind9-dnsutils", "iproute2", "ca-certificates"];
+const TOOLS: [&str; 7] =
+    ["curl", "wget", "netcat-openbsd", "bind9-dnsutils", "iproute2", "iperf", "ca-certificates"];
 
 /// Every image archive, written into `out`; the base layer is cached.
 pub fn all(binaries: &Binaries, forwarder: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {

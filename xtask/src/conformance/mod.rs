@@ -1,38 +1,154 @@
 //! `cargo xtask conformance`: a real Kubernetes cluster on this machine,
 //! with forwarder as its only Service proxy, and Kubernetes' own Service
-//! conformance tests run against it. Built so far: its binaries (`build`)
-//! and images (`images`).
+//! conformance tests run against it.
 pub mod build;
+mod cluster;
+mod control_plane;
+mod e2e;
+mod host;
 pub mod image;
 pub mod images;
+mod node;
+mod pki;
+mod process;
+mod report;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::setup::{build_agent, workspace_root};
 
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    action: Option<Action>,
+    /// Also the rest of the Services specs, Traffic Distribution and the
+    /// DNS specs; writes the committed report, conformance/results.md.
+    #[arg(long)]
+    all: bool,
+    /// Nodes to run, each a network namespace in a zone of its own
+    /// (default: 2; with --all, 3, as the Traffic Distribution specs need
+    /// three zones).
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Run without forwarder, so without any Service proxy: the specs that
+    /// need one must fail (proof that forwarder is what passes them).
+    #[arg(long)]
+    without_forwarder: bool,
+    /// Only the specs this ginkgo focus regexp selects.
+    #[arg(long, conflicts_with = "all")]
+    focus: Option<String>,
+}
+
+/// Two: Service traffic crosses nodes, and the multi-node specs run.
+const DEFAULT_NODES: usize = 2;
+const ALL_NODES: usize = 3;
+
+/// What `cargo xtask conformance` runs without flags.
+impl Default for Args {
+    fn default() -> Self {
+        Self { action: None, all: false, nodes: None, without_forwarder: false, focus: None }
+    }
+}
+
 #[derive(clap::Subcommand)]
-pub enum Action {
+enum Action {
     /// Build the cluster's binaries (cached: a no-op while the pins are unchanged).
     Build,
     /// Build them and write the cluster's image archives to target/conformance/images.
     Images,
 }
 
-pub fn run(action: Action) -> anyhow::Result<()> {
+pub fn run(args: Args) -> anyhow::Result<()> {
     let binaries = build::all()?;
     println!(
         "conformance: binaries in {} and {}",
         binaries.kubernetes.display(),
         binaries.runtime.display()
     );
-    match action {
-        Action::Build => Ok(()),
-        Action::Images => {
-            build_agent(true)?;
-            let root = workspace_root();
-            let out = root.join("target/conformance/images");
-            for archive in images::all(&binaries, &root.join("target/release/forwarder"), &out)? {
-                println!("conformance: image {}", archive.display());
+    match args.action {
+        Some(Action::Build) => return Ok(()),
+        Some(Action::Images) => return images(&binaries).map(drop),
+        None => {}
+    }
+    let archives = images(&binaries)?;
+    clean_up_when_interrupted()?;
+    let dir = workspace_root().join("target/conformance/run");
+    let nodes = args.nodes.unwrap_or(if args.all { ALL_NODES } else { DEFAULT_NODES });
+    let options = cluster::Options { nodes, forwarder: !args.without_forwarder };
+    let started = std::time::Instant::now();
+    let cluster = cluster::Cluster::up(&dir, binaries, &archives, &options)?;
+    println!("conformance: the cluster is up ({nodes} nodes) in {:.0?}", started.elapsed());
+    let custom;
+    let suites: Vec<&e2e::Suite> = match &args.focus {
+        Some(focus) => {
+            custom = e2e::Suite { name: "focus", focus: focus.clone().leak(), exclude: None };
+            vec![&custom]
+        }
+        None if args.all => e2e::ALL.iter().collect(),
+        None => vec![&e2e::CONFORMANCE],
+    };
+    let mut results = Vec::new();
+    let mut failure = None;
+    for suite in suites {
+        match e2e::run(&cluster, suite) {
+            Ok(outcomes) => results.push((suite, outcomes)),
+            Err(e) => {
+                failure = Some(e);
+                break;
             }
-            Ok(())
         }
     }
+    cluster.down()?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let report = report::markdown(&results, &options);
+    std::fs::write(dir.with_file_name("report.md"), &report)?;
+    if args.all && !args.without_forwarder {
+        let committed = workspace_root().join("conformance/results.md");
+        std::fs::create_dir_all(committed.parent().expect("in a directory"))?;
+        std::fs::write(committed, &report)?;
+    }
+    report::verdict(&results, &options)
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn note_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C or SIGTERM during a run tears the cluster down (as a later run
+/// would find it) before exiting, rather than leaving it running.
+fn clean_up_when_interrupted() -> anyhow::Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let action =
+        SigAction::new(SigHandler::Handler(note_interrupt), SaFlags::empty(), SigSet::empty());
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { sigaction(signal, &action) }?;
+    }
+    std::thread::spawn(|| {
+        while !INTERRUPTED.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        eprintln!("conformance: interrupted: tearing the cluster down");
+        if let Err(e) = cluster::remove_leftovers() {
+            eprintln!("conformance: {e:#}");
+        }
+        std::process::exit(130);
+    });
+    Ok(())
+}
+
+/// Every image archive, the agent's release build in forwarder's.
+fn images(binaries: &build::Binaries) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    build_agent(true)?;
+    let root = workspace_root();
+    let out = root.join("target/conformance/images");
+    let archives = images::all(binaries, &root.join("target/release/forwarder"), &out)?;
+    for archive in &archives {
+        println!("conformance: image {}", archive.display());
+    }
+    Ok(archives)
 }
