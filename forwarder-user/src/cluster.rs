@@ -32,6 +32,22 @@ pub enum ClusterError {
     Infer(#[from] InferConfigError),
     #[error("API client: {0}")]
     Client(#[from] kube::Error),
+    #[error(
+        "KUBERNETES_SERVICE_HOST is {0:?}, not an address: set the API server's address in \
+         the agent's ConfigMap (deploy/forwarder.yaml)"
+    )]
+    ServiceHost(String),
+}
+
+/// The in-cluster address as deploy/forwarder.yaml sets it: left unedited
+/// (or empty) it is no host, and says so rather than failing on a URL.
+fn check_service_host() -> Result<(), ClusterError> {
+    match std::env::var("KUBERNETES_SERVICE_HOST") {
+        Ok(host) if host.trim().is_empty() || host.contains(char::is_whitespace) => {
+            Err(ClusterError::ServiceHost(host))
+        }
+        _ => Ok(()),
+    }
 }
 
 pub struct ClusterSource {
@@ -54,7 +70,10 @@ impl ClusterSource {
                     .await
                     .map_err(error)?
             }
-            None => Config::infer().await?,
+            None => {
+                check_service_host()?;
+                Config::infer().await?
+            }
         };
         let client = Client::try_from(config)?;
         let changed = Arc::new(Notify::new());

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use forwarder_tests::xdp_pass::XdpPass;
+use forwarder_tests::{netns::NetNs, xdp_pass::XdpPass};
 
 use super::{
     build::Binaries,
@@ -23,11 +23,13 @@ use super::{
 
 /// Every network namespace of a run starts so (a crashed run's are
 /// removed by the next).
-const NETNS_PREFIX: &str = "fwdk8s-";
+pub const NETNS_PREFIX: &str = "fwdk8s-";
 const BRIDGE: &str = "k8s0";
 
 pub struct Options {
     pub nodes: usize,
+    /// `--all`: every suite, not only the conformance specs.
+    pub all: bool,
     /// Deploy forwarder (off: the proof that the tests fail without it).
     pub forwarder: bool,
 }
@@ -42,7 +44,8 @@ pub struct Cluster {
     before: HostState,
     control_plane: Option<ControlPlane>,
     pub nodes: Vec<Node>,
-    netns: Vec<String>,
+    /// Deleted (with everything in them) when dropped.
+    netns: Vec<NetNs>,
     /// On the bridge's side of every node link: frames forwarder's XDP
     /// program sends back out (`XDP_TX`) are dropped by a veth whose peer
     /// runs no XDP program.
@@ -148,7 +151,7 @@ impl Cluster {
     /// between the nodes' pod ranges.
     fn wire(&mut self, nodes: usize) -> anyhow::Result<()> {
         let cp = self.cp.netns.clone().expect("named");
-        self.add_netns(&cp)?;
+        self.netns.push(NetNs::new(cp.clone()));
         let ip = |ns: &str, args: &str| -> anyhow::Result<()> {
             let mut cmd = std::process::Command::new("ip");
             cmd.args(["-n", ns]).args(args.split_whitespace());
@@ -159,7 +162,7 @@ impl Cluster {
         ip(&cp, &format!("link set {BRIDGE} up"))?;
         for i in 1..=nodes {
             let ns = format!("{NETNS_PREFIX}{}", node_name(i));
-            self.add_netns(&ns)?;
+            self.netns.push(NetNs::new(ns.clone()));
             let port = node_name(i);
             ip(&cp, &format!("link add {port} type veth peer name eth0 netns {ns}"))?;
             ip(&cp, &format!("link set {port} master {BRIDGE} up"))?;
@@ -175,31 +178,21 @@ impl Cluster {
             for j in (1..=nodes).filter(|j| *j != i) {
                 ip(&ns, &format!("route add {} via {}", pod_cidr(j), node_address(j)))?;
             }
-            let netns = forwarder_tests::netns::NetNs { name: cp.clone() };
-            self.xdp.push(XdpPass::attach(&netns, &port));
-            // Not ours to delete: the run's own list removes it.
-            std::mem::forget(netns);
+            self.xdp.push(XdpPass::attach(&self.netns[0], &port));
         }
         Ok(())
     }
 
-    fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
-        output(std::process::Command::new("ip").args(["netns", "add", name]))?;
-        self.netns.push(name.to_owned());
-        output(std::process::Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]))
-            .map(drop)
-    }
-
     fn wait_nodes_ready(&mut self) -> anyhow::Result<()> {
         let expected = self.nodes.len();
-        let kubectl = self.binaries.kubernetes.join("kubectl");
-        let (cp, kubeconfig) = (self.cp.clone(), self.kubeconfig.clone());
+        let (cp, bin, dir) = (self.cp.clone(), self.binaries.kubernetes.clone(), self.dir.clone());
+        let kubeconfig = format!("--kubeconfig={}", self.kubeconfig.display());
         let mut daemons: Vec<_> =
             self.nodes.iter_mut().flat_map(|n| n.daemons.iter_mut()).collect();
         wait_for("the nodes", Duration::from_secs(180), &mut daemons, || {
             let said = output(
-                cp.command(&kubectl)
-                    .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                client(&cp, &bin, &dir, "kubectl")
+                    .arg(&kubeconfig)
                     .args(["get", "nodes", "-o"])
                     .arg("jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}"),
             )?;
@@ -210,11 +203,17 @@ impl Cluster {
     /// `kubectl` as the admin, from the control plane's namespace.
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
         output(
-            self.cp
-                .command(self.binaries.kubernetes.join("kubectl"))
+            self.client("kubectl")
                 .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
                 .args(args),
         )
+    }
+
+    /// A Kubernetes client binary (kubectl, e2e.test) in the control
+    /// plane's namespace, its discovery cache in the run directory rather
+    /// than ~/.kube.
+    pub fn client(&self, name: &str) -> std::process::Command {
+        client(&self.cp, &self.binaries.kubernetes, &self.dir, name)
     }
 
     fn apply(&self, manifest: &str) -> anyhow::Result<()> {
@@ -236,17 +235,17 @@ impl Cluster {
         }
         self.torn_down = true;
         let mut errors = Vec::new();
-        for node in self.nodes.drain(..) {
-            let name = node.spec.name.clone();
-            drop(node);
-            if let Err(e) = node::remove_cgroups(&name) {
-                errors.push(format!("{e:#}"));
-            }
+        // The runtime and kubelet first; then whatever is left in any
+        // node's cgroups (shims, containers, a node that failed to start).
+        self.nodes.clear();
+        if let Err(e) = node::remove_all_cgroups() {
+            errors.push(format!("{e:#}"));
         }
         self.control_plane = None;
         self.xdp.clear();
         for ns in self.netns.drain(..).rev() {
-            if let Err(e) = output(std::process::Command::new("ip").args(["netns", "del", &ns])) {
+            // A process left inside would keep the namespace, unnamed.
+            if let Err(e) = kill_processes_in(&ns.name) {
                 errors.push(format!("{e:#}"));
             }
         }
@@ -269,6 +268,12 @@ impl Drop for Cluster {
     }
 }
 
+fn client(cp: &Place, bin: &Path, dir: &Path, name: &str) -> std::process::Command {
+    let mut cmd = cp.command(bin.join(name));
+    cmd.env("KUBECACHEDIR", dir.join("kube-cache"));
+    cmd
+}
+
 pub fn node_name(index: usize) -> String {
     format!("node{index}")
 }
@@ -278,29 +283,23 @@ pub fn node_name(index: usize) -> String {
 /// nodes' cgroups with every process in them (the runtime, kubelet,
 /// containers), then the namespaces themselves.
 pub fn remove_leftovers() -> anyhow::Result<()> {
+    node::remove_all_cgroups()?;
     let listed = output(std::process::Command::new("ip").args(["netns", "list"]))?;
     let ours: Vec<&str> = listed
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .filter(|ns| ns.starts_with(NETNS_PREFIX))
         .collect();
-    if ours.is_empty() {
-        return host::restore_saved_sysctls(&saved_sysctls());
-    }
-    println!("conformance: removing what an earlier run left: {}", ours.join(" "));
-    let nodes: std::collections::BTreeSet<String> = node::hierarchies()
-        .iter()
-        .flat_map(|h| std::fs::read_dir(h.join(node::CGROUP_PARENT)).into_iter().flatten())
-        .flatten()
-        .filter(|e| e.path().is_dir())
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
-    for node in nodes {
-        node::remove_cgroups(&node)?;
-    }
     for ns in ours {
+        println!("conformance: removing {ns}, left by an earlier run");
         kill_processes_in(ns)?;
-        output(std::process::Command::new("ip").args(["netns", "del", ns]))?;
+        let deleted = output(std::process::Command::new("ip").args(["netns", "del", ns]));
+        // Gone already is fine: a teardown may race an interrupt.
+        if let Err(e) = deleted
+            && Path::new("/run/netns").join(ns).exists()
+        {
+            return Err(e);
+        }
     }
     host::restore_saved_sysctls(&saved_sysctls())
 }
@@ -314,7 +313,11 @@ fn saved_sysctls() -> PathBuf {
 /// inode), until none is left.
 fn kill_processes_in(ns: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
-    let inode = std::fs::metadata(format!("/run/netns/{ns}"))?.ino();
+    let Ok(namespace) = std::fs::metadata(format!("/run/netns/{ns}")) else {
+        // Already deleted (by a teardown racing an interrupt).
+        return Ok(());
+    };
+    let inode = namespace.ino();
     for _ in 0..50 {
         let pids: Vec<i32> = std::fs::read_dir("/proc")?
             .flatten()

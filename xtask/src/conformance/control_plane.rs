@@ -96,10 +96,13 @@ impl ControlPlane {
         let probe = place.clone();
         let admin_kubeconfig = kubeconfig.clone();
         let kubectl = kubernetes.join("kubectl");
+        // Not ~/.kube/cache.
+        let cache = dir.join("kube-cache");
         wait_for("kube-apiserver", Duration::from_secs(120), &mut [&mut apiserver], || {
             let said = output(
                 probe
                     .command(&kubectl)
+                    .env("KUBECACHEDIR", &cache)
                     .arg(format!("--kubeconfig={}", admin_kubeconfig.display()))
                     .args(["get", "--raw=/readyz"]),
             )?;
@@ -117,6 +120,8 @@ impl ControlPlane {
                     format!("--service-cluster-ip-range={SERVICE_CIDR}"),
                     format!("--cluster-cidr={CLUSTER_CIDR}"),
                     "--bind-address=127.0.0.1".into(),
+                    // Off its host default under /usr/libexec, which it creates.
+                    format!("--flex-volume-plugin-dir={}", dir.join("volume-plugins").display()),
                 ],
             ),
             ("kube-scheduler", &scheduler, vec!["--bind-address=127.0.0.1".into()]),

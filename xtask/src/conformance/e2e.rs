@@ -77,7 +77,7 @@ pub fn run(cluster: &Cluster, suite: &Suite) -> anyhow::Result<Vec<Outcome>> {
     let kubectl = cluster.binaries.kubernetes.join("kubectl");
     let skip: Vec<&str> = [NEVER].into_iter().chain(suite.exclude).collect();
     let log = cluster.dir.join(format!("e2e-{slug}.log"));
-    let mut cmd = cluster.cp.command(cluster.binaries.kubernetes.join("e2e.test"));
+    let mut cmd = cluster.client("e2e.test");
     cmd.arg(format!("--kubeconfig={}", cluster.kubeconfig.display()))
         .arg(format!("--kubectl-path={}", kubectl.display()))
         .arg("--provider=skeleton")
@@ -120,12 +120,22 @@ pub fn parse_junit(xml: &str) -> Vec<Outcome> {
                 }
             }
             _ => {
-                let message = body
+                // The framework leaves the attribute empty: the reason is
+                // the element's text, after "[FAILED]".
+                let text = body
                     .split("<failure")
                     .nth(1)
-                    .and_then(|s| attribute(s, "message"))
-                    .unwrap_or_else(|| status.clone());
-                (Status::Failed, message)
+                    .and_then(|s| s.split_once('>'))
+                    .map(|(_, rest)| unescape(rest.split("</failure>").next().unwrap_or(rest)))
+                    .unwrap_or_default();
+                let reason = text
+                    .lines()
+                    .map(str::trim)
+                    .find_map(|l| l.strip_prefix("[FAILED]").filter(|r| !r.trim().is_empty()))
+                    .unwrap_or(&status)
+                    .trim()
+                    .to_owned();
+                (Status::Failed, reason)
             }
         };
         // Suite set-up and tear-down nodes are not specs.
@@ -151,18 +161,23 @@ fn attribute(element: &str, key: &str) -> Option<String> {
         .map(|i| i + key.len() + 3)
         .or_else(|| head.starts_with(&format!("{key}=\"")).then_some(key.len() + 2))?;
     let value = &head[start..head[start..].find('"')? + start];
-    Some(
-        value
-            .replace("&#34;", "\"")
-            .replace("&quot;", "\"")
-            .replace("&#39;", "'")
-            .replace("&apos;", "'")
-            .replace("&lt;", "<")
-            .replace("&gt;", ">")
-            .replace("&#xA;", "\n")
-            .replace("&#10;", "\n")
-            .replace("&amp;", "&"),
-    )
+    Some(unescape(value))
+}
+
+/// XML character references and entities as Go's encoder writes them.
+fn unescape(value: &str) -> String {
+    value
+        .replace("&#34;", "\"")
+        .replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&apos;", "'")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&#xA;", "\n")
+        .replace("&#10;", "\n")
+        .replace("&#x9;", "\t")
+        .replace("&#xD;", "\r")
+        .replace("&amp;", "&")
 }
 
 /// Counts of each status.
@@ -197,7 +212,7 @@ mod tests {
 <testcase name="[It] [sig-network] Services should a &#34;b&#34;" classname="s" status="passed" time="12.5"><system-err>x</system-err></testcase>
 <testcase name="[It] [sig-network] Services filtered" classname="s" status="skipped" time="0"><skipped message="skipped"></skipped></testcase>
 <testcase name="[It] [sig-network] Services two nodes" classname="s" status="skipped" time="0.1"><skipped message="skipped - Requires at least 2 nodes (not 1)"></skipped></testcase>
-<testcase name="[It] [sig-network] Services broken" classname="s" status="failed" time="30"><failure message="service verification failed&#xA;more" type="failed">...</failure></testcase>
+<testcase name="[It] [sig-network] Services broken" classname="s" status="failed" time="30"><failure message="" type="failed">[FAILED] service verification failed for: 10.96.1.2&#xA;expected [a]&#xA;In [It] at: service.go:1178</failure></testcase>
 </testsuite></testsuites>"#;
         let outcomes = parse_junit(xml);
         let got: Vec<(&str, Status, &str)> =
@@ -206,7 +221,11 @@ mod tests {
             got,
             [
                 ("[sig-network] Services should a \"b\"", Status::Passed, ""),
-                ("[sig-network] Services broken", Status::Failed, "service verification failed"),
+                (
+                    "[sig-network] Services broken",
+                    Status::Failed,
+                    "service verification failed for: 10.96.1.2"
+                ),
                 (
                     "[sig-network] Services two nodes",
                     Status::Skipped,

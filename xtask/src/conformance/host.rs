@@ -12,20 +12,29 @@ use anyhow::bail;
 
 /// Host-wide sysctls kubelet sets at start (`setupKernelTunables`); not
 /// per network namespace, so a node in a namespace still changes them.
-pub const KUBELET_SYSCTLS: [&str; 3] =
-    ["kernel/panic", "kernel/panic_on_oops", "vm/overcommit_memory"];
+pub const KUBELET_SYSCTLS: [&str; 6] = [
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+];
 
-/// Directories whose entries the run's components may add to (kubelet's
-/// and containerd's fixed paths, CNI's state): compared entry by entry.
-const WATCHED_DIRS: [&str; 8] = [
+/// Directories whose entries the cluster's components would add to at
+/// their default paths (kubelet, containerd, runc, CNI, kubectl's cache):
+/// compared entry by entry. The nodes' own mount namespaces hide them;
+/// this proves it.
+const WATCHED_DIRS: [&str; 9] = [
     "/run",
+    "/run/netns",
     "/var/lib",
     "/var/log",
     "/opt",
     "/etc",
     "/usr/libexec",
     "/sys/fs/bpf",
-    "/var/run/netns",
+    "/root",
 ];
 
 #[derive(Debug, PartialEq, Eq)]
@@ -52,6 +61,7 @@ impl HostState {
         let mounts = std::fs::read_to_string("/proc/self/mountinfo")?
             .lines()
             .filter_map(|line| line.split(' ').nth(4).map(str::to_owned))
+            .filter(|m| is_ours_or_not_netns(Path::new(m)))
             .collect();
         let mut cgroups = BTreeSet::new();
         for hierarchy in list("/sys/fs/cgroup") {
@@ -61,20 +71,23 @@ impl HostState {
                 }
             }
         }
-        let entries = WATCHED_DIRS.iter().flat_map(list).collect();
+        let entries =
+            WATCHED_DIRS.iter().flat_map(list).filter(|p| is_ours_or_not_netns(p)).collect();
         Ok(Self {
             sysctls,
             mounts,
             cgroups,
             entries,
+            // Names only: flags and states of unrelated links move on
+            // their own.
             links: command(&["ip", "-o", "link", "show"])
                 .lines()
-                // Counters and states of unrelated links move on their own.
-                .map(|l| l.split(" state ").next().unwrap_or(l))
+                .filter_map(|l| l.split(": ").nth(1))
                 .collect::<Vec<_>>()
                 .join("\n"),
             iptables: rules("iptables-save"),
-            nftables: command(&["nft", "list", "ruleset"]),
+            // Stateless: without counters.
+            nftables: command(&["nft", "-s", "list", "ruleset"]),
         })
     }
 
@@ -153,6 +166,17 @@ fn write_sysctls(values: &[(String, String)]) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Outside /run/netns, everything; inside, the run's own namespaces and
+/// the pod namespaces a node's runtime would leave there if its mount
+/// namespace did not hide them (other tests' come and go).
+fn is_ours_or_not_netns(path: &Path) -> bool {
+    let Ok(name) = path.strip_prefix("/run/netns") else {
+        return true;
+    };
+    let name = name.to_string_lossy();
+    name.is_empty() || name.starts_with(super::cluster::NETNS_PREFIX) || name.starts_with("cni-")
 }
 
 fn read_sysctl(key: &str) -> anyhow::Result<String> {

@@ -15,6 +15,8 @@ mod report;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+
 use crate::setup::{build_agent, workspace_root};
 
 #[derive(clap::Args)]
@@ -71,10 +73,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => {}
     }
     let archives = images(&binaries)?;
-    clean_up_when_interrupted()?;
+    let _interrupt = TearDownOnInterrupt::install()?;
     let dir = workspace_root().join("target/conformance/run");
     let nodes = args.nodes.unwrap_or(if args.all { ALL_NODES } else { DEFAULT_NODES });
-    let options = cluster::Options { nodes, forwarder: !args.without_forwarder };
+    let options = cluster::Options { nodes, all: args.all, forwarder: !args.without_forwarder };
     let started = std::time::Instant::now();
     let cluster = cluster::Cluster::up(&dir, binaries, &archives, &options)?;
     println!("conformance: the cluster is up ({nodes} nodes) in {:.0?}", started.elapsed());
@@ -113,31 +115,51 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static FINISHED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn note_interrupt(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-/// Ctrl-C or SIGTERM during a run tears the cluster down (as a later run
-/// would find it) before exiting, rather than leaving it running.
-fn clean_up_when_interrupted() -> anyhow::Result<()> {
-    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    let action =
-        SigAction::new(SigHandler::Handler(note_interrupt), SaFlags::empty(), SigSet::empty());
+/// While alive, Ctrl-C or SIGTERM tears the cluster down (as a later run
+/// would find it) and exits, rather than leaving it running; dropped, the
+/// default handling is back (for the rest of `cargo xtask test`).
+struct TearDownOnInterrupt;
+
+impl TearDownOnInterrupt {
+    fn install() -> anyhow::Result<Self> {
+        FINISHED.store(false, Ordering::SeqCst);
+        set_handlers(SigHandler::Handler(note_interrupt))?;
+        std::thread::spawn(|| {
+            while !INTERRUPTED.load(Ordering::SeqCst) {
+                if FINISHED.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            eprintln!("conformance: interrupted: tearing the cluster down");
+            if let Err(e) = cluster::remove_leftovers() {
+                eprintln!("conformance: {e:#}");
+            }
+            std::process::exit(130);
+        });
+        Ok(Self)
+    }
+}
+
+impl Drop for TearDownOnInterrupt {
+    fn drop(&mut self) {
+        FINISHED.store(true, Ordering::SeqCst);
+        let _ = set_handlers(SigHandler::SigDfl);
+    }
+}
+
+fn set_handlers(handler: SigHandler) -> anyhow::Result<()> {
+    let action = SigAction::new(handler, SaFlags::empty(), SigSet::empty());
     for signal in [Signal::SIGINT, Signal::SIGTERM] {
         // SAFETY: the handler only stores to an atomic.
         unsafe { sigaction(signal, &action) }?;
     }
-    std::thread::spawn(|| {
-        while !INTERRUPTED.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        eprintln!("conformance: interrupted: tearing the cluster down");
-        if let Err(e) = cluster::remove_leftovers() {
-            eprintln!("conformance: {e:#}");
-        }
-        std::process::exit(130);
-    });
     Ok(())
 }
 

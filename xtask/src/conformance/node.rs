@@ -1,13 +1,15 @@
 //! A node: containerd, runc, the CNI plugins and kubelet in the node's own
-//! network namespace and in a mount namespace of its own. The mount
-//! namespace keeps what they write to fixed paths (`/run/containerd`,
+//! network namespace, and in mount and UTS namespaces of its own. The
+//! mount namespace keeps what they write to fixed paths (`/run/containerd`,
 //! `/var/lib/kubelet`, `/var/lib/cni`, `/var/log/pods`, pod volumes, the
-//! bpffs forwarder's init container mounts) off the host and apart from
-//! the other nodes, and gives kubelet the shared mount propagation a real
-//! node has (the host's `/` is private here).
+//! pins in the node's bpffs) off the host and apart from the other nodes,
+//! and gives kubelet the shared mount propagation a real node has (the
+//! host's `/` is private here). The UTS namespace gives the node its own
+//! hostname, which hostNetwork pods report, as on a real node.
 use std::{
     io::{BufRead as _, BufReader},
     net::Ipv4Addr,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
@@ -41,7 +43,6 @@ pub struct NodeSpec {
 }
 
 pub struct Node {
-    pub spec: NodeSpec,
     /// containerd, kubelet, and last the process holding the mount namespace.
     pub daemons: Vec<Daemon>,
 }
@@ -62,28 +63,33 @@ impl Node {
         let cgroups = create_cgroups(&spec.name)?;
         let mut holder = Place { cgroups, ..Place::default() }
             .command("unshare")
-            .args(["--mount", "--propagation", "private", "--", "sh", "-ec"])
+            .args(["--mount", "--uts", "--propagation", "private", "--", "sh", "-ec"])
             .arg(format!(
                 "for d in {}; do mount -t tmpfs -o mode=0755 forwarder-node \"$d\"; done
+                 mount -t bpf bpf /sys/fs/bpf
                  mount --make-rshared /
+                 hostname {}
                  echo ready
                  exec sleep infinity",
-                PRIVATE_DIRS.join(" ")
+                PRIVATE_DIRS.join(" "),
+                spec.name,
             ))
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("unshare --mount")?;
+            .context("unshare --mount --uts")?;
+        let stdout = holder.stdout.take().expect("piped");
+        let holder = Daemon::adopt("node-namespaces", &logs, holder);
         let mut line = String::new();
-        BufReader::new(holder.stdout.take().expect("piped")).read_line(&mut line)?;
-        let holder = Daemon::adopt("mount-namespace", &logs, holder);
+        BufReader::new(stdout).read_line(&mut line)?;
         if line.trim() != "ready" {
-            bail!("the node's mount namespace was not set up (said {line:?})");
+            bail!("the node's namespaces were not set up (said {line:?})");
         }
         let place = Place {
             netns: Some(spec.netns.clone()),
-            mount_of: Some(holder.pid()),
+            node_of: Some(holder.pid()),
             cgroups: holder_cgroups(&spec.name),
         };
         let containerd_socket = dir.join("containerd.sock");
@@ -118,7 +124,7 @@ impl Node {
         let kubeconfig = dir.join("kubelet.kubeconfig");
         pki::kubeconfig(pki, &control_plane::server(), identity, &kubeconfig)?;
         let kubelet_config = dir.join("kubelet.yaml");
-        std::fs::write(&kubelet_config, kubelet_config_text(&spec, &containerd_socket))?;
+        std::fs::write(&kubelet_config, kubelet_config_text(&spec, dir, &containerd_socket))?;
         let kubelet = Daemon::spawn(
             "kubelet",
             &logs,
@@ -133,7 +139,7 @@ impl Node {
                 .arg("--v=1")
                 .env("PATH", path_with(&binaries.runtime)),
         )?;
-        Ok(Self { spec, daemons: vec![kubelet, containerd, holder] })
+        Ok(Self { daemons: vec![kubelet, containerd, holder] })
     }
 }
 
@@ -166,8 +172,15 @@ fn holder_cgroups(node: &str) -> Vec<PathBuf> {
     vec![unified().join(CGROUP_PARENT).join(node).join("runtime/cgroup.procs")]
 }
 
+/// The cgroup2 hierarchy (`/sys/fs/cgroup/unified` on this machine's
+/// hybrid layout, `/sys/fs/cgroup` on a pure cgroup2 host).
 fn unified() -> PathBuf {
-    PathBuf::from("/sys/fs/cgroup/unified")
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.contains(" - cgroup2 "))
+        .and_then(|l| l.split(' ').nth(4))
+        .map_or_else(|| PathBuf::from("/sys/fs/cgroup/unified"), PathBuf::from)
 }
 
 /// Every mounted cgroup hierarchy (v1 controllers and the unified one).
@@ -178,6 +191,17 @@ pub fn hierarchies() -> Vec<PathBuf> {
         .filter(|l| l.contains(" - cgroup ") || l.contains(" - cgroup2 "))
         .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
         .collect()
+}
+
+/// Every node's cgroups, including those of a node that failed to start
+/// or of an earlier run: see `remove_cgroups`.
+pub fn remove_all_cgroups() -> anyhow::Result<()> {
+    let nodes: std::collections::BTreeSet<String> = hierarchies()
+        .iter()
+        .flat_map(|h| subdirs(&h.join(CGROUP_PARENT)))
+        .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
+        .collect();
+    nodes.iter().try_for_each(|node| remove_cgroups(node))
 }
 
 /// Kills every process in the node's cgroups (the runtime, kubelet, shims,
@@ -334,7 +358,7 @@ fn write_cni_config(dir: &Path, pod_cidr: &str) -> anyhow::Result<()> {
 /// cgroupfs driver (no systemd), images never collected (none can be
 /// pulled again), the cluster's DNS, and anonymous AlwaysAllow on its own
 /// API (the apiserver's exec and logs reach it without a client cert).
-fn kubelet_config_text(spec: &NodeSpec, socket: &Path) -> String {
+fn kubelet_config_text(spec: &NodeSpec, dir: &Path, socket: &Path) -> String {
     format!(
         "apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -356,7 +380,10 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {{memory.available: 50Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}}
 serializeImagePulls: false
+# Off its host default, /usr/libexec/kubernetes, which it would create.
+volumePluginDir: {plugins}
 ",
+        plugins = dir.join("volume-plugins").display(),
         name = spec.name,
         address = spec.address,
         socket = socket.display(),

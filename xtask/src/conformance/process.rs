@@ -16,8 +16,9 @@ use anyhow::{Context as _, bail};
 pub struct Place {
     /// A named network namespace (`/run/netns/<name>`).
     pub netns: Option<String>,
-    /// The pid of a process whose mount namespace to join.
-    pub mount_of: Option<u32>,
+    /// The pid of a process whose mount and UTS namespaces to join (a
+    /// node's own filesystem view and hostname).
+    pub node_of: Option<u32>,
     /// `cgroup.procs` files to join before exec (so the process and all it
     /// starts are found again at teardown).
     pub cgroups: Vec<PathBuf>,
@@ -30,8 +31,9 @@ impl Place {
         if let Some(netns) = &self.netns {
             cmd.arg(format!("--net=/run/netns/{netns}"));
         }
-        if let Some(pid) = self.mount_of {
+        if let Some(pid) = self.node_of {
             cmd.arg(format!("--mount=/proc/{pid}/ns/mnt"));
+            cmd.arg(format!("--uts=/proc/{pid}/ns/uts"));
         }
         cmd.arg("--").arg(program.as_ref());
         let procs: Vec<CString> = self
@@ -91,6 +93,9 @@ impl Daemon {
         let log = logs.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).with_context(|| format!("{}", log.display()))?;
         let child = cmd
+            // Its own process group: a Ctrl-C at the terminal reaches only
+            // xtask, which tears the cluster down in order.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)

@@ -48,7 +48,15 @@ const CILIUM_SKIPS: [(&str, &str); 24] = [
 ];
 
 pub fn markdown(results: &[(&Suite, Vec<Outcome>)], options: &Options) -> String {
-    let mut text = String::new();
+    let mut text = String::from("# Kubernetes e2e results\n\n");
+    let _ = writeln!(
+        text,
+        "`cargo xtask conformance{}` on {}, kernel {}, {}.",
+        if options.all { " --all" } else { "" },
+        command(&["date", "-u", "+%Y-%m-%d"]),
+        command(&["uname", "-r"]),
+        cpu(),
+    );
     let proxy = if options.forwarder { "forwarder (deploy/forwarder.yaml)" } else { "none" };
     let _ = writeln!(
         text,
@@ -70,6 +78,26 @@ pub fn markdown(results: &[(&Suite, Vec<Outcome>)], options: &Options) -> String
     }
     text.push_str(&cilium_comparison(results));
     text
+}
+
+fn command(args: &[&str]) -> String {
+    std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The CPU model and how many of them.
+fn cpu() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = info
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("an unknown CPU", |(_, m)| m.trim());
+    let count = info.lines().filter(|l| l.starts_with("processor")).count();
+    format!("{count} x {model}")
 }
 
 /// Every spec of the run that Cilium's list skips, and its result here.
