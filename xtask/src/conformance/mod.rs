@@ -33,7 +33,8 @@ pub struct Args {
     #[arg(long)]
     nodes: Option<usize>,
     /// Run without forwarder, so without any Service proxy: the specs that
-    /// need one must fail (proof that forwarder is what passes them).
+    /// need one must fail (proof that forwarder is what passes them);
+    /// writes conformance/without-forwarder.md.
     #[arg(long)]
     without_forwarder: bool,
     /// Only the specs this ginkgo focus regexp selects.
@@ -76,7 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let _interrupt = TearDownOnInterrupt::install()?;
     let dir = workspace_root().join("target/conformance/run");
     let nodes = args.nodes.unwrap_or(if args.all { ALL_NODES } else { DEFAULT_NODES });
-    let options = cluster::Options { nodes, all: args.all, forwarder: !args.without_forwarder };
+    let options = cluster::Options { nodes, forwarder: !args.without_forwarder };
     let started = std::time::Instant::now();
     let cluster = cluster::Cluster::up(&dir, binaries, &archives, &options)?;
     println!("conformance: the cluster is up ({nodes} nodes) in {:.0?}", started.elapsed());
@@ -106,8 +107,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let report = report::markdown(&results, &options);
     std::fs::write(dir.with_file_name("report.md"), &report)?;
-    if args.all && !args.without_forwarder {
-        let committed = workspace_root().join("conformance/results.md");
+    // The committed reports: the full run, and the proof without forwarder.
+    let committed = match (args.all, args.without_forwarder, &args.focus) {
+        (true, false, _) => Some("conformance/results.md"),
+        (false, true, None) => Some("conformance/without-forwarder.md"),
+        _ => None,
+    };
+    if let Some(committed) = committed {
+        let committed = workspace_root().join(committed);
         std::fs::create_dir_all(committed.parent().expect("in a directory"))?;
         std::fs::write(committed, &report)?;
     }

@@ -213,6 +213,12 @@ pub fn remove_cgroups(node: &str) -> anyhow::Result<()> {
         if pids.is_empty() {
             break;
         }
+        // The whole subtree at once, no pid read then reused (kernel 5.14+);
+        // one by one where there is no cgroup.kill.
+        if std::fs::write(root.join("cgroup.kill"), "1").is_ok() {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
         for pid in pids {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),

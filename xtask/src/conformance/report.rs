@@ -51,13 +51,17 @@ pub fn markdown(results: &[(&Suite, Vec<Outcome>)], options: &Options) -> String
     let mut text = String::from("# Kubernetes e2e results\n\n");
     let _ = writeln!(
         text,
-        "`cargo xtask conformance{}` on {}, kernel {}, {}.",
-        if options.all { " --all" } else { "" },
+        "`cargo xtask {}` on {}, kernel {}, {}.\n",
+        invocation(),
         command(&["date", "-u", "+%Y-%m-%d"]),
         command(&["uname", "-r"]),
         cpu(),
     );
-    let proxy = if options.forwarder { "forwarder (deploy/forwarder.yaml)" } else { "none" };
+    let proxy = if options.forwarder {
+        "forwarder (deploy/forwarder.yaml); cluster DNS: CoreDNS"
+    } else {
+        "none; cluster DNS: none (CoreDNS needs a Service proxy to reach the API server)"
+    };
     let _ = writeln!(
         text,
         "Nodes: {}. Service proxy: {proxy}. Specs never run: `{}`.\n",
@@ -78,6 +82,21 @@ pub fn markdown(results: &[(&Suite, Vec<Outcome>)], options: &Options) -> String
     }
     text.push_str(&cilium_comparison(results));
     text
+}
+
+/// How xtask was run, as it would be typed again.
+fn invocation() -> String {
+    std::env::args()
+        .skip(1)
+        .map(|arg| {
+            if arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_=./".contains(c)) {
+                arg
+            } else {
+                format!("'{}'", arg.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn command(args: &[&str]) -> String {
