@@ -23,8 +23,8 @@ use crate::setup::{build_agent, workspace_root};
 pub struct Args {
     #[command(subcommand)]
     action: Option<Action>,
-    /// Also the rest of the Services specs, Traffic Distribution and the
-    /// DNS specs; writes the committed report, conformance/results.md.
+    /// Also the rest of the Services specs, Traffic Distribution, DNS and
+    /// the other Service-traffic specs; writes conformance/results.md.
     #[arg(long)]
     all: bool,
     /// Nodes to run, each a network namespace in a zone of its own
