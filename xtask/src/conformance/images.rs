@@ -63,7 +63,9 @@ pub fn all(binaries: &Binaries, forwarder: &Path, out: &Path) -> anyhow::Result<
         (
             Image { name: &agnhost, entrypoint: &["/agnhost"], cmd: &["pause"] },
             Some(&base),
-            &[("agnhost", &agnhost_bin, 0o755)],
+            // /coredns too, as upstream's image has: the DNS specs run it
+            // as the upstream server their Corefiles forward to.
+            &[("agnhost", &agnhost_bin, 0o755), ("coredns", &coredns_bin, 0o755)],
         ),
         (
             Image { name: FORWARDER, entrypoint: &[], cmd: &["forwarder"] },
