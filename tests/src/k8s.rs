@@ -324,23 +324,7 @@ impl ControlPlane {
     /// the kubeconfig trusts exactly that.
     pub fn write_kubeconfig(&self, path: &Path, token: &str) -> Result<(), String> {
         let ca = self.dir.join("certs/apiserver.crt");
-        let text = format!(
-            "apiVersion: v1
-kind: Config
-clusters:
-- name: test
-  cluster: {{server: \"{server}\", certificate-authority: \"{ca}\"}}
-users:
-- name: admin
-  user: {{token: {token}}}
-contexts:
-- name: test
-  context: {{cluster: test, user: admin}}
-current-context: test
-",
-            server = self.server,
-            ca = ca.display(),
-        );
+        let text = kubeconfig_text(&self.server, &ca, token);
         std::fs::write(path, text).map_err(|e| format!("kubeconfig: {e}"))
     }
 
@@ -358,6 +342,27 @@ current-context: test
         self.dir = PathBuf::new();
         pids
     }
+}
+
+/// A kubeconfig for `server`, trusting the certificate authority file `ca`
+/// and authenticating with bearer `token`.
+pub fn kubeconfig_text(server: &str, ca: &Path, token: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: cluster
+  cluster: {{server: \"{server}\", certificate-authority: \"{ca}\"}}
+users:
+- name: user
+  user: {{token: \"{token}\"}}
+contexts:
+- name: cluster
+  context: {{cluster: cluster, user: user}}
+current-context: cluster
+",
+        ca = ca.display(),
+    )
 }
 
 fn log_tail(dir: &Path, name: &str) -> String {

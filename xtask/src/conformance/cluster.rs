@@ -120,26 +120,10 @@ impl Cluster {
         if options.forwarder {
             println!("conformance: deploying forwarder (deploy/forwarder.yaml)");
             cluster.apply(&forwarder_manifest()?)?;
-            cluster.kubectl(&[
-                "-n",
-                "kube-system",
-                "rollout",
-                "status",
-                "daemonset/forwarder",
-                "--timeout=180s",
-            ])?;
-        }
-        if options.forwarder {
+            cluster.wait_rolled_out("daemonset/forwarder")?;
             println!("conformance: deploying CoreDNS");
             cluster.apply(&coredns_manifest()?)?;
-            cluster.kubectl(&[
-                "-n",
-                "kube-system",
-                "rollout",
-                "status",
-                "deployment/coredns",
-                "--timeout=180s",
-            ])?;
+            cluster.wait_rolled_out("deployment/coredns")?;
         } else {
             // Without a Service proxy CoreDNS cannot reach the apiserver
             // (10.96.0.1) and never gets ready, and e2e.test would fail its
@@ -216,6 +200,12 @@ impl Cluster {
     /// than ~/.kube.
     pub fn client(&self, name: &str) -> std::process::Command {
         client(&self.cp, &self.binaries.kubernetes, &self.dir, name)
+    }
+
+    /// Waits until every pod of a kube-system workload runs the latest spec.
+    fn wait_rolled_out(&self, workload: &str) -> anyhow::Result<()> {
+        self.kubectl(&["-n", "kube-system", "rollout", "status", workload, "--timeout=180s"])
+            .map(drop)
     }
 
     fn apply(&self, manifest: &str) -> anyhow::Result<()> {

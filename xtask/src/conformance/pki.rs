@@ -129,23 +129,7 @@ pub fn create(dir: &Path, addresses: &[Ipv4Addr], identities: &[&Identity]) -> a
 
 /// A kubeconfig for `identity` against `server`, trusting the cluster's CA.
 pub fn kubeconfig(pki: &Pki, server: &str, identity: &Identity, path: &Path) -> anyhow::Result<()> {
-    let text = format!(
-        "apiVersion: v1
-kind: Config
-clusters:
-- name: conformance
-  cluster: {{server: \"{server}\", certificate-authority: \"{ca}\"}}
-users:
-- name: user
-  user: {{token: \"{token}\"}}
-contexts:
-- name: conformance
-  context: {{cluster: conformance, user: user}}
-current-context: conformance
-",
-        ca = pki.ca.display(),
-        token = identity.token,
-    );
+    let text = forwarder_tests::k8s::kubeconfig_text(server, &pki.ca, &identity.token);
     std::fs::write(path, text)?;
     Ok(())
 }
