@@ -16,9 +16,18 @@ use forwarder_tests::{k8s, kube_proxy::pinned_release};
 
 use crate::setup::check;
 
-/// Built from the `tests/k8s` module.
-pub const KUBERNETES: [&str; 6] =
-    ["kubelet", "kubectl", "kube-controller-manager", "kube-scheduler", "agnhost", "e2e.test"];
+/// Built from the `tests/k8s` module: the node and control-plane
+/// components, the e2e binary and the test images' programs (agnhost, and
+/// the server of the conntrack-invalid spec).
+pub const KUBERNETES: [&str; 7] = [
+    "kubelet",
+    "kubectl",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "agnhost",
+    "regression-issue-74839",
+    "e2e.test",
+];
 
 /// The agnhost version the pinned e2e framework asks for (its image tag,
 /// `test/utils/image/manifest.go`).
@@ -105,6 +114,11 @@ pub fn kubernetes() -> anyhow::Result<PathBuf> {
                     .arg(staging.join(name))
                     .arg("k8s.io/kubernetes/test/images/agnhost");
             }
+            "regression-issue-74839" => {
+                go.args(["build", "-trimpath", "-o"])
+                    .arg(staging.join(name))
+                    .arg(format!("k8s.io/kubernetes/test/images/{name}"));
+            }
             _ => {
                 go.args(["build", "-trimpath", "-ldflags", &component_version, "-o"])
                     .arg(staging.join(name))
@@ -156,19 +170,21 @@ pub fn runtime() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// pause, from the Kubernetes release's own source, linked statically.
-fn pause(out: &Path) -> anyhow::Result<()> {
-    let listed = Command::new("go")
-        .current_dir(k8s::go_module_dir())
+/// The pinned Kubernetes release's source tree (in Go's module cache).
+pub fn kubernetes_source() -> anyhow::Result<PathBuf> {
+    let listed = go(&k8s::go_module_dir())
         .args(["list", "-m", "-f", "{{.Dir}}", "k8s.io/kubernetes"])
-        .env("GOTOOLCHAIN", "local")
         .output()
         .context("go list")?;
     if !listed.status.success() {
         bail!("go list -m k8s.io/kubernetes: {}", String::from_utf8_lossy(&listed.stderr));
     }
-    let source =
-        Path::new(String::from_utf8_lossy(&listed.stdout).trim()).join("build/pause/linux/pause.c");
+    Ok(PathBuf::from(String::from_utf8_lossy(&listed.stdout).trim()))
+}
+
+/// pause, from the Kubernetes release's own source, linked statically.
+fn pause(out: &Path) -> anyhow::Result<()> {
+    let source = kubernetes_source()?.join("build/pause/linux/pause.c");
     println!("conformance: building pause {PAUSE_VERSION}");
     check(
         Command::new("gcc")

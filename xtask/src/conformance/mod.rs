@@ -27,9 +27,9 @@ pub struct Args {
     /// the other Service-traffic specs; writes conformance/results.md.
     #[arg(long)]
     all: bool,
-    /// Nodes to run, each a network namespace in a zone of its own
+    /// Nodes to run, each a network namespace, in three zones round robin
     /// (default: 2; with --all, 3, as the Traffic Distribution specs need
-    /// three zones).
+    /// three zones; 3 of them need 6 nodes, two per zone).
     #[arg(long)]
     nodes: Option<usize>,
     /// Run without forwarder, so without any Service proxy: the specs that
@@ -145,6 +145,9 @@ impl TearDownOnInterrupt {
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
             eprintln!("conformance: interrupted: tearing the cluster down");
+            // Held until the exit: a teardown of the run's own waits for this
+            // one to finish, or this one for it.
+            let _only_teardown = cluster::teardown_lock();
             if let Err(e) = cluster::remove_leftovers() {
                 eprintln!("conformance: {e:#}");
             }

@@ -64,10 +64,15 @@ pub fn markdown(results: &[(&Suite, Vec<Outcome>)], options: &Options) -> String
     };
     let _ = writeln!(
         text,
-        "Nodes: {}. Service proxy: {proxy}. Specs never run: `{}`.\n",
+        "Nodes: {}. Service proxy: {proxy}. Specs never run: `{}` (they stop or restart \
+         the cluster's own components), and these, which need what this machine lacks:\n",
         options.nodes,
         e2e::NEVER
     );
+    for spec in e2e::not_here() {
+        let _ = writeln!(text, "- `{}`: {}.", spec.specs, spec.why);
+    }
+    text.push('\n');
     for (suite, outcomes) in results {
         let (passed, failed, skipped) = e2e::counts(outcomes);
         let _ = writeln!(text, "## {}\n", suite.name);
