@@ -50,7 +50,8 @@ pub const ALL: [Suite; 5] = [
 /// says why (a cloud load balancer, more nodes): the report lists those.
 pub const NEVER: &str = r"\[Disruptive\]";
 
-/// Specs that need what a machine may lack (the report names them).
+/// Specs that need what this cluster or machine lacks (the report names
+/// them).
 pub struct NotHere {
     /// A ginkgo regexp.
     pub specs: &'static str,
@@ -59,7 +60,13 @@ pub struct NotHere {
     lacking: fn() -> bool,
 }
 
-pub const NOT_HERE: [NotHere; 2] = [
+pub const NOT_HERE: [NotHere; 3] = [
+    NotHere {
+        specs: r"\[Feature:OffByDefault\]",
+        why: "a feature gate that is off by default in this release (an alpha API: \
+              Service names that start with a digit); the cluster runs the release's defaults",
+        lacking: || true,
+    },
     NotHere {
         specs: r"\[Feature:SCTPConnectivity\]",
         why: "SCTP traffic: the host kernel has no SCTP (not built in; modules cannot be \
