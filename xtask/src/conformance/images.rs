@@ -37,8 +37,8 @@ const E2E_REGISTRY: &str = "registry.k8s.io/e2e-test-images";
 /// pull.
 const E2E_IMAGES: [(&str, &str, &str); 4] = [
     ("Agnhost", "agnhost", AGNHOST_VERSION),
-    // Upstream: Debian with dnsutils and /coredns; the DNS specs' second
-    // querier ("jessie") and some specs' upstream server.
+    // Upstream: Debian with dnsutils (and /coredns, kept here too); the
+    // DNS specs' second querier ("jessie": dig, getent, sh).
     ("JessieDnsutils", "jessie-dnsutils", "1.7"),
     // Upstream: busybox; the specs run sh, sleep and nc in it, which the
     // Debian base has.

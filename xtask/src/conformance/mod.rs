@@ -102,6 +102,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     cluster.down()?;
+    // Ctrl-C during the teardown: the specs were cut short, so no report
+    // (the handler's thread exits once it has the teardown lock).
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        anyhow::bail!("interrupted");
+    }
     if let Some(e) = failure {
         return Err(e);
     }

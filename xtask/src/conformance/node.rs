@@ -134,7 +134,7 @@ impl Node {
                 .arg(format!("--kubeconfig={}", kubeconfig.display()))
                 .arg(format!("--hostname-override={}", spec.name))
                 .arg(format!("--node-ip={}", spec.address))
-                // A zone each, for the topology (trafficDistribution) specs.
+                // Zones for the topology (trafficDistribution) specs.
                 .arg(format!("--node-labels=topology.kubernetes.io/zone={}", spec.zone))
                 .arg("--v=1")
                 .env("PATH", path_with(&binaries.runtime)),

@@ -65,8 +65,8 @@ pub fn markdown(results: &[(&Suite, Vec<Outcome>)], options: &Options) -> String
     let _ = writeln!(
         text,
         "Nodes: {}. Service proxy: {proxy}. Specs never run: `{}` (they stop or restart \
-         the cluster's own components), and these, which need what this cluster or \
-         machine lacks:\n",
+         the cluster's own components), and, where the focus selects them, these, which \
+         need what this cluster or machine lacks:\n",
         options.nodes,
         e2e::NEVER
     );
