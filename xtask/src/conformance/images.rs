@@ -47,11 +47,6 @@ const E2E_IMAGES: [(&str, &str, &str); 4] = [
     ("RegressionIssue74839", "regression-issue-74839", "1.4"),
 ];
 
-fn e2e_image(name: &str) -> String {
-    let tag = E2E_IMAGES.iter().find(|(_, n, _)| *n == name).map_or("", |(_, _, tag)| tag);
-    format!("{E2E_REGISTRY}/{name}:{tag}")
-}
-
 /// The Debian release and packages under agnhost and forwarder: the tools
 /// the e2e tests exec in agnhost pods (a shell, OpenBSD's nc, whose flags
 /// they use, curl, wget, nslookup and dig, ip, iperf; upstream's image is
@@ -71,7 +66,8 @@ pub fn all(binaries: &Binaries, forwarder: &Path, out: &Path) -> anyhow::Result<
     let agnhost_bin = binaries.kubernetes.join("agnhost");
     let regression_bin = binaries.kubernetes.join("regression-issue-74839");
     let (pause, coredns) = (pause(), coredns());
-    let [agnhost, jessie, busybox, regression] = E2E_IMAGES.map(|(_, name, _)| e2e_image(name));
+    let [agnhost, jessie, busybox, regression] =
+        E2E_IMAGES.map(|(_, name, tag)| format!("{E2E_REGISTRY}/{name}:{tag}"));
     let images: [(Image, Option<&Path>, &image::Files); 7] = [
         (
             Image { name: &pause, entrypoint: &["/pause"], cmd: &[] },
